@@ -1,0 +1,17 @@
+"""stranker: ranking-aligned image-gene models for spatial transcriptomics on H&E slides."""
+
+__version__ = "0.1.0"
+
+from . import datasets, pl, pp, tl
+from ._settings import settings
+
+__all__ = ["datasets", "pl", "pp", "settings", "tl", "__version__"]
+
+
+def __getattr__(name: str):
+    # The model class pulls in torch: import it only when asked for.
+    if name == "Model":
+        from .tl._model import Model
+
+        return Model
+    raise AttributeError(f"module 'stranker' has no attribute {name!r}")

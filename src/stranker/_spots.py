@@ -1,0 +1,540 @@
+"""The one adapter: SpatialData | AnnData (squidpy layout) | list of either -> Spots.
+
+No other module knows input formats. A :class:`Spots` is a view of one section: an image handle
+that reads lazily, spot centres in pixels of the image's finest level, the spot diameter in those
+pixels and the table (the user's own AnnData, never copied here) with the rows that belong to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._constants import Keys
+
+
+class InputError(ValueError):
+    """Raised when an input object does not have what stranker needs; the message says the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# image handle
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ImageHandle:
+    """A lazily read RGB image with one or more resolution levels.
+
+    Parameters
+    ----------
+    levels
+        Arrays of dims ``(c, y, x)`` (numpy or dask), finest first.
+    scales
+        For each level, how many level-0 pixels one pixel of the level spans (1.0 for level 0).
+    name
+        Where the image came from, for messages.
+    """
+
+    levels: list[Any]
+    scales: list[float]
+    name: str = "image"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of level 0."""
+        return int(self.levels[0].shape[1]), int(self.levels[0].shape[2])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.levels[0].shape[0])
+
+    def level_for(self, factor: float) -> int:
+        """The coarsest level that still samples at least twice as finely as ``factor`` asks.
+
+        ``factor`` is the number of level-0 pixels per output pixel. Keeping 2x oversampling before
+        an antialiased resize keeps the patch close to one read from level 0.
+        """
+        best = 0
+        for i, s in enumerate(self.scales):
+            if s <= max(factor / 2.0, 1.0) + 1e-9 and s >= self.scales[best]:
+                best = i
+        return best
+
+    def read(self, level: int, y0: int, y1: int, x0: int, x1: int, pad_value: int = 255) -> np.ndarray:
+        """Read the window ``[y0:y1, x0:x1]`` of a level as ``(y, x, c)`` uint8, padding outside."""
+        arr = self.levels[level]
+        _, h, w = arr.shape
+        out = np.full((y1 - y0, x1 - x0, 3), pad_value, dtype=np.uint8)
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        if cy1 <= cy0 or cx1 <= cx0:
+            return out
+        win = arr[:, cy0:cy1, cx0:cx1]
+        win = np.asarray(win.compute() if hasattr(win, "compute") else win)
+        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = _to_uint8_rgb(win, self.name)
+        return out
+
+
+def _to_uint8_rgb(win: np.ndarray, name: str) -> np.ndarray:
+    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8."""
+    c = win.shape[0]
+    if c == 4:
+        win = win[:3]
+    elif c == 1:
+        win = np.repeat(win, 3, axis=0)
+    elif c != 3:
+        raise InputError(f"Image {name!r} has {c} channels; stranker expects an RGB H&E image (3 channels).")
+    if win.dtype != np.uint8:
+        win = win.astype(np.float32)
+        if np.issubdtype(win.dtype, np.floating) and win.size and np.nanmax(win) <= 1.0 + 1e-6:
+            win = win * 255.0
+        win = np.clip(np.nan_to_num(win), 0, 255).astype(np.uint8)
+    return np.moveaxis(win, 0, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# the view of one section
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Spots:
+    """One section as stranker sees it.
+
+    Attributes
+    ----------
+    name
+        Section name (library id, table key or ``section_i``).
+    image
+        Lazy image handle, or ``None`` when the input has no image.
+    centers
+        ``(n, 2)`` spot centres ``(x, y)`` in level-0 pixels of ``image``.
+    diameter
+        Spot diameter in level-0 pixels.
+    table
+        The user's AnnData holding the spots (not a copy), or ``None`` for an image-only section.
+    rows
+        Row positions in ``table`` of these spots, in order.
+    microns_per_pixel
+        Level-0 resolution when known.
+    source, keys
+        The object handed over and the element keys that were used (for writing back).
+    """
+
+    name: str
+    image: ImageHandle | None
+    centers: np.ndarray
+    diameter: float
+    table: Any
+    rows: np.ndarray
+    microns_per_pixel: float | None = None
+    source: Any = None
+    keys: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.centers.shape[0])
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        return np.asarray(self.table.obs_names[self.rows])
+
+    @property
+    def var_names(self) -> np.ndarray:
+        return np.asarray(self.table.var_names)
+
+    @property
+    def is_full_table(self) -> bool:
+        return self.table is not None and len(self.rows) == self.table.n_obs and np.array_equal(
+            self.rows, np.arange(self.table.n_obs)
+        )
+
+    def expression(self, layer: str | None = None, genes: Sequence[str] | None = None):
+        """Expression of these spots (rows) from ``X`` or ``layers[layer]``, optionally for ``genes``."""
+        if self.table is None:
+            raise InputError(f"Section {self.name!r} has no table: it holds no expression.")
+        if layer is None:
+            mat = self.table.X
+        else:
+            if layer not in self.table.layers:
+                raise InputError(
+                    f"Layer {layer!r} not found in the table of section {self.name!r}; "
+                    f"available layers: {sorted(self.table.layers)}. Pass `layer=None` to use `X`."
+                )
+            mat = self.table.layers[layer]
+        if mat is None:
+            raise InputError(f"The table of section {self.name!r} has no `X`; pass `layer=`.")
+        if not self.is_full_table:
+            mat = mat[self.rows]
+        if genes is not None:
+            idx = self.table.var_names.get_indexer(list(genes))
+            if (idx < 0).any():
+                missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
+                raise InputError(
+                    f"{len(missing)} gene(s) not in the table of section {self.name!r}, e.g. {missing[:5]}. "
+                    "Choose genes present in every section (see `sr.pp.select_genes(..., on_missing=...)`)."
+                )
+            mat = mat[:, idx]
+        return mat
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def as_spots(
+    data: Any,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    library_id: str | None = None,
+    coordinate_system: str | None = None,
+    need_image: bool = True,
+    need_table: bool = True,
+) -> list[Spots]:
+    """Turn a SpatialData, an AnnData in squidpy layout, or a list of either into Spots.
+
+    Parameters
+    ----------
+    data
+        The user's object(s).
+    image_key, shapes_key, table_key
+        Elements of a SpatialData; detected when there is exactly one candidate.
+    library_id
+        Library of an AnnData's ``uns['spatial']``; detected when there is one.
+    coordinate_system
+        Coordinate system that links image and spots; detected when one is shared.
+    need_image, need_table
+        Raise when the section has no image / no table.
+
+    Returns
+    -------
+    One :class:`Spots` per section.
+    """
+    items = list(data) if isinstance(data, list | tuple) else [data]
+    if not items:
+        raise InputError("Got an empty list: pass at least one SpatialData or AnnData.")
+    out: list[Spots] = []
+    for i, item in enumerate(items):
+        kind = _kind(item)
+        if kind == "spatialdata":
+            sp = _from_spatialdata(
+                item,
+                image_key=image_key,
+                shapes_key=shapes_key,
+                table_key=table_key,
+                coordinate_system=coordinate_system,
+                need_image=need_image,
+                need_table=need_table,
+            )
+        elif kind == "anndata":
+            sp = _from_anndata(item, library_id=library_id, need_image=need_image)
+        else:
+            raise InputError(
+                f"Item {i} is a {type(item).__name__}; stranker takes a SpatialData, an AnnData in "
+                "squidpy layout (obsm['spatial'], uns['spatial']), or a list of these."
+            )
+        if len(items) > 1 and sp.name in {s.name for s in out}:
+            sp.name = f"{sp.name}_{i}"
+        out.append(sp)
+    return out
+
+
+def _kind(obj: Any) -> str:
+    for cls in type(obj).__mro__:
+        if cls.__name__ == "SpatialData" and cls.__module__.startswith("spatialdata"):
+            return "spatialdata"
+        if cls.__name__ == "AnnData" and cls.__module__.startswith("anndata"):
+            return "anndata"
+    return "other"
+
+
+def _choose(kind: str, candidates: Sequence[str], key: str | None, arg: str, where: str) -> str:
+    """Pick a key among candidates; the error lists them."""
+    candidates = list(candidates)
+    if key is not None:
+        if key not in candidates:
+            raise InputError(f"{kind} {key!r} not found in {where}; candidates: {candidates}.")
+        return key
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise InputError(f"{where} has no {kind}.")
+    raise InputError(f"{where} has several {kind}s {candidates}: choose one with `{arg}=`.")
+
+
+# --------------------------------------------------------------------------------------------
+# SpatialData
+# --------------------------------------------------------------------------------------------
+def _affine(element: Any, cs: str) -> np.ndarray:
+    from spatialdata.transformations import get_transformation
+
+    t = get_transformation(element, to_coordinate_system=cs)
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+
+
+def _coordinate_systems(element: Any) -> list[str]:
+    from spatialdata.transformations import get_transformation
+
+    return list(get_transformation(element, get_all=True).keys())
+
+
+def _image_handle(element: Any, name: str) -> ImageHandle:
+    """DataArray or DataTree (multiscale) -> ImageHandle."""
+    if hasattr(element, "children") and len(getattr(element, "children", {})) > 0:  # DataTree
+        levels = []
+        for key in sorted(element.children, key=lambda k: int("".join(ch for ch in k if ch.isdigit()) or 0)):
+            ds = element[key].ds if hasattr(element[key], "ds") else element[key]
+            var = next(iter(ds.data_vars.values()))
+            levels.append(var.transpose("c", "y", "x").data)
+    else:
+        if "c" not in element.dims:
+            raise InputError(f"Image {name!r} has dims {element.dims}; expected ('c', 'y', 'x').")
+        levels = [element.transpose("c", "y", "x").data]
+    h0, w0 = levels[0].shape[1], levels[0].shape[2]
+    scales = [float(np.sqrt((h0 / lv.shape[1]) * (w0 / lv.shape[2]))) for lv in levels]
+    return ImageHandle(levels=levels, scales=scales, name=name)
+
+
+def _is_circles(gdf: Any) -> bool:
+    return "radius" in getattr(gdf, "columns", []) and len(gdf) > 0 and gdf.geometry.iloc[0].geom_type == "Point"
+
+
+def _table_region(table: Any) -> tuple[list[str], str | None, str | None]:
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region")
+    regions = [] if region is None else ([region] if isinstance(region, str) else list(region))
+    return regions, attrs.get("region_key"), attrs.get("instance_key")
+
+
+def _from_spatialdata(
+    sdata: Any,
+    *,
+    image_key: str | None,
+    shapes_key: str | None,
+    table_key: str | None,
+    coordinate_system: str | None,
+    need_image: bool,
+    need_table: bool,
+) -> Spots:
+    where = "the SpatialData"
+    # --- table and the shapes it annotates
+    circles = [k for k, g in sdata.shapes.items() if _is_circles(g)]
+    tables = list(sdata.tables.keys())
+    if shapes_key is not None and shapes_key not in sdata.shapes:
+        raise InputError(f"shapes {shapes_key!r} not found in {where}; candidates: {list(sdata.shapes)}.")
+    if shapes_key is not None and shapes_key not in circles:
+        raise InputError(
+            f"Shapes {shapes_key!r} are not circles with a `radius` column; stranker needs spots as circles."
+        )
+    if table_key is None:
+        cands = [t for t in tables if shapes_key is None or shapes_key in _table_region(sdata.tables[t])[0]]
+        cands = [t for t in cands if set(_table_region(sdata.tables[t])[0]) & set(circles)]
+        if not cands and need_table:
+            raise InputError(
+                f"{where} has no table that annotates circle shapes (tables: {tables}, circle shapes: "
+                f"{circles}). Add one with `spatialdata.models.TableModel.parse(adata, region=..., ...)`."
+            )
+        table_key = _choose("table", cands, None, "table_key", where) if cands else None
+    elif table_key not in sdata.tables:
+        raise InputError(f"table {table_key!r} not found in {where}; candidates: {tables}.")
+    table = sdata.tables[table_key] if table_key is not None else None
+
+    if table is not None:
+        regions, region_key, instance_key = _table_region(table)
+        shape_cands = [r for r in regions if r in circles]
+        shapes_key = _choose("shapes element annotated by the table", shape_cands, shapes_key, "shapes_key", where)
+    elif circles:
+        shapes_key = _choose("circle shapes element", circles, shapes_key, "shapes_key", where)
+    else:
+        shapes_key = None
+
+    # --- image
+    images = list(sdata.images.keys())
+    if not images:
+        if need_image:
+            raise InputError(
+                f"{where} has no image element; stranker needs the H&E image "
+                "(add it with `spatialdata.models.Image2DModel.parse`)."
+            )
+        image_key = None
+    else:
+        image_key = _choose("image", images, image_key, "image_key", where)
+
+    # --- coordinate system shared by image and shapes
+    cs_sets = []
+    if image_key is not None:
+        cs_sets.append(set(_coordinate_systems(sdata.images[image_key])))
+    if shapes_key is not None:
+        cs_sets.append(set(_coordinate_systems(sdata.shapes[shapes_key])))
+    shared = sorted(set.intersection(*cs_sets)) if cs_sets else []
+    if coordinate_system is None:
+        if not shared:
+            raise InputError(
+                f"Image {image_key!r} and shapes {shapes_key!r} share no coordinate system; "
+                "add transformations that place both in one system."
+            )
+        coordinate_system = "global" if "global" in shared else _choose(
+            "shared coordinate system", shared, None, "coordinate_system", where
+        )
+    elif coordinate_system not in shared:
+        raise InputError(f"coordinate system {coordinate_system!r} not shared by image and shapes; shared: {shared}.")
+
+    image = _image_handle(sdata.images[image_key], image_key) if image_key is not None else None
+
+    # --- spot centres in level-0 image pixels
+    if shapes_key is not None:
+        gdf = sdata.shapes[shapes_key]
+        xy = np.column_stack([gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()]).astype(np.float64)
+        a_sh = _affine(gdf, coordinate_system)
+        if image is not None:
+            a_im = _affine(sdata.images[image_key], coordinate_system)
+            m = np.linalg.inv(a_im) @ a_sh
+        else:
+            m = a_sh
+        xy = xy @ m[:2, :2].T + m[:2, 2]
+        lin = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+        radius = gdf["radius"].to_numpy(dtype=np.float64) * lin
+        shape_index = gdf.index
+    else:
+        xy = np.zeros((0, 2))
+        radius = np.zeros(0)
+        shape_index = None
+
+    # --- rows of the table that annotate these shapes, in table order
+    if table is not None:
+        regions, region_key, instance_key = _table_region(table)
+        if region_key is not None and region_key in table.obs:
+            rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == shapes_key)
+        else:
+            rows = np.arange(table.n_obs)
+        inst = table.obs[instance_key].to_numpy()[rows] if instance_key in table.obs else table.obs_names[rows]
+        pos = _index_positions(shape_index, inst)
+        if (pos < 0).any():
+            raise InputError(
+                f"{int((pos < 0).sum())} row(s) of table {table_key!r} point to instances missing from shapes "
+                f"{shapes_key!r} (e.g. {list(np.asarray(inst)[pos < 0][:3])}); the table and shapes disagree."
+            )
+        xy, radius = xy[pos], radius[pos]
+    else:
+        rows = np.arange(len(xy))
+
+    diameter = float(np.median(2 * radius)) if len(radius) else float("nan")
+    mpp = None
+    if table is not None:
+        mpp = table.uns.get(Keys.MPP)
+    name = str(table.uns.get("section", table_key)) if table is not None else (image_key or "section")
+    return Spots(
+        name=name,
+        image=image,
+        centers=xy,
+        diameter=diameter,
+        table=table,
+        rows=rows,
+        microns_per_pixel=float(mpp) if mpp is not None else None,
+        source=sdata,
+        keys={
+            "kind": "spatialdata",
+            "image_key": image_key,
+            "shapes_key": shapes_key,
+            "table_key": table_key,
+            "coordinate_system": coordinate_system,
+        },
+    )
+
+
+def _index_positions(index: Any, values: np.ndarray) -> np.ndarray:
+    import pandas as pd
+
+    idx = pd.Index(index)
+    pos = idx.get_indexer(values)
+    if (pos < 0).any():  # instance ids stored as str in one and int in the other
+        pos2 = pd.Index(idx.astype(str)).get_indexer(np.asarray(values).astype(str))
+        pos = np.where(pos < 0, pos2, pos)
+    return pos
+
+
+# --------------------------------------------------------------------------------------------
+# AnnData, squidpy layout
+# --------------------------------------------------------------------------------------------
+def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Spots:
+    where = "the AnnData"
+    if Keys.SPATIAL not in adata.obsm:
+        raise InputError(
+            f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); "
+            "pass a SpatialData or add the coordinates."
+        )
+    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    spatial = adata.uns.get(Keys.SPATIAL, {})
+    libs = list(spatial.keys()) if isinstance(spatial, dict) else []
+    if not libs:
+        if need_image:
+            raise InputError(
+                f"{where} has no uns['spatial'][library_id] with images and scalefactors; stranker needs "
+                "the H&E image (squidpy layout: uns['spatial'][lib]['images']['hires'])."
+            )
+        lib, info = None, {}
+    else:
+        lib = _choose("library", libs, library_id, "library_id", "uns['spatial'] of the AnnData")
+        info = spatial[lib]
+    scalef = dict(info.get("scalefactors", {}))
+    images = dict(info.get("images", {}))
+    # rows of this library when the AnnData holds several
+    rows = np.arange(adata.n_obs)
+    if lib is not None and len(libs) > 1 and "library_id" in adata.obs:
+        rows = np.flatnonzero(adata.obs["library_id"].astype(str).to_numpy() == str(lib))
+    image = None
+    if images:
+        levels, scales = [], []
+        for res, sf_key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
+            if res in images:
+                if sf_key not in scalef:
+                    raise InputError(
+                        f"uns['spatial'][{lib!r}]['scalefactors'] lacks {sf_key!r}, needed to place spots on the "
+                        f"{res} image."
+                    )
+                img = np.asarray(images[res])
+                if img.ndim == 2:
+                    img = img[..., None]
+                levels.append(np.moveaxis(img, -1, 0))
+                scales.append(1.0 / float(scalef[sf_key]))
+        others = sorted(set(images) - {"hires", "lowres"})
+        if not levels:
+            raise InputError(f"uns['spatial'][{lib!r}]['images'] has {others}; expected 'hires' or 'lowres'.")
+        order = np.argsort(scales)
+        # level 0 is expressed in full-resolution pixels: rescale the finest image's frame
+        levels = [levels[i] for i in order]
+        scales = [scales[i] for i in order]
+        image = _ScaledImage(levels=levels, scales=scales, name=f"uns['spatial'][{lib!r}]['images']")
+    elif need_image:
+        raise InputError(f"uns['spatial'][{lib!r}] has no 'images'; stranker needs the H&E image.")
+    if "spot_diameter_fullres" in scalef:
+        diameter = float(scalef["spot_diameter_fullres"])
+    elif need_image:
+        raise InputError(f"uns['spatial'][{lib!r}]['scalefactors'] lacks 'spot_diameter_fullres'.")
+    else:
+        diameter = float("nan")
+    mpp = scalef.get(Keys.MPP, adata.uns.get(Keys.MPP))
+    return Spots(
+        name=str(lib) if lib is not None else "section",
+        image=image,
+        centers=xy[rows],
+        diameter=diameter,
+        table=adata,
+        rows=rows,
+        microns_per_pixel=float(mpp) if mpp is not None else None,
+        source=adata,
+        keys={"kind": "anndata", "library_id": lib},
+    )
+
+
+class _ScaledImage(ImageHandle):
+    """Image whose level 0 is a full-resolution frame that may not be stored (Visium hires/lowres).
+
+    ``scales[i]`` says how many full-resolution pixels one pixel of level ``i`` spans; the full
+    resolution itself is addressed through the finest stored level.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        s = self.scales[0]
+        return int(round(self.levels[0].shape[1] * s)), int(round(self.levels[0].shape[2] * s))

@@ -1,0 +1,76 @@
+"""The one place that writes results into the user's objects, after everything succeeded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._settings import logger
+from ._spots import Spots
+
+
+def maybe_copy(data: Any, copy: bool) -> Any:
+    """``data`` itself, or a deep copy of it (each item of a list) when ``copy`` is true."""
+    if not copy:
+        return data
+    if isinstance(data, list | tuple):
+        return [maybe_copy(d, True) for d in data]
+    if type(data).__name__ == "SpatialData":
+        from spatialdata import deepcopy
+
+        return deepcopy(data)
+    return data.copy()
+
+
+def _full(values: np.ndarray, sp: Spots, existing: Any = None) -> np.ndarray:
+    """Rows of ``sp`` -> an array over all rows of its table (other rows keep ``existing`` or NaN)."""
+    if sp.is_full_table:
+        return values
+    shape = (sp.table.n_obs, *values.shape[1:])
+    if existing is not None and np.shape(existing) == shape:
+        full = np.array(existing, dtype=np.result_type(values.dtype, np.float32), copy=True)
+    else:
+        full = np.full(shape, np.nan, dtype=np.result_type(values.dtype, np.float32))
+    full[sp.rows] = values
+    return full
+
+
+def write_results(
+    sp: Spots,
+    *,
+    layers: dict[str, Any] | None = None,
+    obsm: dict[str, np.ndarray] | None = None,
+    obs: dict[str, np.ndarray] | None = None,
+    var: dict[str, np.ndarray] | None = None,
+    uns: dict[str, Any] | None = None,
+) -> None:
+    """Assign results to the table of one section and log each key added."""
+    t = sp.table
+    where = f"table of {sp.name!r}"
+    for k, v in (layers or {}).items():
+        t.layers[k] = v if sp.is_full_table else _full(np.asarray(v), sp, t.layers.get(k))
+        logger.info(f"Adding `layers[{k!r}]` to the {where}")
+    for k, v in (obsm or {}).items():
+        t.obsm[k] = _full(np.asarray(v), sp, t.obsm.get(k))
+        logger.info(f"Adding `obsm[{k!r}]` to the {where}")
+    for k, v in (obs or {}).items():
+        t.obs[k] = _full(np.asarray(v), sp, t.obs[k].to_numpy() if k in t.obs else None)
+        logger.info(f"Adding `obs[{k!r}]` to the {where}")
+    for k, v in (var or {}).items():
+        t.var[k] = v
+        logger.info(f"Adding `var[{k!r}]` to the {where}")
+    for k, v in (uns or {}).items():
+        t.uns[k] = v
+        logger.info(f"Adding `uns[{k!r}]` to the {where}")
+
+
+def unique_tables(secs: list[Spots]) -> list[Spots]:
+    """One section per distinct table object (several libraries can share one AnnData)."""
+    seen: set[int] = set()
+    out = []
+    for sp in secs:
+        if sp.table is not None and id(sp.table) not in seen:
+            seen.add(id(sp.table))
+            out.append(sp)
+    return out

@@ -1,0 +1,199 @@
+"""Patches centred on spots, at one or more scales, read in batches from the lazy image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._settings import logger
+from .._spots import InputError, Spots, as_spots
+
+_TILE = 2048  # level pixels per side of the window read at once
+
+
+def patch_size_px(spots: Spots, size: float | None, size_um: float | None) -> float:
+    """Patch side in level-0 pixels from ``size`` (pixels) or ``size_um`` (micrometres)."""
+    if (size is None) == (size_um is None):
+        raise InputError("Give exactly one of `size` (pixels) and `size_um` (micrometres).")
+    if size_um is not None:
+        if spots.microns_per_pixel is None:
+            raise InputError(
+                f"Section {spots.name!r} has no known resolution, so `size_um` cannot be converted to pixels: "
+                "pass `size=` in pixels, or set `table.uns['microns_per_pixel']`."
+            )
+        return float(size_um) / spots.microns_per_pixel
+    if not np.isfinite(size) or size <= 0:
+        raise InputError(f"`size` must be a positive number of pixels, got {size!r}.")
+    return float(size)
+
+
+def check_inside(spots: Spots, on_outside: str = "raise") -> np.ndarray:
+    """Boolean mask of spots whose centre lies inside the image; raise on any outside by default."""
+    if on_outside not in ("raise", "pad"):
+        raise InputError(f"`on_outside` must be 'raise' or 'pad', got {on_outside!r}.")
+    if spots.image is None:
+        raise InputError(f"Section {spots.name!r} has no image to cut patches from.")
+    h, w = spots.image.shape
+    c = spots.centers
+    inside = (c[:, 0] >= 0) & (c[:, 0] < w) & (c[:, 1] >= 0) & (c[:, 1] < h) & np.isfinite(c).all(1)
+    if not inside.all():
+        bad = np.flatnonzero(~inside)
+        names = list(spots.obs_names[bad[:5]]) if spots.table is not None else list(bad[:5])
+        msg = (
+            f"{len(bad)} of {spots.n_spots} spots of section {spots.name!r} lie outside its image "
+            f"({w} x {h} px), e.g. {names}. Check the transformations between shapes and image, or drop those "
+            "spots from the table"
+        )
+        if on_outside == "raise":
+            raise InputError(msg + "; `on_outside='pad'` keeps them as blank padded patches.")
+        logger.warning(msg + "; their patches are padding.")
+    return inside
+
+
+class PatchReader:
+    """Reads ``(b, n_scales, out_px, out_px, 3)`` uint8 patches of chosen spots of one section.
+
+    Parameters
+    ----------
+    spots
+        The section.
+    size
+        Patch side at scale 1, in level-0 pixels.
+    scales
+        Multipliers of ``size`` (1 = the spot patch, 2 = a context window twice as wide).
+    out_px
+        Output side in pixels; ``None`` keeps ``size`` (no resizing at scale 1).
+    pad_value
+        Value of pixels beyond the image border (255 = white background).
+    """
+
+    def __init__(
+        self,
+        spots: Spots,
+        size: float,
+        scales: Sequence[float] = (1.0,),
+        out_px: int | None = None,
+        pad_value: int = 255,
+    ) -> None:
+        if spots.image is None:
+            raise InputError(f"Section {spots.name!r} has no image to cut patches from.")
+        self.spots = spots
+        self.size = float(size)
+        self.scales = [float(s) for s in scales]
+        if any(s <= 0 for s in self.scales):
+            raise InputError(f"`scales` must be positive, got {list(scales)}.")
+        self.out_px = int(round(size)) if out_px is None else int(out_px)
+        if self.out_px < 4:
+            raise InputError(f"`out_px` must be at least 4 pixels, got {self.out_px}.")
+        self.pad_value = int(pad_value)
+
+    def read(self, idx: np.ndarray | None = None, centers: np.ndarray | None = None) -> np.ndarray:
+        """Patches of spots ``idx`` (or of explicit level-0 ``centers``), all scales."""
+        c = self.spots.centers if centers is None else np.asarray(centers, dtype=np.float64)
+        if idx is not None:
+            c = c[np.asarray(idx)]
+        out = np.empty((len(c), len(self.scales), self.out_px, self.out_px, 3), dtype=np.uint8)
+        for j, s in enumerate(self.scales):
+            out[:, j] = self._read_scale(c, self.size * s)
+        return out
+
+    def _read_scale(self, c: np.ndarray, side0: float) -> np.ndarray:
+        img = self.spots.image
+        level = img.level_for(side0 / self.out_px)
+        s = img.scales[level]
+        crop = max(int(round(side0 / s)), 1)
+        x0 = np.floor(c[:, 0] / s - crop / 2 + 0.5).astype(np.int64)
+        y0 = np.floor(c[:, 1] / s - crop / 2 + 0.5).astype(np.int64)
+        res = np.empty((len(c), crop, crop, 3), dtype=np.uint8)
+        # group spots by window so that each window is read once (no loop over spots)
+        cell = max(_TILE, 2 * crop)
+        key = (y0 // cell) * 1_000_003 + (x0 // cell)
+        _, group = np.unique(key, return_inverse=True)
+        ar = np.arange(crop)
+        for g in range(int(group.max()) + 1 if len(c) else 0):
+            m = np.flatnonzero(group == g)
+            wy0, wx0 = int(y0[m].min()), int(x0[m].min())
+            wy1, wx1 = int(y0[m].max()) + crop, int(x0[m].max()) + crop
+            win = img.read(level, wy0, wy1, wx0, wx1, pad_value=self.pad_value)
+            iy = (y0[m] - wy0)[:, None] + ar[None, :]
+            ix = (x0[m] - wx0)[:, None] + ar[None, :]
+            res[m] = win[iy[:, :, None], ix[:, None, :]]
+        if crop != self.out_px:
+            res = resize_batch(res, self.out_px)
+        return res
+
+
+def resize_batch(x: np.ndarray, out_px: int) -> np.ndarray:
+    """Antialiased bilinear resize of ``(b, h, w, 3)`` uint8 to ``(b, out_px, out_px, 3)``."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(x) == 0:
+        return np.empty((0, out_px, out_px, 3), dtype=np.uint8)
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+    t = F.interpolate(t, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False)
+    return t.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def patches(
+    data: Any,
+    *,
+    size: float | None = 224,
+    size_um: float | None = None,
+    scales: float | Sequence[float] = 1.0,
+    out_px: int | None = None,
+    batch_size: int = 512,
+    pad_value: int = 255,
+    on_outside: str = "raise",
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    library_id: str | None = None,
+) -> np.ndarray | list[np.ndarray]:
+    """Cut image patches centred on every spot.
+
+    Parameters
+    ----------
+    data
+        SpatialData, AnnData in squidpy layout, or a list of either.
+    size
+        Patch side in full-resolution (level-0) pixels. Set ``size=None`` when giving ``size_um``.
+    size_um
+        Patch side in micrometres (needs the image resolution, ``uns['microns_per_pixel']``).
+    scales
+        One multiplier of ``size`` or several (e.g. ``(1, 2)``: the spot and twice its width of
+        context). Each scale is read from the coarsest pyramid level that keeps 2x oversampling.
+    out_px
+        Side of the returned patches in pixels (antialiased resize); ``None`` keeps ``size``.
+    batch_size
+        Spots read per batch.
+    pad_value
+        Grey value for pixels beyond the image border (255: white background).
+    on_outside
+        ``'raise'`` (default) when a spot centre lies outside the image, ``'pad'`` to keep a padded patch.
+    image_key, shapes_key, table_key, library_id
+        Which elements to use when the object has several.
+
+    Returns
+    -------
+    uint8 array ``(n_spots, out_px, out_px, 3)`` when ``scales`` is one number, else
+    ``(n_spots, n_scales, out_px, out_px, 3)``, in table row order; a list of these for a list input.
+    """
+    single_scale = np.ndim(scales) == 0
+    scale_list = [float(scales)] if single_scale else [float(s) for s in scales]  # type: ignore[arg-type]
+    secs = as_spots(
+        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
+        need_table=False,
+    )
+    results = []
+    for sp in secs:
+        check_inside(sp, on_outside)
+        reader = PatchReader(sp, patch_size_px(sp, size, size_um), scale_list, out_px, pad_value)
+        out = np.empty((sp.n_spots, len(scale_list), reader.out_px, reader.out_px, 3), dtype=np.uint8)
+        for start in range(0, sp.n_spots, batch_size):
+            sl = slice(start, min(start + batch_size, sp.n_spots))
+            out[sl] = reader.read(np.arange(sl.start, sl.stop))
+        results.append(out[:, 0] if single_scale else out)
+    return results if isinstance(data, list | tuple) else results[0]

@@ -1,0 +1,3 @@
+"""Tools: fit, predict and evaluate image-gene models."""
+
+__all__: list[str] = []

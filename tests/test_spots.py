@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+
+import stranker as sr
+from stranker._spots import InputError, as_spots
+from tests.conftest import make_sdata
+
+
+@pytest.mark.parametrize(("image_scale", "shapes_scale", "multiscale"), [(1, 1, False), (2.0, 0.5, False), (0.5, 3.0, True)])
+def test_spot_centres_follow_transformations(image_scale, shapes_scale, multiscale):
+    sdata, px = make_sdata(image_scale=image_scale, shapes_scale=shapes_scale, multiscale=multiscale)
+    sp = as_spots(sdata)[0]
+    np.testing.assert_allclose(sp.centers, px, atol=1e-6)
+    np.testing.assert_allclose(sp.diameter, 16.0, rtol=1e-6)
+    # the pixel at the centre of every patch carries the spot's colour code
+    p = sr.pp.patches(sdata, size=9)
+    assert p.shape == (12, 9, 9, 3)
+    np.testing.assert_array_equal(p[:, 4, 4, 0], (np.arange(12) * 10) % 256)
+    np.testing.assert_array_equal(p[:, 4, 4, 1], 200)
+
+
+def test_multiscale_levels_map_to_the_same_spot():
+    from spatialdata.models import Image2DModel
+
+    sdata, px = make_sdata(h=400, w=400)
+    yy, xx = np.mgrid[0:400, 0:400]
+    ramp = np.stack([xx * 255 / 399, yy * 255 / 399, np.full_like(xx, 128)]).astype(np.uint8)
+    sdata.images["he"] = Image2DModel.parse(ramp, dims=("c", "y", "x"), scale_factors=[2, 2])
+    sp = as_spots(sdata)[0]
+    assert sp.image.scales == [1.0, 2.0, 4.0]
+    # a 32 px patch shrunk to 4 px is read from level 2 (4x coarser) and stays centred on the spot
+    assert sp.image.level_for(32 / 4) == 2
+    p = sr.pp.patches(sdata, size=32, out_px=4).astype(float)
+    np.testing.assert_allclose(p[..., 0].mean(axis=(1, 2)), px[:, 0] * 255 / 399, atol=2.5)
+    np.testing.assert_allclose(p[..., 1].mean(axis=(1, 2)), px[:, 1] * 255 / 399, atol=2.5)
+
+
+def test_anndata_squidpy_layout_gives_identical_patches():
+    sdata, px = make_sdata()
+    table = sdata.tables["table"].copy()
+    img = np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1)
+    table.obsm["spatial"] = px.copy()
+    table.uns["spatial"] = {
+        "lib": {"images": {"hires": img}, "scalefactors": {
+            "tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 0.1, "spot_diameter_fullres": 16.0}}
+    }
+    a = sr.pp.patches(sdata, size=15, scales=(1, 2))
+    b = sr.pp.patches(table, size=15, scales=(1, 2))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_anndata_hires_scalefactor_is_honoured():
+    sdata, px = make_sdata(h=200, w=240)
+    full = np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1)
+    table = sdata.tables["table"].copy()
+    # full-resolution coordinates are twice the pixel coordinates of the stored 'hires' image
+    table.obsm["spatial"] = px * 2
+    table.uns["spatial"] = {"lib": {"images": {"hires": full}, "scalefactors": {
+        "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.05, "spot_diameter_fullres": 32.0}}}
+    sp = as_spots(table)[0]
+    assert sp.image.shape == (400, 480)
+    p = sr.pp.patches(table, size=18, out_px=9)
+    np.testing.assert_array_equal(p[:, 4, 4, 1], 200)
+
+
+def test_list_input_gives_one_view_per_section():
+    s1, _ = make_sdata(seed=1)
+    s2, _ = make_sdata(seed=2, n=7)
+    secs = as_spots([s1, s2])
+    assert [s.n_spots for s in secs] == [12, 7]
+    out = sr.pp.patches([s1, s2], size=5)
+    assert [o.shape[0] for o in out] == [12, 7]
+
+
+def test_missing_image_is_reported():
+    sdata, _ = make_sdata()
+    del sdata.images["he"]
+    with pytest.raises(InputError, match="no image element"):
+        sr.pp.patches(sdata)
+
+
+def test_several_images_need_image_key():
+    sdata, _ = make_sdata(extra_images=1)
+    with pytest.raises(InputError, match=r"several images \['he', 'he2'\].*image_key"):
+        as_spots(sdata)
+    assert as_spots(sdata, image_key="he2")[0].keys["image_key"] == "he2"
+    with pytest.raises(InputError, match="'nope' not found"):
+        as_spots(sdata, image_key="nope")
+
+
+def test_not_a_spatial_object():
+    with pytest.raises(InputError, match="stranker takes a SpatialData"):
+        as_spots(np.zeros(3))
+
+
+def test_anndata_without_spatial_is_reported():
+    import anndata as ad
+
+    with pytest.raises(InputError, match=r"obsm\['spatial'\]"):
+        as_spots(ad.AnnData(np.zeros((3, 2))))
+
+
+def test_spots_outside_the_image():
+    sdata, px = make_sdata()
+    shapes = sdata.shapes["spots"]
+    shapes.geometry = shapes.geometry.translate(xoff=1000)
+    with pytest.raises(InputError, match="12 of 12 spots .* lie outside its image"):
+        sr.pp.patches(sdata, size=9)
+    p = sr.pp.patches(sdata, size=9, on_outside="pad")
+    assert (p == 255).all()
+
+
+def test_border_spots_are_padded():
+    sdata, px = make_sdata()
+    p = sr.pp.patches(sdata, size=100)
+    assert p.shape == (12, 100, 100, 3)
+    assert (p == 255).any()  # spots within 20 px of the border get white padding
