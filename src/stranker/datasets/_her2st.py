@@ -71,9 +71,9 @@ def _fetch(local_name: str, upstream: str, digest: str, data_dir: Path) -> Path:
             BASE_URL + upstream, known_hash=f"sha256:{digest}", fname=local_name, path=data_dir,
             progressbar=settings.show_progress(),
         )
-    except ValueError as err:  # pooch's hash mismatch after download
-        raise HashMismatchError(f"The download of {local_name} fails its SHA-256 check: {err}") from err
-    except Exception as err:  # network, permissions
+    except Exception as err:  # network, permissions, pooch's hash mismatch after download
+        if isinstance(err, ValueError) and "does not match the known hash" in str(err):
+            raise HashMismatchError(f"The download of {local_name} fails its SHA-256 check: {err}") from err
         raise InputError(
             f"{local_name} is not in {data_dir} and could not be downloaded from {BASE_URL + upstream} ({err}). "
             "To work offline, put the file there (or point STRANKER_DATA_DIR at a folder that has it)."
@@ -146,9 +146,12 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
     mpp = SPOT_PITCH_UM / slope
     radius = SPOT_DIAMETER_UM / 2 / mpp
 
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(paths["image"]) as im:
-        rgb = np.asarray(im.convert("RGB"))
+    max_pixels, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a trusted, hash-checked image
+    try:
+        with Image.open(paths["image"]) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     image = Image2DModel.parse(
         np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2, 2, 2],
         chunks=(3, 2048, 2048),

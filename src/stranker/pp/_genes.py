@@ -88,6 +88,8 @@ def normalize(
         full = sp.table.X if layer is None else sp.table.layers.get(layer)
         if layer is not None and full is None:
             raise InputError(f"Layer {layer!r} not in the table of section {sp.name!r}; layers: {list(sp.table.layers)}.")
+        if full is None:
+            raise InputError(f"The table of section {sp.name!r} has no `X`; pass `layer=` with raw counts.")
         check_counts(full, f"{'X' if layer is None else f'layers[{layer!r}]'} of the table of section {sp.name!r}")
         results.append(lognorm(full, target_sum))
     for sp, res in zip(secs, results, strict=True):
@@ -103,7 +105,8 @@ def resolve_genes(secs: list[Spots], genes: Sequence[str], on_missing: str = "ra
     genes = list(dict.fromkeys(str(g) for g in genes))
     if not genes:
         raise InputError("The gene list is empty.")
-    missing = {sp.name: [g for g in genes if g not in set(sp.var_names)] for sp in secs}
+    present = {sp.name: set(sp.var_names) for sp in secs}
+    missing = {sp.name: [g for g in genes if g not in present[sp.name]] for sp in secs}
     missing = {k: v for k, v in missing.items() if v}
     if missing:
         lost = sorted(set().union(*missing.values()))
@@ -115,7 +118,8 @@ def resolve_genes(secs: list[Spots], genes: Sequence[str], on_missing: str = "ra
                 + (" No genes in common." if len(lost) == len(genes) else "")
             )
         logger.warning(f"Dropping {len(lost)} of {len(genes)} genes missing from some sections ({detail}).")
-        genes = [g for g in genes if g not in set(lost)]
+        lost_set = set(lost)
+        genes = [g for g in genes if g not in lost_set]
     return genes
 
 
@@ -129,6 +133,52 @@ def common_genes(secs: list[Spots]) -> list[str]:
             "The sections have no genes in common: " + ", ".join(f"{sp.name} ({len(sp.var_names)} genes)" for sp in secs)
         )
     return [g for g in secs[0].var_names if g in common]
+
+
+def choose(
+    secs: list[Spots], flavor: str | Sequence[str], *, n_top: int, layer: str | None, on_missing: str = "raise"
+) -> list[str]:
+    """Genes chosen on ``secs`` (see :func:`select_genes`), without writing anything."""
+    if isinstance(flavor, str):
+        if flavor not in ("hvg", "heg"):
+            raise InputError(f"`flavor` must be 'hvg', 'heg' or a list of genes, got {flavor!r}.")
+        if n_top < 1:
+            raise InputError(f"`n_top` must be at least 1, got {n_top}.")
+        cands = common_genes(secs)
+        n_all = len(set().union(*(set(sp.var_names) for sp in secs)))
+        if n_all > len(cands):
+            logger.info(f"{n_all - len(cands)} genes not present in every section are not candidates.")
+        mats = [lognorm(section_counts(sp, layer)) for sp in secs]
+        idxs = [sp.table.var_names.get_indexer(cands) for sp in secs]
+        x = np.concatenate([m[:, i] for m, i in zip(mats, idxs, strict=True)], axis=0)
+        n = min(n_top, len(cands))
+        if flavor == "heg":
+            order = np.argsort(-x.mean(0), kind="stable")[:n]
+            genes = [cands[i] for i in order]
+        else:
+            import anndata as ad
+            import scanpy as sc
+
+            a = ad.AnnData(x, var={"gene": cands})
+            a.var_names = cands
+            batch = np.repeat([sp.name for sp in secs], [m.shape[0] for m in mats])
+            a.obs["section"] = batch
+            keep = x.std(0) > 0
+            a = a[:, keep].copy()
+            sc.pp.highly_variable_genes(
+                a, flavor="seurat", n_top_genes=min(n, a.n_vars), batch_key="section" if len(secs) > 1 else None
+            )
+            var = a.var
+            rank_col = "highly_variable_nbatches" if len(secs) > 1 else None
+            sel = var[var["highly_variable"]]
+            if rank_col:
+                sel = sel.sort_values([rank_col, "dispersions_norm"], ascending=False)
+            else:
+                sel = sel.sort_values("dispersions_norm", ascending=False)
+            genes = list(sel.index[:n])
+    else:
+        genes = resolve_genes(secs, flavor, on_missing)
+    return genes
 
 
 def select_genes(
@@ -169,45 +219,7 @@ def select_genes(
     The chosen gene names. Also writes ``var[key_added]`` and ``uns[key_added]``.
     """
     secs = as_spots(data, table_key=table_key, library_id=library_id, need_image=False)
-    if isinstance(flavor, str):
-        if flavor not in ("hvg", "heg"):
-            raise InputError(f"`flavor` must be 'hvg', 'heg' or a list of genes, got {flavor!r}.")
-        if n_top < 1:
-            raise InputError(f"`n_top` must be at least 1, got {n_top}.")
-        cands = common_genes(secs)
-        n_all = len(set().union(*(set(sp.var_names) for sp in secs)))
-        if n_all > len(cands):
-            logger.info(f"{n_all - len(cands)} genes not present in every section are not candidates.")
-        mats = [lognorm(section_counts(sp, layer)) for sp in secs]
-        idxs = [sp.table.var_names.get_indexer(cands) for sp in secs]
-        x = np.concatenate([m[:, i] for m, i in zip(mats, idxs, strict=True)], axis=0)
-        n = min(n_top, len(cands))
-        if flavor == "heg":
-            order = np.argsort(-x.mean(0), kind="stable")[:n]
-            genes = [cands[i] for i in order]
-        else:
-            import anndata as ad
-            import scanpy as sc
-
-            a = ad.AnnData(x, var={"gene": cands})
-            a.var_names = cands
-            batch = np.repeat([sp.name for sp in secs], [m.shape[0] for m in mats])
-            a.obs["section"] = batch
-            keep = x.std(0) > 0
-            a = a[:, keep].copy()
-            sc.pp.highly_variable_genes(
-                a, flavor="seurat", n_top_genes=min(n, a.n_vars), batch_key="section" if len(secs) > 1 else None
-            )
-            var = a.var
-            rank_col = "highly_variable_nbatches" if len(secs) > 1 else None
-            sel = var[var["highly_variable"]]
-            if rank_col:
-                sel = sel.sort_values([rank_col, "dispersions_norm"], ascending=False)
-            else:
-                sel = sel.sort_values("dispersions_norm", ascending=False)
-            genes = list(sel.index[:n])
-    else:
-        genes = resolve_genes(secs, flavor, on_missing)
+    genes = choose(secs, flavor, n_top=n_top, layer=layer, on_missing=on_missing)
     params = {"genes": genes, "flavor": flavor if isinstance(flavor, str) else "list", "n_top": n_top,
               "sections": [sp.name for sp in secs]}
     for sp in unique_tables(secs):

@@ -23,7 +23,10 @@ def patch_size_px(spots: Spots, size: float | None, size_um: float | None) -> fl
                 f"Section {spots.name!r} has no known resolution, so `size_um` cannot be converted to pixels: "
                 "pass `size=` in pixels, or set `table.uns['microns_per_pixel']`."
             )
-        return float(size_um) / spots.microns_per_pixel
+        size = float(size_um) / spots.microns_per_pixel
+        if not np.isfinite(size) or size <= 0:
+            raise InputError(f"`size_um` must be a positive number of micrometres, got {size_um!r}.")
+        return size
     if not np.isfinite(size) or size <= 0:
         raise InputError(f"`size` must be a positive number of pixels, got {size!r}.")
     return float(size)

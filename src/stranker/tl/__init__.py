@@ -1,3 +1,7 @@
 """Tools: fit, predict and evaluate image-gene models."""
 
-__all__: list[str] = []
+from ._evaluate import evaluate
+from ._fit import fit
+from ._predict import predict
+
+__all__ = ["evaluate", "fit", "predict"]

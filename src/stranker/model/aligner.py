@@ -1,0 +1,96 @@
+"""The image-gene aligner: student and EMA-teacher image branches, gene branch, all loss terms."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .config import Config
+from .encoders import GeneBranch, ImageBranch, SpotContext
+
+
+class Aligner(nn.Module):
+    """Everything trainable of a stranker model (pure torch: it never sees AnnData)."""
+
+    def __init__(self, cfg: Config, n_genes: int, feature_dim: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = ImageBranch(
+            n_genes, backbone=cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained,
+            n_scales=len(cfg.scales), use_stain=cfg.use_stain, embed_dim=cfg.embed_dim, dropout=cfg.dropout,
+            feature_dim=feature_dim, probe_only=cfg.probe_only,
+        )
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        context = (
+            SpotContext(cfg.embed_dim, cfg.context_layers, cfg.context_heads, cfg.position_bins, cfg.dropout)
+            if cfg.spot_context else None
+        )
+        self.gene = GeneBranch(n_genes, hidden=cfg.gene_hidden, embed_dim=cfg.embed_dim, dropout=cfg.dropout,
+                               context=context)
+
+    @property
+    def weights_source(self) -> str:
+        return self.student.weights_source
+
+    def loss_terms(self) -> list[str]:
+        c = self.cfg
+        terms = [("regression", c.w_regression), ("clip", c.w_clip), ("rank", c.w_rank), ("distill", c.w_distill)]
+        return [t for t, w in terms if w > 0]
+
+    def training_losses(
+        self, strong: torch.Tensor, weak: torch.Tensor | None, expr: torch.Tensor, pos: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch (spots of one section) and their weighted ``total``."""
+        c = self.cfg
+        emb, pred = self.student(strong)
+        out: dict[str, torch.Tensor] = {}
+        if c.w_regression > 0:
+            out["regression"] = losses.regression(pred, expr)
+        need_gene = c.w_clip > 0 or (c.w_rank > 0 and c.rank_reference == "gene")
+        g = self.gene(expr, pos) if need_gene else None
+        if c.w_clip > 0:
+            out["clip"] = losses.info_nce(emb.float(), g.float(), c.temperature)
+        if c.w_rank > 0:
+            ref = g if c.rank_reference == "gene" else expr
+            out["rank"] = losses.rank_consistency(emb, ref, c.rank_temperature, c.rank_mode)
+        if c.w_distill > 0 and weak is not None:
+            with torch.no_grad():
+                t_emb, _ = self.teacher(weak)
+            out["distill"] = losses.distillation(emb, t_emb)
+        weights = {"regression": c.w_regression, "clip": c.w_clip, "rank": c.w_rank, "distill": c.w_distill}
+        out["total"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> None:
+        """EMA of the student's weights (decay ramps up over the first steps)."""
+        d = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        s_params = list(self.student.parameters())
+        t_params = list(self.teacher.parameters())
+        torch._foreach_mul_(t_params, d)
+        torch._foreach_add_(t_params, s_params, alpha=1 - d)
+        for tb, sb in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
+            tb.copy_(sb)
+
+
+@torch.no_grad()
+def retrieve(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Inverse-distance weighted mean of ``values`` of the ``k`` keys nearest each query (cosine space).
+
+    Processed in chunks of queries, so memory stays bounded for any number of spots.
+    """
+    k = min(k, len(keys))
+    kn = F.normalize(keys.float(), dim=1)
+    out = torch.empty(len(query), values.shape[1], device=values.device, dtype=torch.float32)
+    for start in range(0, len(query), chunk):
+        q = F.normalize(query[start : start + chunk].float(), dim=1)
+        sim, idx = (q @ kn.T).topk(k, dim=1)
+        dist = (2 - 2 * sim).clamp_min(0).sqrt()
+        w = 1.0 / (dist + 1e-3)
+        w = w / w.sum(1, keepdim=True)
+        out[start : start + chunk] = torch.einsum("qk,qkg->qg", w, values[idx].float())
+    return out

@@ -1,0 +1,53 @@
+"""Batched augmentation on the device: weak (dihedral) and strong (+ colour and stain jitter)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th (0..7) of the 8 flips/rotations of ``(..., h, w)`` images."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each sample of ``(b, ..., h, w)`` gets its own random flip/rotation (8 groups, not a loop over spots)."""
+    ks = torch.randint(0, 8, (x.shape[0],), generator=gen, device="cpu").to(x.device)
+    out = torch.empty_like(x)
+    for k in range(8):
+        m = ks == k
+        if m.any():
+            out[m] = dihedral(x[m], k)
+    return out
+
+
+def colour_jitter(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation and stain-channel jitter of ``(b, ..., 3, h, w)`` in [0, 1]."""
+    b = x.shape[0]
+    shape = (b,) + (1,) * (x.dim() - 1)
+
+    def u(lo: float, hi: float, shp=shape) -> torch.Tensor:
+        return (torch.rand(shp, generator=gen) * (hi - lo) + lo).to(x.device, x.dtype)
+
+    s = strength
+    x = x * u(1 - 0.2 * s, 1 + 0.2 * s)  # brightness
+    mean = x.mean(dim=(-3, -2, -1), keepdim=True)
+    x = (x - mean) * u(1 - 0.2 * s, 1 + 0.2 * s) + mean  # contrast
+    grey = x.mean(dim=-3, keepdim=True)
+    x = (x - grey) * u(1 - 0.3 * s, 1 + 0.3 * s) + grey  # saturation
+    ch_shape = (b,) + (1,) * (x.dim() - 4) + (3, 1, 1)
+    x = x * u(1 - 0.05 * s, 1 + 0.05 * s, ch_shape) + u(-0.03 * s, 0.03 * s, ch_shape)  # per-channel stain shift
+    return x.clamp(0, 1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, strong: bool) -> torch.Tensor:
+    """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise."""
+    x = random_dihedral(x, gen)
+    if strong:
+        x = colour_jitter(x, gen, 1.0)
+        x = (x + 0.02 * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)).clamp(0, 1)
+    else:
+        x = colour_jitter(x, gen, 0.3)
+    return x

@@ -1,0 +1,111 @@
+"""Model configuration and the presets that reproduce published recipes in the same code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass
+class Config:
+    """Every choice of the model and its training, with the defaults of ``method='stranker'``."""
+
+    method: str = "stranker"
+    # image branch
+    backbone: str = "resnet18"
+    weights: str | None = None  # local checkpoint file
+    pretrained: bool = True  # use timm's cached pretrained weights when present (never downloads)
+    image_features: str | None = None  # obsm key of precomputed features instead of pixels
+    patch_px: float = 224.0  # patch side at scale 1, full-resolution pixels
+    patch_um: float | None = None  # or in micrometres
+    scales: tuple[float, ...] = (1.0, 2.0)
+    image_size: int = 112  # pixels fed to the backbone
+    use_stain: bool = True
+    embed_dim: int = 256
+    dropout: float = 0.1
+    # gene branch
+    gene_hidden: int = 512
+    spot_context: bool = False
+    context_layers: int = 2
+    context_heads: int = 4
+    position_bins: int = 64
+    # losses
+    w_regression: float = 1.0
+    w_clip: float = 0.1
+    w_rank: float = 0.1
+    w_distill: float = 0.1
+    temperature: float = 0.07
+    rank_temperature: float = 0.1
+    rank_mode: str = "listwise"
+    rank_reference: str = "expression"  # or 'gene' (gene-branch embeddings)
+    probe_only: bool = False  # the regression head sees a detached embedding (linear probe)
+    ema_decay: float = 0.99
+    # optimisation
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    # prediction
+    predict: str = "blend"  # 'head', 'retrieval' or 'blend'
+    blend: float = 0.8  # weight of the regression head in 'blend'
+    top_k: int = 50
+    tta: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "scales" in d:
+            d["scales"] = tuple(float(s) for s in d["scales"])
+        return cls(**d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ours: supervised regression + alignment + ranking + teacher-student, stain features, two scales
+    "stranker": {},
+    # BLEEP: CLIP loss between image and expression, prediction by top-k retrieval
+    "bleep": dict(
+        scales=(1.0,), use_stain=False, w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
+        predict="retrieval", tta=False, temperature=1.0,
+    ),
+    # mclSTExp: BLEEP + a transformer over the spots of a section with learned 2-D positions
+    "mclstexp": dict(
+        scales=(1.0,), use_stain=False, w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
+        spot_context=True, predict="retrieval", tta=False, temperature=1.0,
+    ),
+    # RankByGene: InfoNCE + ranking consistency + EMA teacher-student; a head on the frozen embedding
+    "rankbygene": dict(
+        scales=(1.0,), use_stain=False, w_regression=1.0, probe_only=True, w_clip=1.0, w_rank=1.0,
+        w_distill=1.0, rank_reference="gene", predict="head", tta=False,
+    ),
+}
+
+
+def make_config(method: str = "stranker", **overrides: Any) -> Config:
+    """The preset ``method`` with ``overrides`` (``None`` values are ignored)."""
+    if method not in PRESETS:
+        raise ValueError(f"`method` must be one of {sorted(PRESETS)}, got {method!r}.")
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"Unknown model option(s) {unknown}; valid options: {sorted(names - {'extra'})}.")
+    cfg = replace(Config(), method=method, **PRESETS[method])
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "scales" in overrides:
+        s = overrides["scales"]
+        overrides["scales"] = (float(s),) if isinstance(s, int | float) else tuple(float(v) for v in s)
+    cfg = replace(cfg, **overrides)
+    if cfg.predict not in ("head", "retrieval", "blend"):
+        raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
+    if not 0 <= cfg.blend <= 1:
+        raise ValueError(f"`blend` must be in [0, 1], got {cfg.blend}.")
+    for k in ("epochs", "batch_size", "image_size", "embed_dim", "top_k"):
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"`{k}` must be at least 1, got {getattr(cfg, k)}.")
+    return cfg

@@ -1,0 +1,210 @@
+"""The user-facing model: a trained Aligner with its genes, target scaling and reference bank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._settings import settings
+from .._spots import InputError, Spots, as_spots
+from ..pp._patches import PatchReader, check_inside, patch_size_px
+
+_FILE = "model.pt"
+_META = "model.json"
+
+
+class Model:
+    """A fitted stranker model (returned by :func:`stranker.tl.fit`).
+
+    Attributes
+    ----------
+    config
+        The :class:`stranker.model.Config` it was trained with.
+    genes
+        Modelled genes, in the order of the predicted columns.
+    history
+        Per-epoch values of every loss term.
+    is_trained
+        Whether the weights come from a finished fit.
+    """
+
+    def __init__(self, aligner: Any, config: Any, genes: list[str], meta: dict[str, Any], bank: dict[str, Any]):
+        self.aligner = aligner
+        self.config = config
+        self.genes = list(genes)
+        self.meta = meta
+        self.bank = bank  # keys: gene embeddings, values: log-scale expression, image: teacher embeddings
+        self.history: list[dict[str, float]] = meta.get("history", [])
+        self.is_trained = True
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"stranker.Model(method={c.method!r}, backbone={c.backbone!r}, genes={len(self.genes)}, "
+            f"scales={list(c.scales)}, trained on {self.meta.get('n_spots', '?')} spots of "
+            f"{len(self.meta.get('sections', []))} section(s))"
+        )
+
+    # ---------------------------------------------------------------- inference
+    def _device(self, device: str | None):
+        from ..train import resolve_device
+
+        return resolve_device(device or settings.device)
+
+    def _reader(self, sp: Spots) -> PatchReader:
+        c = self.config
+        size = None
+        if c.patch_um is not None and sp.microns_per_pixel is not None:
+            size = patch_size_px(sp, None, c.patch_um)
+        elif self.meta.get("patch_um") and sp.microns_per_pixel is not None:
+            size = float(self.meta["patch_um"]) / sp.microns_per_pixel
+        else:
+            size = float(self.meta.get("patch_px", c.patch_px))
+        return PatchReader(sp, size, c.scales, c.image_size)
+
+    def infer(
+        self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None, batch_size: int = 128,
+        features: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches."""
+        import torch
+
+        from ..model import retrieve
+        from ..train.loop import to_input
+
+        dev = self._device(device)
+        al = self.aligner.to(dev).eval()
+        c = self.config
+        if c.image_features is not None:
+            if features is None:
+                if c.image_features not in sp.table.obsm:
+                    raise InputError(
+                        f"The model was trained on `obsm[{c.image_features!r}]`, missing from section {sp.name!r}."
+                    )
+                features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
+            n = len(features)
+        else:
+            reader = self._reader(sp)
+            n = sp.n_spots if centers is None else len(centers)
+        embs, preds = [], []
+        from tqdm.auto import tqdm
+
+        starts = range(0, n, batch_size)
+        use_amp = dev.type == "cuda"
+        for start in tqdm(starts, desc=f"predict {sp.name}", disable=not settings.show_progress() or n < 4 * batch_size):
+            sl = np.arange(start, min(start + batch_size, n))
+            if c.image_features is not None:
+                x = torch.from_numpy(np.asarray(features[sl], dtype=np.float32))
+            elif centers is None:
+                x = torch.from_numpy(reader.read(sl))
+            else:
+                x = torch.from_numpy(reader.read(centers=centers[sl]))
+            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                e, p = al.teacher.forward_tta(to_input(x, dev), c.tta and c.image_features is None)
+            embs.append(e.float())
+            preds.append(p.float())
+        emb = torch.cat(embs) if embs else torch.zeros(0, c.embed_dim, device=dev)
+        head = torch.cat(preds) if preds else torch.zeros(0, len(self.genes), device=dev)
+        mean = torch.as_tensor(self.meta["target_mean"], device=dev)
+        std = torch.as_tensor(self.meta["target_std"], device=dev)
+        head = head * std + mean
+        if c.predict == "head":
+            out = head
+        else:
+            keys = torch.as_tensor(self.bank["keys"], device=dev)
+            values = torch.as_tensor(self.bank["values"], device=dev)
+            ret = retrieve(emb, keys, values, c.top_k)
+            out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
+        return emb.cpu().numpy(), out.cpu().numpy().astype(np.float32)
+
+    def predict(self, data: Any, *, device: str | None = None, **keys: Any) -> np.ndarray | list[np.ndarray]:
+        """Predicted expression ``(n_spots, n_genes)`` on the target scale, for the spots of each section.
+
+        Parameters
+        ----------
+        data
+            SpatialData, AnnData (squidpy layout) or a list.
+        device
+            Torch device; default ``sr.settings.device``.
+        **keys
+            ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
+        """
+        secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
+        out = []
+        for sp in secs:
+            if self.config.image_features is None:
+                check_inside(sp)
+            out.append(self.infer(sp, device=device)[1])
+        return out if isinstance(data, list | tuple) else out[0]
+
+    def embed(self, data: Any, *, device: str | None = None, **keys: Any) -> np.ndarray | list[np.ndarray]:
+        """Teacher image embeddings ``(n_spots, embed_dim)`` of the spots of each section.
+
+        Parameters
+        ----------
+        data
+            SpatialData, AnnData (squidpy layout) or a list.
+        device
+            Torch device; default ``sr.settings.device``.
+        **keys
+            ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
+        """
+        secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
+        out = []
+        for sp in secs:
+            if self.config.image_features is None:
+                check_inside(sp)
+            out.append(self.infer(sp, device=device)[0])
+        return out if isinstance(data, list | tuple) else out[0]
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Save weights, configuration, genes, target scaling and reference bank into folder ``path``."""
+        import torch
+
+        path = Path(path)
+        if (path / _FILE).exists() and not overwrite:
+            raise FileExistsError(f"{path / _FILE} exists; pass `overwrite=True` to replace it.")
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
+        torch.save(
+            {"state_dict": self.aligner.state_dict(), "bank": {k: torch.as_tensor(v) for k, v in self.bank.items()},
+             "feature_dim": self.meta.get("feature_dim")},
+            path / _FILE,
+        )
+        (path / _META).write_text(json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta}))
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | None = None) -> Model:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            Folder written by :meth:`save`.
+        device
+            Where to put the weights (default CPU; moved on use).
+        """
+        import torch
+
+        from ..model import Aligner, Config
+
+        path = Path(path)
+        if not (path / _FILE).exists() or not (path / _META).exists():
+            raise FileNotFoundError(f"{path} does not hold a saved stranker model ({_FILE} and {_META}).")
+        info = json.loads((path / _META).read_text())
+        cfg = Config.from_dict(info["config"])
+        cfg.pretrained = False  # the weights come from the file
+        cfg.weights = None
+        blob = torch.load(path / _FILE, map_location=device or "cpu", weights_only=True)
+        al = Aligner(cfg, len(info["genes"]), feature_dim=blob.get("feature_dim"))
+        al.load_state_dict(blob["state_dict"])
+        al.eval()
+        meta = info["meta"]
+        for k in ("target_mean", "target_std"):
+            meta[k] = np.asarray(meta[k], dtype=np.float32)
+        bank = {k: v.cpu().numpy() for k, v in blob["bank"].items()}
+        return cls(al, cfg, info["genes"], meta, bank)

@@ -1,0 +1,189 @@
+"""The one training loop: batches per section, augmentation on the device, AMP, EMA, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model.aligner import Aligner
+from ..model.augment import augment
+
+
+@dataclass
+class TrainData:
+    """Tensors of the training spots (CPU). ``images`` is uint8 ``(n, s, h, w, 3)`` or float features ``(n, d)``."""
+
+    images: torch.Tensor
+    expr: torch.Tensor  # (n, g) standardised target
+    pos: torch.Tensor  # (n, 2) positions in [0, 1] within each section
+    section: torch.Tensor  # (n,) int section index
+
+    @property
+    def pixels(self) -> bool:
+        return self.images.dtype == torch.uint8
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'`` -> CUDA when present, else CPU; checks that a requested CUDA device exists."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`device='cuda'` was requested but no CUDA device is available; use device='cpu' or 'auto'.")
+    return dev
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``(b, s, h, w, 3)`` -> float ``(b, s, 3, h, w)`` in [0, 1] on ``device``; features pass through."""
+    x = images.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 1, 4, 2, 3).float().div_(255.0)
+    return x
+
+
+def batches(section: np.ndarray, batch_size: int, gen: torch.Generator) -> list[np.ndarray]:
+    """Shuffled batches, each from one section (spots of a section are read together), in shuffled order."""
+    out = []
+    for s in np.unique(section):
+        idx = np.flatnonzero(section == s)
+        idx = idx[torch.randperm(len(idx), generator=gen).numpy()]
+        n_b = max(1, math.ceil(len(idx) / batch_size))
+        out.extend(b for b in np.array_split(idx, n_b) if len(b) > 1)
+    order = torch.randperm(len(out), generator=gen).numpy()
+    return [out[i] for i in order]
+
+
+@torch.no_grad()
+def set_input_statistics(aligner: Aligner, data: TrainData, device: torch.device, batch_size: int = 256) -> None:
+    """Standardisation of stain statistics (or precomputed features) from the training spots."""
+    br = aligner.student
+    if br.backbone is None:
+        f = data.images.float()
+        br.feat_mean.copy_(f.mean(0))
+        br.feat_std.copy_(f.std(0).clamp_min(1e-6))
+    elif br.use_stain:
+        stats = torch.cat([br.stain(to_input(data.images[i : i + batch_size], device)).cpu()
+                           for i in range(0, len(data.images), batch_size)])
+        br.stain_mean.copy_(stats.mean(0))
+        br.stain_std.copy_(stats.std(0).clamp_min(1e-3))
+    aligner.teacher.load_state_dict(br.state_dict())
+
+
+def _checkpoint_path(folder: str | Path) -> Path:
+    return Path(folder) / "last.pt"
+
+
+def train(
+    aligner: Aligner,
+    data: TrainData,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+    extra_state: dict[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``aligner`` in place; returns the per-epoch history of every loss term.
+
+    With ``checkpoint_dir`` the whole state (weights, teacher, optimiser, schedule, random
+    generators, history) is saved every ``checkpoint_every`` epochs; ``resume=True`` continues from
+    the last checkpoint and reaches the same result as an uninterrupted run.
+    """
+    cfg = aligner.cfg
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    aligner.to(device)
+    if device.type == "cuda":
+        aligner.student.to(memory_format=torch.channels_last)
+        aligner.teacher.to(memory_format=torch.channels_last)
+    set_input_statistics(aligner, data, device)
+
+    sec = data.section.numpy()
+    steps_per_epoch = len(batches(sec, cfg.batch_size, torch.Generator().manual_seed(0)))
+    params = [p for n, p in aligner.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(cfg.epochs * steps_per_epoch, 1), pct_start=0.2
+    )
+    history: list[dict[str, float]] = []
+    start_epoch, step = 0, 0
+    ckpt = _checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume:
+        if ckpt is None:
+            raise ValueError("`resume=True` needs `checkpoint_dir=`.")
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            aligner.load_state_dict(state["aligner"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            history, start_epoch, step = state["history"], state["epoch"], state["step"]
+
+    use_amp = device.type == "cuda"
+    pos_all = data.pos.to(device)
+    expr_all = data.expr.to(device)
+    pin = device.type == "cuda" and data.images.device.type == "cpu"
+    images = data.images.pin_memory() if pin else data.images
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="fit", disable=not progress, initial=start_epoch, total=cfg.epochs)
+    for epoch in bar:
+        aligner.train()
+        aligner.teacher.eval()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n_seen = 0
+        for idx in batches(sec, cfg.batch_size, gen):
+            it = torch.from_numpy(idx)
+            x = to_input(images[it], device)
+            if data.pixels:
+                weak = augment(x, gen, strong=False)
+                strong = augment(x, gen, strong=True)
+            else:
+                weak = strong = x
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                terms = aligner.training_losses(strong, weak, expr_all[it.to(device)], pos_all[it.to(device)])
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            aligner.update_teacher(step)
+            step += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+            n_seen += len(idx)
+        rec = {k: v / max(n_seen, 1) for k, v in sums.items()}
+        rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=float(sched.get_last_lr()[0]))
+        history.append(rec)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("epoch", "seconds", "lr")})
+        if not np.isfinite(rec.get("total", 0.0)):
+            raise FloatingPointError(f"The loss became {rec['total']} at epoch {epoch + 1}; lower `lr`.")
+        if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(
+                {
+                    "aligner": aligner.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history, "epoch": epoch + 1, "step": step, "config": cfg.to_dict(),
+                    **(extra_state or {}),
+                },
+                tmp,
+            )
+            tmp.replace(ckpt)
+    aligner.eval()
+    return history
