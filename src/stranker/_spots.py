@@ -422,7 +422,7 @@ def _from_spatialdata(
     mpp = None
     if table is not None:
         mpp = table.uns.get(Keys.MPP)
-    name = str(table.uns.get("section", table_key)) if table is not None else (image_key or "section")
+    name = _section_name(table, rows, table_key) if table is not None else (image_key or "section")
     return Spots(
         name=name,
         image=image,
@@ -440,6 +440,17 @@ def _from_spatialdata(
             "coordinate_system": coordinate_system,
         },
     )
+
+
+def _section_name(table: Any, rows: np.ndarray, default: str) -> str:
+    """``uns['section']``, else the single value of ``obs['section']``, else the table key."""
+    if "section" in table.uns:
+        return str(table.uns["section"])
+    if "section" in table.obs and len(rows):
+        vals = np.unique(table.obs["section"].astype(str).to_numpy()[rows])
+        if len(vals) == 1:
+            return str(vals[0])
+    return str(default)
 
 
 def _index_positions(index: Any, values: np.ndarray) -> np.ndarray:

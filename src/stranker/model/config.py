@@ -19,6 +19,7 @@ class Config:
     patch_px: float = 224.0  # patch side at scale 1, full-resolution pixels
     patch_um: float | None = None  # or in micrometres
     scales: tuple[float, ...] = (1.0, 2.0)
+    cnn_scales: int = 1  # the backbone sees the first scales; stain statistics are taken at all
     image_size: int = 112  # pixels fed to the backbone
     use_stain: bool = True
     embed_dim: int = 256
@@ -40,6 +41,7 @@ class Config:
     rank_reference: str = "expression"  # or 'gene' (gene-branch embeddings)
     probe_only: bool = False  # the regression head sees a detached embedding (linear probe)
     ema_decay: float = 0.99
+    student_view: str = "strong"  # augmentation of the student's view: 'strong' or 'weak'
     # optimisation
     epochs: int = 15
     batch_size: int = 32

@@ -91,7 +91,8 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
 
 
 class ImageBranch(nn.Module):
-    """Backbone over each scale (shared weights) + stain statistics -> embedding and expression."""
+    """Backbone over the first ``cnn_scales`` scales (shared weights) + stain statistics of every
+    scale -> embedding and expression."""
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class ImageBranch(nn.Module):
         weights: str | None = None,
         pretrained: bool = True,
         n_scales: int = 1,
+        cnn_scales: int = 1,
         use_stain: bool = True,
         embed_dim: int = 256,
         dropout: float = 0.1,
@@ -109,6 +111,7 @@ class ImageBranch(nn.Module):
     ) -> None:
         super().__init__()
         self.n_scales = n_scales
+        self.cnn_scales = max(1, min(cnn_scales, n_scales))
         self.use_stain = use_stain and feature_dim is None
         self.probe_only = probe_only
         if feature_dim is None:
@@ -118,7 +121,7 @@ class ImageBranch(nn.Module):
             std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
             self.register_buffer("pix_mean", mean.view(1, 3, 1, 1))
             self.register_buffer("pix_std", std.view(1, 3, 1, 1))
-            d_img = self.backbone.num_features * n_scales
+            d_img = self.backbone.num_features * self.cnn_scales
         else:
             self.backbone, self.weights_source = None, "features"
             d_img = feature_dim
@@ -141,8 +144,8 @@ class ImageBranch(nn.Module):
         if self.backbone is None:
             parts.append((x.float() - self.feat_mean) / self.feat_std)
         else:
-            b, s = x.shape[:2]
-            flat = ((x.flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(memory_format=torch.channels_last)
+            b = x.shape[0]
+            flat = ((x[:, : self.cnn_scales].flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(memory_format=torch.channels_last)
             parts.append(self.backbone(flat).float().view(b, -1))
         stain = None
         if self.use_stain:

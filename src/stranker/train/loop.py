@@ -150,7 +150,7 @@ def train(
             x = to_input(images[it], device)
             if data.pixels:
                 weak = augment(x, gen, strong=False)
-                strong = augment(x, gen, strong=True)
+                strong = augment(x, gen, strong=cfg.student_view == "strong")
             else:
                 weak = strong = x
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):

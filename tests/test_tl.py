@@ -1,0 +1,231 @@
+"""sr.tl.fit / predict / evaluate and sr.Model on the synthetic dataset (tiny settings)."""
+
+import numpy as np
+import pytest
+
+import stranker as sr
+from stranker._spots import InputError
+from stranker.pp._genes import lognorm
+
+FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40, genes="heg")
+
+
+def _copy(secs):
+    from spatialdata import deepcopy
+
+    return [deepcopy(s) for s in secs]
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_small):
+    secs = _copy(synthetic_small)
+    model = sr.tl.fit(secs[:3], seed=0, **FAST)
+    return model, secs
+
+
+def _truth(sdata, genes):
+    t = sdata.tables["table"]
+    return lognorm(t.X)[:, t.var_names.get_indexer(genes)]
+
+
+def _pcc(pred, true):
+    from stranker.tl._evaluate import pearson_per_gene
+
+    return float(np.nanmean(pearson_per_gene(pred, true)))
+
+
+def test_fit_writes_results_in_training_tables(fitted):
+    model, secs = fitted
+    for s in secs[:3]:
+        t = s.tables["table"]
+        assert t.obsm["X_stranker"].shape == (t.n_obs, model.config.embed_dim)
+        layer = t.layers["stranker"]
+        idx = t.var_names.get_indexer(model.genes)
+        assert np.isfinite(layer[:, idx]).all()
+        others = np.setdiff1d(np.arange(t.n_vars), idx)
+        assert np.isnan(layer[:, others]).all()
+        rec = t.uns["stranker"]
+        assert rec["in_sample"] is True
+        assert rec["genes"] == model.genes
+        assert set(rec["history"]) >= {"regression", "clip", "rank", "distill", "total"}
+        assert rec["params"]["method"] == "stranker" and rec["device"] == "cpu"
+        assert rec["weights_source"] == "random"
+    assert "stranker" not in secs[3].tables["table"].layers  # never touched
+
+
+def test_each_loss_term_decreases(fitted):
+    model, _ = fitted
+    h = model.history
+    for term in ("regression", "clip", "rank", "distill", "total"):
+        first, last = h[0][term], min(x[term] for x in h[-2:])
+        assert last < first, f"{term}: {first:.3f} -> {last:.3f}"
+
+
+def test_heldout_prediction_beats_mean_and_shuffled_pairs(fitted, synthetic_small):
+    model, secs = fitted
+    test = secs[3]
+    sr.tl.predict(model, test)
+    m = sr.tl.evaluate(test)
+    genes = model.genes
+    true = _truth(test, genes)
+    train_mean = np.concatenate([_truth(s, genes) for s in secs[:3]]).mean(0)
+    mse_mean = float(np.mean((true - train_mean) ** 2))
+    assert m["mse"] < 0.9 * mse_mean
+    # control: the same fit with image and expression paired at random
+    shuffled = _copy(synthetic_small[:3])
+    rng = np.random.default_rng(0)
+    for s in shuffled:
+        t = s.tables["table"]
+        perm = rng.permutation(t.n_obs)
+        t.X = t.X[perm]
+    control = sr.tl.fit(shuffled, seed=0, **FAST)
+    pc = _pcc(control.predict(test), true)
+    assert m["pcc_all"] > pc + 0.2, (m["pcc_all"], pc)
+    assert m["pcc_all"] > 0.3
+
+
+def test_evaluate_metrics_and_pooled(fitted):
+    model, secs = fitted
+    sr.tl.predict(model, secs[3])
+    m1 = sr.tl.evaluate(secs[3])
+    assert {"pcc_all", "pcc_heg", "pcc_median", "frac_positive", "mae", "mse"} <= set(m1)
+    assert len(m1["heg_genes"]) == min(50, len(model.genes))
+    t = secs[3].tables["table"]
+    assert np.isfinite(t.var["stranker_pcc"][model.genes]).all()
+    assert t.uns["stranker"]["metrics"]["pcc_all"] == m1["pcc_all"]
+    m = sr.tl.evaluate(secs[2:4])
+    assert set(m["per_section"]) and "pooled" in m and "scope" in m
+    assert np.isclose(m["pcc_all"], np.mean([v["pcc_all"] for v in m["per_section"].values()]))
+
+
+def test_evaluate_without_predictions_names_the_fix(synthetic_small):
+    with pytest.raises(InputError, match="sr.tl.predict"):
+        sr.tl.evaluate(synthetic_small[0], genes=["EPCAM"])
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    model, secs = fitted
+    p1 = model.predict(secs[3])
+    model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+    loaded = sr.Model.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.predict(secs[3]), p1)
+    np.testing.assert_array_equal(loaded.embed(secs[3]), model.embed(secs[3]))
+    assert loaded.genes == model.genes and loaded.history == model.history
+
+
+def test_same_seed_same_model(synthetic_small):
+    kw = dict(FAST, epochs=2)
+    a = sr.tl.fit(_copy(synthetic_small[:2]), seed=3, **kw)
+    b = sr.tl.fit(_copy(synthetic_small[:2]), seed=3, **kw)
+    np.testing.assert_array_equal(a.predict(synthetic_small[3]), b.predict(synthetic_small[3]))
+
+
+def test_interrupted_fit_resumes_to_the_same_result(synthetic_small, tmp_path, monkeypatch):
+    import stranker.train.loop as loop
+
+    kw = dict(FAST, epochs=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    full = sr.tl.fit(_copy(synthetic_small[:2]), seed=1, **dict(kw, checkpoint_dir=str(tmp_path / "full")))
+    secs = _copy(synthetic_small[:2])
+    real = loop.batches
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 1 call to count steps, then epochs 1, 2; the 3rd epoch is interrupted
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batches", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        sr.tl.fit(secs, seed=1, **kw)
+    assert "stranker" not in secs[0].tables["table"].layers  # nothing written by the failed call
+    monkeypatch.setattr(loop, "batches", real)
+    resumed = sr.tl.fit(secs, seed=1, resume=True, **kw)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    np.testing.assert_allclose(resumed.predict(synthetic_small[3]), full.predict(synthetic_small[3]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["bleep", "mclstexp", "rankbygene"])
+def test_presets_run(method, synthetic_small):
+    secs = _copy(synthetic_small[:2])
+    model = sr.tl.fit(secs, method=method, **dict(FAST, epochs=1))
+    assert model.config.method == method
+    pred = model.predict(synthetic_small[3])
+    assert pred.shape == (synthetic_small[3].tables["table"].n_obs, len(model.genes))
+    assert np.isfinite(pred).all()
+
+
+def test_precomputed_features_without_pixels(synthetic_small):
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    tabs = []
+    for s in synthetic_small:
+        t = s.tables["table"]
+        a = ad.AnnData(t.X.copy(), obs=t.obs[[]].copy(), var=t.var[[]].copy())
+        a.obsm["spatial"] = t.obsm["spatial"].copy()
+        a.obsm["X_uni"] = t.obsm["programs"] + 0.05 * rng.normal(size=t.obsm["programs"].shape)
+        tabs.append(a)
+    model = sr.tl.fit(tabs[:3], image_features="X_uni", **dict(FAST, epochs=15, batch_size=64))
+    assert "X_stranker" in tabs[0].obsm
+    pred = model.predict(tabs[3])
+    assert _pcc(pred, lognorm(tabs[3].X)[:, tabs[3].var_names.get_indexer(model.genes)]) > 0.3
+
+
+def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
+    from spatialdata import SpatialData
+
+    model, _ = fitted
+    image_only = SpatialData(images={"he": synthetic_small[3].images["he"]})
+    sr.tl.predict(model, image_only)
+    assert "stranker_tiles" in image_only.shapes and "stranker_table" in image_only.tables
+    t = image_only.tables["stranker_table"]
+    assert t.n_obs > 50 and list(t.var_names) == model.genes
+    assert np.isfinite(t.layers["stranker"]).all() and t.obsm["X_stranker"].shape[0] == t.n_obs
+    assert t.uns["stranker"]["in_sample"] is False
+    # the tiles are usable as input again (one adapter)
+    sr.tl.evaluate  # noqa: B018
+    again = sr.pp.patches(image_only, size=32, table_key="stranker_table")
+    assert again.shape[0] == t.n_obs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="nope"), "`method` must be one of"),
+        (dict(backbone="not_a_net"), "Unknown timm backbone"),
+        (dict(genes=["EPCAM", "NOT_A_GENE"]), "NOT_A_GENE"),
+        (dict(genes="xyz"), "`genes` must be"),
+        (dict(device="cuda"), "no CUDA device"),
+        (dict(epochs=0), "`epochs` must be at least 1"),
+        (dict(resume=True), "`resume=True` needs `checkpoint_dir=`"),
+        (dict(colour="blue"), "Unknown model option"),
+        (dict(weights="/nonexistent/w.pth"), "does not exist"),
+        (dict(image_features="X_missing"), "X_missing"),
+    ],
+)
+def test_bad_arguments_raise_and_write_nothing(kwargs, match, synthetic_small):
+    import torch
+
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    secs = _copy(synthetic_small[:1])
+    before = set(secs[0].tables["table"].layers) | set(secs[0].tables["table"].obsm)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        sr.tl.fit(secs, **dict(dict(FAST, epochs=1), **kwargs))
+    assert set(secs[0].tables["table"].layers) | set(secs[0].tables["table"].obsm) == before
+
+
+def test_weights_from_a_local_file(synthetic_small, tmp_path):
+    import timm
+    import torch
+
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.01)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    model = sr.tl.fit(_copy(synthetic_small[:1]), weights=str(tmp_path / "w.pth"), **dict(FAST, epochs=1))
+    assert model.meta["weights_source"].startswith("file:w.pth")
