@@ -23,7 +23,7 @@ from stranker.tl._evaluate import pearson_per_gene
 HERE = Path(__file__).resolve().parent
 SECTIONS = ["C2", "C3", "C4", "C5"]
 BASELINES = ("mean", "ridge-stain", "ridge-backbone")
-PRESETS = ("bleep", "mclstexp", "rankbygene", "stranker")
+PRESETS = ("stnet", "bleep", "mclstexp", "rankbygene", "stranker")
 
 
 def genes_785() -> list[str]:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("zarr", nargs="+", help="SpatialData .zarr stores (one per section)")
     f.add_argument("--out", required=True, help="folder to save the model in")
     f.add_argument("--genes", nargs="*", default=None, help="gene names, a .txt file of names, 'hvg' or 'heg'")
-    f.add_argument("--method", default="stranker", choices=["stranker", "bleep", "mclstexp", "rankbygene"])
+    f.add_argument("--method", default="stranker", choices=["stranker", "stnet", "bleep", "mclstexp", "rankbygene"])
     f.add_argument("--backbone", default=None)
     f.add_argument("--epochs", type=int, default=None)
     f.add_argument("--batch-size", type=int, default=None)

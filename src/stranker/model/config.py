@@ -71,6 +71,11 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # ours: supervised regression + alignment + ranking + teacher-student, stain features, two scales
     "stranker": {},
+    # ST-Net-like supervised baseline: the backbone regresses expression, nothing else
+    "stnet": dict(
+        scales=(1.0,), use_stain=False, w_regression=1.0, w_clip=0.0, w_rank=0.0, w_distill=0.0,
+        student_view="weak", dropout=0.0, predict="head",
+    ),
     # BLEEP: CLIP loss between image and expression, prediction by top-k retrieval
     "bleep": dict(
         scales=(1.0,), use_stain=False, w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,

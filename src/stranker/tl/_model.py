@@ -120,6 +120,16 @@ class Model:
             out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
         return emb.cpu().numpy(), out.cpu().numpy().astype(np.float32)
 
+    def _each(self, data: Any, which: int, device: str | None, keys: dict[str, Any]) -> Any:
+        """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""
+        secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
+        out = []
+        for sp in secs:
+            if self.config.image_features is None:
+                check_inside(sp)
+            out.append(self.infer(sp, device=device)[which])
+        return out if isinstance(data, list | tuple) else out[0]
+
     def predict(self, data: Any, *, device: str | None = None, **keys: Any) -> np.ndarray | list[np.ndarray]:
         """Predicted expression ``(n_spots, n_genes)`` on the target scale, for the spots of each section.
 
@@ -132,13 +142,7 @@ class Model:
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
         """
-        secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
-        out = []
-        for sp in secs:
-            if self.config.image_features is None:
-                check_inside(sp)
-            out.append(self.infer(sp, device=device)[1])
-        return out if isinstance(data, list | tuple) else out[0]
+        return self._each(data, 1, device, keys)
 
     def embed(self, data: Any, *, device: str | None = None, **keys: Any) -> np.ndarray | list[np.ndarray]:
         """Teacher image embeddings ``(n_spots, embed_dim)`` of the spots of each section.
@@ -152,13 +156,7 @@ class Model:
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
         """
-        secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
-        out = []
-        for sp in secs:
-            if self.config.image_features is None:
-                check_inside(sp)
-            out.append(self.infer(sp, device=device)[0])
-        return out if isinstance(data, list | tuple) else out[0]
+        return self._each(data, 0, device, keys)
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:

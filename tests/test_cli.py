@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "stranker._cli", "demo", "--epochs", "2", "--n-spots", "60", "--n-genes", "20",
+         "--backbone", "test_resnet", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "held-out section" in out.stdout and "ACG" in out.stdout
+    assert (tmp_path / "model" / "model.pt").exists()
+
+
+def test_fit_command_reports_bad_input(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "missing.zarr"), "--out",
+                          str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "missing.zarr" in (out.stderr + out.stdout)
+
+
+def test_fit_command_on_a_zarr_store(tmp_path):
+    import stranker as sr
+
+    secs = sr.datasets.synthetic(n_sections=1, n_spots=40, n_genes=20, seed=1)
+    secs[0].write(tmp_path / "s.zarr")
+    out = subprocess.run(
+        [sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "m"),
+         "--genes", "heg", "--epochs", "1", "--backbone", "test_resnet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = sr.Model.load(tmp_path / "m")
+    assert len(model.genes) == 20
