@@ -80,6 +80,7 @@ def test_heldout_prediction_beats_mean_and_shuffled_pairs(fitted, synthetic_smal
         t.X = t.X[perm]
     control = sr.tl.fit(shuffled, seed=0, **FAST)
     pc = _pcc(control.predict(test), true)
+    # measured (seeds 0, 1): model r 0.50 / 0.51, shuffled control -0.01 / 0.18, MSE 0.69x the mean's
     assert m["pcc_all"] > pc + 0.2, (m["pcc_all"], pc)
     assert m["pcc_all"] > 0.3
 
@@ -168,7 +169,7 @@ def test_precomputed_features_without_pixels(synthetic_small):
         a.obsm["spatial"] = t.obsm["spatial"].copy()
         a.obsm["X_uni"] = t.obsm["programs"] + 0.05 * rng.normal(size=t.obsm["programs"].shape)
         tabs.append(a)
-    model = sr.tl.fit(tabs[:3], image_features="X_uni", **dict(FAST, epochs=15, batch_size=64))
+    model = sr.tl.fit(tabs[:3], image_features="X_uni", **dict(FAST, epochs=20, batch_size=64, lr=1e-2))
     assert "X_stranker" in tabs[0].obsm
     pred = model.predict(tabs[3])
     assert _pcc(pred, lognorm(tabs[3].X)[:, tabs[3].var_names.get_indexer(model.genes)]) > 0.3

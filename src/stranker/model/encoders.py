@@ -108,12 +108,16 @@ class ImageBranch(nn.Module):
         dropout: float = 0.1,
         feature_dim: int | None = None,
         probe_only: bool = False,
+        head_on: str = "embedding",
     ) -> None:
         super().__init__()
         self.n_scales = n_scales
         self.cnn_scales = max(1, min(cnn_scales, n_scales))
         self.use_stain = use_stain and feature_dim is None
         self.probe_only = probe_only
+        if head_on not in ("embedding", "features"):
+            raise ValueError(f"`head_on` must be 'embedding' or 'features', got {head_on!r}.")
+        self.head_on = head_on
         if feature_dim is None:
             self.backbone, self.weights_source = create_backbone(backbone, weights, pretrained)
             cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
@@ -131,7 +135,8 @@ class ImageBranch(nn.Module):
         self.register_buffer("feat_mean", torch.zeros(d_img if feature_dim else 0))
         self.register_buffer("feat_std", torch.ones(d_img if feature_dim else 0))
         self.proj = ProjectionHead(d_img + d_stain, embed_dim, dropout)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim + d_stain, n_genes))
+        d_head = d_img + d_stain if head_on == "features" else embed_dim + d_stain
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_head, n_genes))
 
     def stain(self, x: torch.Tensor) -> torch.Tensor:
         """Raw stain statistics of ``(b, s, 3, h, w)`` images in [0, 1] -> ``(b, s * 38)``."""
@@ -151,10 +156,16 @@ class ImageBranch(nn.Module):
         if self.use_stain:
             stain = ((self.stain(x) - self.stain_mean) / self.stain_std).clamp(-6, 6)
             parts.append(stain)
-        emb = self.proj(torch.cat(parts, dim=1))
-        h = emb.detach() if self.probe_only else emb
-        if stain is not None:
-            h = torch.cat([h, stain], dim=1)
+        feats = torch.cat(parts, dim=1)
+        emb = self.proj(feats)
+        if self.head_on == "features":  # the head reads backbone features (+ stain) beside the projection
+            h = feats
+        else:
+            h = emb.detach() if self.probe_only else emb
+            if stain is not None:
+                h = torch.cat([h, stain], dim=1)
+        if self.probe_only:
+            h = h.detach()
         return emb, self.head(h)
 
     @torch.no_grad()
