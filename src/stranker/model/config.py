@@ -32,9 +32,9 @@ class Config:
     position_bins: int = 64
     # losses
     w_regression: float = 1.0
-    w_clip: float = 0.1
-    w_rank: float = 0.1
-    w_distill: float = 0.1
+    w_clip: float = 0.03
+    w_rank: float = 0.03
+    w_distill: float = 0.03
     temperature: float = 0.07
     rank_temperature: float = 0.1
     rank_mode: str = "listwise"
