@@ -102,6 +102,15 @@ class PatchReader:
             out[:, j] = self._read_scale(c, self.size * s)
         return out
 
+    def read_all(self, batch_size: int = 512) -> np.ndarray:
+        """Patches of every spot of the section, read ``batch_size`` spots at a time."""
+        n = self.spots.n_spots
+        out = np.empty((n, len(self.scales), self.out_px, self.out_px, 3), dtype=np.uint8)
+        for start in range(0, n, batch_size):
+            sl = np.arange(start, min(start + batch_size, n))
+            out[sl] = self.read(sl)
+        return out
+
     def _read_scale(self, c: np.ndarray, side0: float) -> np.ndarray:
         img = self.spots.image
         level = img.level_for(side0 / self.out_px)
@@ -194,9 +203,6 @@ def patches(
     for sp in secs:
         check_inside(sp, on_outside)
         reader = PatchReader(sp, patch_size_px(sp, size, size_um), scale_list, out_px, pad_value)
-        out = np.empty((sp.n_spots, len(scale_list), reader.out_px, reader.out_px, 3), dtype=np.uint8)
-        for start in range(0, sp.n_spots, batch_size):
-            sl = slice(start, min(start + batch_size, sp.n_spots))
-            out[sl] = reader.read(np.arange(sl.start, sl.stop))
+        out = reader.read_all(batch_size)
         results.append(out[:, 0] if single_scale else out)
     return results if isinstance(data, list | tuple) else results[0]

@@ -51,16 +51,6 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     return resolve_genes(secs, list(genes), "raise")
 
 
-def read_patches(sp: Spots, size: float, scales: Sequence[float], image_size: int, batch: int = 256) -> np.ndarray:
-    """All patches of a section, uint8 ``(n, s, image_size, image_size, 3)``."""
-    reader = PatchReader(sp, size, scales, image_size)
-    out = np.empty((sp.n_spots, len(scales), image_size, image_size, 3), dtype=np.uint8)
-    for start in range(0, sp.n_spots, batch):
-        sl = np.arange(start, min(start + batch, sp.n_spots))
-        out[sl] = reader.read(sl)
-    return out
-
-
 def fit(
     data: Any,
     *,
@@ -181,7 +171,7 @@ def fit(
         if patch_um is not None and cfg.patch_um is None:
             sizes = [patch_um / m for m in mpps]  # same tissue width on every section
         images = torch.from_numpy(np.concatenate([
-            read_patches(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)
+            PatchReader(sp, s, cfg.scales, cfg.image_size).read_all() for sp, s in zip(secs, sizes, strict=True)
         ]))
     pos = np.concatenate([section_positions(sp.centers) for sp in secs])
     section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])

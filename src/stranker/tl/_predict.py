@@ -112,10 +112,7 @@ def predict(
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
-    if model.config.image_features is not None:
-        need_image = False
-    else:
-        need_image = True
+    need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
                     need_image=need_image, need_table=False)
     plans = []
