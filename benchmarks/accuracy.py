@@ -1,7 +1,15 @@
-"""Accuracy on real tissue: her2st sections, the 785-gene list, against baselines and presets.
+"""Accuracy on real tissue: her2st sections, the 785-gene list, against baselines and published recipes.
 
-Usage: python benchmarks/accuracy.py [--splits dev loso] [--seeds 0 1 2] [--methods ...] [--epochs N]
-Reads the sections in $STRANKER_DATA_DIR; writes benchmarks/results/accuracy.json and prints a table.
+Leave-one-section-out over the sections found in ``$STRANKER_DATA_DIR`` (the dev split C2, C3, C4 -> C5
+is the fold whose test section is C5), three seeds per row, pooled figures over the held-out sections.
+Rows are appended to ``results/accuracy.json`` as they finish and a run skips the rows already there,
+so an interrupted run (or one spread over several sessions) continues where it stopped. Per-row
+sufficient statistics (per gene: n, means, centred sums, errors) go to ``results/accuracy_stats.npz``
+so that pooled Pearson r over all held-out spots is exact without keeping predictions.
+
+    python benchmarks/accuracy.py                      # full grid (hours on 2 CPU cores)
+    python benchmarks/accuracy.py --seeds 0 --tests C5 # the dev split, one seed
+    python benchmarks/accuracy.py --smoke --out /tmp/a # seconds, synthetic data (what CI runs)
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,52 +30,100 @@ from stranker.pp._genes import lognorm
 from stranker.tl._evaluate import pearson_per_gene
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ["C2", "C3", "C4", "C5"]
+SECTIONS = ["C5", "C2", "C3", "C4"]  # C5 first: that fold is the dev split
+DEV_TEST = "C5"
 BASELINES = ("mean", "ridge-stain", "ridge-backbone")
-PRESETS = ("stnet", "bleep", "mclstexp", "rankbygene", "stranker")
+PRESETS = ("bleep", "mclstexp", "rankbygene", "stranker")
+STATS = ("n", "mx", "my", "sxx", "syy", "sxy", "sae", "sse")
+SMOKE = dict(epochs=1, backbone="test_resnet", patch_px=64, image_size=32)
+
+
+SHARED = HERE.parent.parent / "shared" / "data" / "her2st"
+if "STRANKER_DATA_DIR" not in os.environ and SHARED.is_dir():
+    os.environ["STRANKER_DATA_DIR"] = str(SHARED)  # the project's copy, as `make bench` sets it
 
 
 def genes_785() -> list[str]:
-    path = Path(os.environ.get("STRANKER_DATA_DIR", HERE.parent.parent / "shared/data/her2st")) / "genes_hvg785.txt"
+    path = Path(os.environ.get("STRANKER_DATA_DIR", SHARED)) / "genes_hvg785.txt"
     return [g.strip() for g in path.read_text().split() if g.strip()]
 
 
 def truth(sdata, genes):
+    """The target of ``sr.tl.fit``'s default: log1p of counts per 1e4 over all genes of the table."""
     sp = as_spots(sdata, need_image=False)[0]
     return lognorm(sp.expression())[:, sp.table.var_names.get_indexer(genes)]
 
 
-def scores(pred, true, heg_train):
-    r = pearson_per_gene(pred, true)
-    heg_test = np.argsort(-true.mean(0))[:50]
+def suff_stats(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per-gene statistics (rows as in ``STATS``) from which Pearson r, MAE and MSE pool exactly."""
+    p, t = pred.astype(np.float64), true.astype(np.float64)
+    mx, my = p.mean(0), t.mean(0)
+    dp, dt = p - mx, t - my
+    n = np.full_like(mx, len(p))
+    return np.stack([n, mx, my, (dp**2).sum(0), (dt**2).sum(0), (dp * dt).sum(0),
+                     np.abs(p - t).sum(0), ((p - t) ** 2).sum(0)])
+
+
+def pool(stats: list[np.ndarray]) -> np.ndarray:
+    """Combine per-fold statistics as if all held-out spots were one section (Chan et al.)."""
+    acc = stats[0].copy()
+    for s in stats[1:]:
+        n1, n2 = acc[0], s[0]
+        n = n1 + n2
+        dx, dy = s[1] - acc[1], s[2] - acc[2]
+        f = n1 * n2 / n
+        acc[3] += s[3] + dx * dx * f
+        acc[4] += s[4] + dy * dy * f
+        acc[5] += s[5] + dx * dy * f
+        acc[1] += dx * n2 / n
+        acc[2] += dy * n2 / n
+        acc[6] += s[6]
+        acc[7] += s[7]
+        acc[0] = n
+    return acc
+
+
+def scores_from_stats(st: np.ndarray, heg: np.ndarray | None, heg_train: np.ndarray | None) -> dict:
+    """ACG, HEG (the test's 50 most expressed unless ``heg`` is given), HEG of the training sections, MAE, MSE."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = st[5] / np.sqrt(st[3] * st[4])  # NaN for a constant prediction
+    heg = np.argsort(-st[2])[:50] if heg is None else heg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN, stored as null
+        return _scores(r, heg, heg_train, st)
+
+
+def _scores(r, heg, heg_train, st):
     return {
-        "pcc_all": float(np.nanmean(r)), "pcc_heg": float(np.nanmean(r[heg_test])),
-        "pcc_heg_train": float(np.nanmean(r[heg_train])),
-        "mae": float(np.mean(np.abs(pred - true))), "mse": float(np.mean((pred - true) ** 2)),
+        "pcc_all": float(np.nanmean(r)), "pcc_heg": float(np.nanmean(r[heg])),
+        "pcc_heg_train": None if heg_train is None else float(np.nanmean(r[heg_train])),
+        "mae": float(st[6].sum() / st[0].sum()), "mse": float(st[7].sum() / st[0].sum()),
     }
 
 
-def stain_matrix(sdata, scales=(1.0, 2.0)):
+def stain_matrix(sdata, size, out_px, scales=(1.0, 2.0)):
     import torch
 
     from stranker.model.stain import stain_features
 
-    p = sr.pp.patches(sdata, size=224, scales=scales, out_px=112)
+    p = sr.pp.patches(sdata, size=size, scales=scales, out_px=out_px)
     x = torch.from_numpy(p).permute(0, 1, 4, 2, 3).float() / 255
     return torch.cat([stain_features(x[:, i]) for i in range(x.shape[1])], 1).numpy()
 
 
-def backbone_matrix(sdata, seed, name="resnet18"):
-    import timm
+def backbone_matrix(sdata, seed, size, out_px, name):
+    """Frozen backbone features (HEST protocol; random init here, no pretrained weights offline)."""
     import torch
 
+    from stranker.model.encoders import create_backbone
+
     torch.manual_seed(seed)
-    net = timm.create_model(name, pretrained=False, num_classes=0).eval()
-    p = sr.pp.patches(sdata, size=224, out_px=112)
+    net = create_backbone(name)[0].eval()  # cached pretrained weights when present, else random init
+    p = sr.pp.patches(sdata, size=size, out_px=out_px)
     x = torch.from_numpy(p).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        return torch.cat([net(x[i : i + 64]) for i in range(0, len(x), 64)]).numpy()
+        return torch.cat([net(x[i : i + 64]).flatten(1) for i in range(0, len(x), 64)]).numpy()
 
 
 def ridge_predict(xtr, ytr, xte, pca=None):
@@ -82,22 +139,25 @@ def ridge_predict(xtr, ytr, xte, pca=None):
     return RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(a, ytr).predict(b)
 
 
-def run_one(method, train, test, genes, seed, epochs):
+def run_one(method, train, test, genes, seed, opts):
     ytr = np.concatenate([truth(s, genes) for s in train])
+    size, out_px = opts.get("patch_px", 224), opts.get("image_size", 112)
     t0 = time.perf_counter()
     if method == "mean":
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pred = np.repeat(ytr.mean(0, keepdims=True), test.tables["table"].n_obs, 0)
+        pred = np.repeat(ytr.mean(0, keepdims=True), as_spots(test, need_image=False)[0].n_spots, 0)
     elif method in ("ridge-stain", "ridge-backbone"):
-        feat = stain_matrix if method == "ridge-stain" else (lambda s: backbone_matrix(s, seed))
+        if method == "ridge-stain":
+            feat = lambda s: stain_matrix(s, size, out_px)  # noqa: E731
+        else:
+            feat = lambda s: backbone_matrix(s, seed, size, out_px, opts.get("backbone", "resnet18"))  # noqa: E731
         xtr = np.concatenate([feat(s) for s in train])
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         pred = ridge_predict(xtr, ytr, feat(test), pca=256 if method == "ridge-backbone" else None)
     else:
-        kw = {} if epochs is None else {"epochs": epochs}
-        model = sr.tl.fit([_light(s) for s in train], genes=genes, method=method, seed=seed, **kw)
+        model = sr.tl.fit([_light(s) for s in train], genes=genes, method=method, seed=seed, **opts)
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         pred = model.predict(test)
@@ -105,66 +165,132 @@ def run_one(method, train, test, genes, seed, epochs):
 
 
 def _light(sdata):
+    """A shallow copy, so that fit's in-sample results do not pile up on the cached sections."""
     from spatialdata import SpatialData
 
-    return SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": sdata.tables["table"].copy()})
+    return SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes),
+                       tables={k: t.copy() for k, t in sdata.tables.items()})
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--splits", nargs="+", default=["dev", "loso"])
+def load_sections(args):
+    if args.smoke:
+        secs = sr.datasets.synthetic(3, 60, n_genes=60, seed=0)
+        names = [f"S{i}" for i in range(len(secs))]
+        return dict(zip(names, secs, strict=True)), list(secs[0].tables["table"].var_names), names[-1]
+    data = {s: sr.datasets.her2st(s) for s in SECTIONS}
+    return data, genes_785(), DEV_TEST
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(BASELINES + PRESETS))
+    ap.add_argument("--tests", nargs="+", default=None, help="held-out sections (default: all, C5 first)")
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
-    args = ap.parse_args()
+    ap.add_argument("--force", action="store_true", help="recompute rows that are already in the results")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for accuracy.json and accuracy_stats.npz")
+    args = ap.parse_args(argv)
     sr.settings.progress = False
     sr.settings.verbosity = 1
-    genes = genes_785()
-    data = {s: sr.datasets.her2st(s) for s in SECTIONS}
-    folds = []
-    if "dev" in args.splits:
-        folds.append(("dev", ["C2", "C3", "C4"], "C5"))
-    if "loso" in args.splits:
-        folds += [("loso", [s for s in SECTIONS if s != t], t) for t in SECTIONS]
-    rows = []
+    opts = dict(SMOKE) if args.smoke else {}
+    if args.smoke and args.seeds == [0, 1, 2]:
+        args.seeds = [0]
+    if args.epochs is not None:
+        opts["epochs"] = args.epochs
+    data, genes, dev_test = load_sections(args)
+    names = list(data)
     out = Path(args.out)
-    prev = json.loads(out.read_text())["rows"] if out.exists() else []
-    keep = [r for r in prev if r["method"] not in args.methods or r["split"] not in args.splits]
-    for split, tr, te in folds:
-        for method in args.methods:
-            for seed in args.seeds if method != "mean" else [0]:
-                train = [data[s] for s in tr]
-                pred, ytr, fit_s, pred_s = run_one(method, train, data[te], genes, seed, args.epochs)
-                heg_train = np.argsort(-ytr.mean(0))[:50]
-                row = {"method": method, "split": split, "test": te, "seed": seed,
-                       **scores(pred, truth(data[te], genes), heg_train), "fit_s": fit_s, "predict_s": pred_s}
-                rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, spath = out / "accuracy.json", out / "accuracy_stats.npz"
+    rows = json.loads(jpath.read_text())["rows"] if jpath.exists() else []
+    stats = dict(np.load(spath)) if spath.exists() else {}
+    rows = [r for r in rows if r["test"] != "pooled"]
+    done = {(r["method"], r["test"], r["seed"]) for r in rows if _key(r) in stats}
+    for seed in args.seeds:  # seed-major, so that a partial run holds whole seeds
+        for test in args.tests or names:
+            train = [data[s] for s in names if s != test]
+            for method in args.methods:
+                s = 0 if method == "mean" else seed
+                if (method, test, s) in done and not args.force:
+                    continue
+                pred, ytr, fit_s, pred_s = run_one(method, train, data[test], genes, s, opts)
+                st = suff_stats(pred, truth(data[test], genes))
+                row = {"method": method, "split": "loso", "test": test, "dev": test == dev_test, "seed": s,
+                       **scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
+                       "fit_s": round(fit_s, 2), "predict_s": round(pred_s, 2), "opts": opts}
+                rows = [r for r in rows if (r["method"], r["test"], r["seed"]) != (method, test, s)] + [row]
+                stats[_key(row)] = st.astype(np.float64)
+                done.add((method, test, s))
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"rows": keep + rows, "machine": machine()}, indent=1))
-    print(table(keep + rows))
+                _save(jpath, spath, rows, stats, names)
+    rows = rows + pooled_rows(rows, stats, names)
+    print(table(rows))
+    return rows
+
+
+def _key(row):
+    return f"{row['method']}|{row['test']}|{row['seed']}"
+
+
+def pooled_rows(rows, stats, names):
+    """One row per (method, seed) whose every fold has run: Pearson r over all held-out spots at once."""
+    out = []
+    for method, seed in sorted({(r["method"], r["seed"]) for r in rows}):
+        keys = [f"{method}|{t}|{seed}" for t in names]
+        if all(k in stats for k in keys):
+            st = pool([stats[k] for k in keys])
+            out.append({"method": method, "split": "loso", "test": "pooled", "dev": False, "seed": seed,
+                        **scores_from_stats(st, None, None)})
+    return out
+
+
+def _save(jpath, spath, rows, stats, names):
+    tmp = jpath.with_suffix(".tmp")
+    clean = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+             for r in rows + pooled_rows(rows, stats, names)]  # r of a constant prediction is undefined: null
+    tmp.write_text(json.dumps({"rows": clean, "machine": machine(), "stats_rows": list(STATS)}, indent=1))
+    np.savez_compressed(spath.with_suffix(".tmp.npz"), **stats)
+    os.replace(spath.with_suffix(".tmp.npz"), spath)
+    os.replace(tmp, jpath)
 
 
 def machine():
     import torch
 
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def table(rows):
+    """Markdown table, mean ± sd over seeds (and folds): dev fold, LOSO per-fold mean, LOSO pooled."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    g = df.groupby(["split", "method"])
-    agg = g[["pcc_all", "pcc_heg", "pcc_heg_train", "mae", "mse", "fit_s"]].agg(["mean", "std"])
-    lines = ["| split | method | n | ACG | HEG (test) | HEG (train) | MAE | MSE | fit s |", "|---" * 9 + "|"]
-    for (split, method), r in agg.iterrows():
-        n = len(g.get_group((split, method)))
-        f = lambda k: f"{r[(k, 'mean')]:.3f} ± {0 if np.isnan(r[(k, 'std')]) else r[(k, 'std')]:.3f}"  # noqa: E731
-        lines.append(f"| {split} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | {f('pcc_heg_train')} | "
-                     f"{r[('mae', 'mean')]:.3f} | {r[('mse', 'mean')]:.3f} | {r[('fit_s', 'mean')]:.0f} |")
+    parts = [("dev (→ C5)" if "C5" in set(df["test"]) else "dev", df[df["dev"]]),
+             ("LOSO, mean of folds", df[df["test"] != "pooled"]), ("LOSO, pooled", df[df["test"] == "pooled"])]
+    lines = ["| split | method | runs | ACG | HEG (test) | HEG (train) | MAE | MSE | fit s | predict s |",
+             "|---" * 10 + "|"]
+    order = {m: i for i, m in enumerate(BASELINES + PRESETS)}
+    for label, d in parts:
+        if d.empty:
+            continue
+        # average over folds within a seed first, then mean ± sd over seeds
+        per_seed = d.groupby(["method", "seed"]).mean(numeric_only=True)
+        for method in sorted(d["method"].unique(), key=lambda m: order.get(m, 99)):
+            s = per_seed.loc[method]
+            n = int((d["method"] == method).sum())
+
+            def f(k, s=s):
+                if k not in s or s[k].isna().all():
+                    return "–"
+                sd = s[k].std() if len(s) > 1 else 0.0
+                return f"{s[k].mean():.3f} ± {sd:.3f}"
+
+            t = lambda k, s=s: "–" if k not in s or s[k].isna().all() else f"{s[k].mean():.0f}"  # noqa: E731
+            lines.append(f"| {label} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | {f('pcc_heg_train')} | "
+                         f"{s['mae'].mean():.3f} | {s['mse'].mean():.3f} | {t('fit_s')} | {t('predict_s')} |")
     return "\n".join(lines)
 
 

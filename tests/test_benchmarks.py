@@ -1,0 +1,67 @@
+"""Smoke runs of the benchmark scripts (seconds, synthetic data): they run, write what they promise, resume."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _strict(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_accuracy_smoke_rows_pooled_and_resume(tmp_path):
+    acc = _load("accuracy")
+    rows = acc.main(["--smoke", "--out", str(tmp_path)])
+    saved = _strict((tmp_path / "accuracy.json").read_text())
+    methods = set(acc.BASELINES + acc.PRESETS)
+    folds = [r for r in saved["rows"] if r["test"] != "pooled"]
+    assert {r["method"] for r in folds} == methods
+    assert len(folds) == len(methods) * 3  # three synthetic sections, one seed
+    for r in folds:
+        assert set(r) >= {"method", "split", "test", "seed", "pcc_all", "pcc_heg", "mae", "mse", "fit_s", "predict_s"}
+    pooled = {r["method"]: r for r in saved["rows"] if r["test"] == "pooled"}
+    assert set(pooled) == methods
+    # colour statistics carry the synthetic programs: the ridge on them must find signal
+    assert pooled["ridge-stain"]["pcc_all"] > 0.2
+    assert next(r for r in folds if r["method"] == "mean")["pcc_all"] is None  # r of a constant: undefined
+    # a second run finds every row done and recomputes nothing
+    again = acc.main(["--smoke", "--out", str(tmp_path)])
+    assert [r.get("fit_s") for r in again] == [r.get("fit_s") for r in rows]
+
+
+def test_pooled_statistics_equal_concatenation():
+    import numpy as np
+
+    acc = _load("accuracy")
+    rng = np.random.default_rng(0)
+    parts = [(rng.normal(size=(n, 5)), rng.normal(size=(n, 5)) + i) for i, n in enumerate((7, 11, 4))]
+    st = acc.pool([acc.suff_stats(p, t) for p, t in parts])
+    p, t = np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+    r = [np.corrcoef(p[:, g], t[:, g])[0, 1] for g in range(5)]
+    np.testing.assert_allclose(st[5] / np.sqrt(st[3] * st[4]), r, atol=1e-12)
+    np.testing.assert_allclose(st[7].sum() / st[0].sum(), np.mean((p - t) ** 2))
+
+
+def test_speed_smoke(tmp_path):
+    speed = _load("speed")
+    rep = speed.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    saved = _strict((tmp_path / "speed.json").read_text())
+    assert saved["device"] == "cpu"
+    for k, v in rep["efficiency"].items():
+        assert math.isfinite(v) and v > 0, k
+    for part in ("bare_train", "core_fit", "core_predict"):
+        assert rep["results"][part]["spots_per_s"] > 0
+        assert rep["results"][part]["peak_mb"] > 0
+    assert "| fit, core loop |" in speed.table(rep)
