@@ -213,8 +213,13 @@ def wrap(aligner: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the aligner's trainable parameters (the EMA teacher is frozen, so not synchronised)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    import inspect
+
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(LossModule(aligner), device_ids=ids, broadcast_buffers=False, static_graph=True)
+    # buffers need no broadcast: batch-norm statistics are synchronised (identical on every process)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(LossModule(aligner), device_ids=ids, static_graph=True, **no_sync)
 
 
 def all_mean(values: list[float], device: torch.device) -> list[float]:

@@ -195,7 +195,7 @@ def train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     aligner.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or ws > 1:  # DDP's gradient buckets follow the layout of the weights
         aligner.student.to(memory_format=torch.channels_last)
         aligner.teacher.to(memory_format=torch.channels_last)
     set_input_statistics(aligner, data, device)
