@@ -25,7 +25,7 @@ def tiny_data():
     return TrainData(images=images, expr=expr, pos=pos, section=section)
 
 
-def tiny_aligner(**kw):
+def tiny_aligner(init_seed: int = 0, **kw):
     from stranker.model import Aligner, make_config
 
     opts = dict(backbone="test_resnet", pretrained=False, image_size=16, epochs=2, batch_size=8, embed_dim=16,
@@ -33,7 +33,7 @@ def tiny_aligner(**kw):
                 position_bins=8)
     opts.update(kw)
     cfg = make_config("stranker", **opts)
-    torch.manual_seed(0)
+    torch.manual_seed(init_seed)
     return Aligner(cfg, 6)
 
 
