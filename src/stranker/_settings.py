@@ -30,7 +30,8 @@ class _Settings:
         Show tqdm progress bars for long steps.
     num_workers
         Worker processes that read training patches when they are streamed from disk (0: read
-        in the main process).
+        in the main process). They are started with ``spawn``, so a script that trains with
+        workers must keep its code under ``if __name__ == "__main__":``.
     max_patch_memory
         Bytes of training patches that :func:`stranker.tl.fit` holds in memory; beyond it
         (``stream=None``) patches are streamed from the (lazy, e.g. zarr-backed) images batch by batch.

@@ -40,10 +40,12 @@ class TrainData:
 
     @property
     def pixels(self) -> bool:
+        """Whether the inputs are image patches (not precomputed features)."""
         return self.read is not None or self.images.dtype == torch.uint8
 
     @property
     def streamed(self) -> bool:
+        """Whether the patches are read batch by batch through ``read``."""
         return self.read is not None
 
 
