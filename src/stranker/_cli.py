@@ -41,10 +41,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_command(argv: list[str], nproc: int) -> list[str]:
+    """The ``torchrun`` command that runs ``stranker`` with ``argv`` on ``nproc`` local processes."""
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N: the launched processes must not launch again
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "stranker._cli", *rest]
+
+
 def _fit(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        import subprocess
+
+        cmd = launch_command(args.argv, args.nproc)
+        print("launching: " + " ".join(cmd), flush=True)
+        return subprocess.run(cmd).returncode
+
     import spatialdata as sd
 
     import stranker as sr
+    from stranker.train import distributed
+
+    if args.num_workers is not None:
+        sr.settings.num_workers = args.num_workers
 
     data = [sd.read_zarr(p) for p in args.zarr]
     genes = args.genes
@@ -56,9 +83,11 @@ def _fit(args: argparse.Namespace) -> int:
         data if len(data) > 1 else data[0], genes=genes, method=args.method, backbone=args.backbone,
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, layer=args.layer,
+        stream={"auto": None, "yes": True, "no": False}[args.stream],
     )
-    model.save(args.out, overwrite=args.overwrite)
-    print(f"model saved to {args.out}: {model}")
+    if distributed.rank() == 0:
+        model.save(args.out, overwrite=args.overwrite)
+        print(f"model saved to {args.out}: {model}")
     return 0
 
 
@@ -88,8 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--checkpoint-dir", default=None)
     f.add_argument("--resume", action="store_true")
     f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
+                   help="stream training patches from disk (auto: when beyond sr.settings.max_patch_memory)")
+    f.add_argument("--num-workers", type=int, default=None, help="processes that read streamed patches")
+    f.add_argument("--nproc", type=int, default=1,
+                   help="training processes on this machine (re-runs itself under torchrun, DDP; one GPU each "
+                        "when CUDA is used, else gloo on CPU). For several machines run torchrun yourself: "
+                        "torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+                        "-m stranker._cli fit ...")
     f.set_defaults(func=_fit)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

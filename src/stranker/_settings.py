@@ -29,7 +29,12 @@ class _Settings:
     progress
         Show tqdm progress bars for long steps.
     num_workers
-        Threads used to read and prepare patches.
+        Worker processes that read training patches when they are streamed from disk (0: read
+        in the main process). They are started with ``spawn``, so a script that trains with
+        workers must keep its code under ``if __name__ == "__main__":``.
+    max_patch_memory
+        Bytes of training patches that :func:`stranker.tl.fit` holds in memory; beyond it
+        (``stream=None``) patches are streamed from the (lazy, e.g. zarr-backed) images batch by batch.
     data_dir
         Cache folder of downloaded datasets: ``$STRANKER_DATA_DIR`` when set, else the user cache.
     """
@@ -39,6 +44,7 @@ class _Settings:
         self.seed = 0
         self.progress = True
         self.num_workers = 0
+        self.max_patch_memory = 4 * 1024**3
         self._verbosity = 2
         self._data_dir: Path | None = None
 
@@ -75,7 +81,8 @@ class _Settings:
     def __repr__(self) -> str:
         return (
             f"stranker settings: device={self.device!r}, seed={self.seed}, verbosity={self.verbosity}, "
-            f"progress={self.progress}, num_workers={self.num_workers}, data_dir='{self.data_dir}'"
+            f"progress={self.progress}, num_workers={self.num_workers}, "
+            f"max_patch_memory={self.max_patch_memory}, data_dir='{self.data_dir}'"
         )
 
 

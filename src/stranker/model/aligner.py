@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +43,27 @@ class Aligner(nn.Module):
         return [t for t, w in terms if w > 0]
 
     def training_losses(
-        self, strong: torch.Tensor, weak: torch.Tensor | None, expr: torch.Tensor, pos: torch.Tensor | None
+        self, strong: torch.Tensor, weak: torch.Tensor | None, expr: torch.Tensor, pos: torch.Tensor | None,
+        *, gather: Callable[[torch.Tensor], torch.Tensor] | None = None, local_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """All loss terms of one batch (spots of one section) and their weighted ``total``."""
+        """All loss terms of one batch (spots of one section) and their weighted ``total``.
+
+        Under distributed training the inputs are this process's share of the batch, ``gather``
+        concatenates a tensor over all processes (with gradient), so the gene branch, InfoNCE and
+        ranking terms see the whole batch; the per-spot terms (regression, distillation) are scaled
+        by ``local_weight`` (share of the batch times world size), so that the gradient averaged
+        over processes is the gradient of the whole batch.
+        """
         c = self.cfg
         emb, pred = self.student(strong)
         out: dict[str, torch.Tensor] = {}
         if c.w_regression > 0:
-            out["regression"] = losses.regression(pred, expr)
+            out["regression"] = losses.regression(pred, expr) * local_weight
+        if gather is not None:
+            emb_l, emb, expr = emb, gather(emb), gather(expr)
+            pos = gather(pos) if pos is not None else None
+        else:
+            emb_l = emb
         need_gene = c.w_clip > 0 or (c.w_rank > 0 and c.rank_reference == "gene")
         g = self.gene(expr, pos) if need_gene else None
         if c.w_clip > 0:
@@ -60,7 +74,7 @@ class Aligner(nn.Module):
         if c.w_distill > 0 and weak is not None:
             with torch.no_grad():
                 t_emb, _ = self.teacher(weak)
-            out["distill"] = losses.distillation(emb, t_emb)
+            out["distill"] = losses.distillation(emb_l, t_emb) * local_weight
         weights = {"regression": c.w_regression, "clip": c.w_clip, "rank": c.w_rank, "distill": c.w_distill}
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out

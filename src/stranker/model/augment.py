@@ -12,9 +12,20 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
-def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+Part = tuple[int, int, int]  # (start, stop, total): x holds rows start:stop of a batch of total rows
+
+
+def _n(x: torch.Tensor, part: Part | None) -> int:
+    return x.shape[0] if part is None else part[2]
+
+
+def _rows(t: torch.Tensor, part: Part | None) -> torch.Tensor:
+    return t if part is None else t[part[0] : part[1]]
+
+
+def random_dihedral(x: torch.Tensor, gen: torch.Generator, part: Part | None = None) -> torch.Tensor:
     """Each sample of ``(b, ..., h, w)`` gets its own random flip/rotation (8 groups, not a loop over spots)."""
-    ks = torch.randint(0, 8, (x.shape[0],), generator=gen, device="cpu").to(x.device)
+    ks = _rows(torch.randint(0, 8, (_n(x, part),), generator=gen, device="cpu"), part).to(x.device)
     out = torch.empty_like(x)
     for k in range(8):
         m = ks == k
@@ -23,13 +34,13 @@ def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def colour_jitter(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+def colour_jitter(x: torch.Tensor, gen: torch.Generator, strength: float, part: Part | None = None) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation and stain-channel jitter of ``(b, ..., 3, h, w)`` in [0, 1]."""
-    b = x.shape[0]
+    b = _n(x, part)
     shape = (b,) + (1,) * (x.dim() - 1)
 
     def u(lo: float, hi: float, shp=shape) -> torch.Tensor:
-        return (torch.rand(shp, generator=gen) * (hi - lo) + lo).to(x.device, x.dtype)
+        return _rows(torch.rand(shp, generator=gen) * (hi - lo) + lo, part).to(x.device, x.dtype)
 
     s = strength
     x = x * u(1 - 0.2 * s, 1 + 0.2 * s)  # brightness
@@ -42,12 +53,18 @@ def colour_jitter(x: torch.Tensor, gen: torch.Generator, strength: float) -> tor
     return x.clamp(0, 1)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, strong: bool) -> torch.Tensor:
-    """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise."""
-    x = random_dihedral(x, gen)
+def augment(x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None) -> torch.Tensor:
+    """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise.
+
+    ``part=(start, stop, total)`` says that ``x`` holds rows ``start:stop`` of a batch of ``total``
+    rows (one process's share under distributed training): the random draws are those of the whole
+    batch, so each process augments its rows exactly as a single process would.
+    """
+    x = random_dihedral(x, gen, part)
     if strong:
-        x = colour_jitter(x, gen, 1.0)
-        x = (x + 0.02 * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)).clamp(0, 1)
+        x = colour_jitter(x, gen, 1.0, part)
+        noise = _rows(torch.randn((_n(x, part), *x.shape[1:]), generator=gen), part)
+        x = (x + 0.02 * noise.to(x.device, x.dtype)).clamp(0, 1)
     else:
-        x = colour_jitter(x, gen, 0.3)
+        x = colour_jitter(x, gen, 0.3, part)
     return x

@@ -69,6 +69,7 @@ def fit(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    stream: bool | None = None,
     key_added: str = Keys.PREFIX,
     image_key: str | None = None,
     shapes_key: str | None = None,
@@ -110,7 +111,12 @@ def fit(
         Genes chosen when ``genes`` is ``'hvg'`` / ``'heg'``.
     checkpoint_dir, checkpoint_every, resume
         Save the full training state every ``checkpoint_every`` epochs; ``resume=True`` continues
-        an interrupted fit from the last checkpoint to the same result.
+        an interrupted fit from the last checkpoint to the same result (on any number of processes).
+    stream
+        ``False`` reads every training patch into memory first; ``True`` streams them from the
+        (lazy) images, batch by batch, in ``sr.settings.num_workers`` DataLoader workers;
+        ``None`` (default) streams when the patches would exceed ``sr.settings.max_patch_memory``
+        bytes. Both give the same model for the same seed.
     key_added
         Prefix of the written keys.
     image_key, shapes_key, table_key, library_id
@@ -127,18 +133,22 @@ def fit(
       genes hold NaN;
     - ``uns[key_added]``: parameters, genes, per-epoch history of every loss term, timing, device,
       ``in_sample=True`` (these spots were seen in training).
+
+    Under ``torchrun`` (``stranker fit --nproc N``) every process calls ``fit`` with the same
+    arguments and trains on its share of each batch (see :mod:`stranker.train.distributed`); all
+    return the same model, and only rank 0 computes and writes the in-sample results.
     """
     import torch
 
     from ..model import Aligner, make_config
-    from ..train import TrainData, resolve_device, train
+    from ..train import TrainData, distributed, resolve_device, train
     from ._model import Model
 
     t_start = time.perf_counter()
     seed = settings.seed if seed is None else int(seed)
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
                       image_features=image_features, **options)
-    dev = resolve_device(device or settings.device)
+    dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
                     need_image=image_features is None)
     for sp in secs:
@@ -170,20 +180,26 @@ def fit(
         patch_um = (cfg.patch_um or (cfg.patch_px * mpps[0])) if all(m is not None for m in mpps) else None
         if patch_um is not None and cfg.patch_um is None:
             sizes = [patch_um / m for m in mpps]  # same tissue width on every section
-        images = torch.from_numpy(np.concatenate([
-            PatchReader(sp, s, cfg.scales, cfg.image_size).read_all() for sp, s in zip(secs, sizes, strict=True)
-        ]))
+        readers = [PatchReader(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)]
+        n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
+        if stream is None:
+            stream = n_bytes > settings.max_patch_memory
+            if stream:
+                logger.info(f"Streaming the training patches ({n_bytes / 2**30:.1f} GiB > "
+                            f"sr.settings.max_patch_memory) with {settings.num_workers} worker(s).")
+        images = None if stream else torch.from_numpy(np.concatenate([r.read_all() for r in readers]))
     pos = np.concatenate([section_positions(sp.centers) for sp in secs])
     section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
     tdata = TrainData(
         images=images, expr=torch.from_numpy((y - mean) / std).float(), pos=torch.from_numpy(pos),
-        section=torch.from_numpy(section),
+        section=torch.from_numpy(section), read=SectionPatches(readers, section) if images is None else None,
     )
     torch.manual_seed(seed)
     aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
     t_train = time.perf_counter()
     history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
-                    checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress())
+                    checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
+                    num_workers=settings.num_workers)
     train_s = time.perf_counter() - t_train
 
     # reference bank: gene-branch embeddings of the training spots (each section read in context)
@@ -203,10 +219,13 @@ def fit(
         "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
         if all(m is not None for m in mpps) else None, "patch_px": float(cfg.patch_px),
         "weights_source": aligner.weights_source, "device": str(dev), "seed": seed, "feature_dim": feature_dim,
-        "torch": torch.__version__, "train_seconds": train_s,
+        "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
+        "world_size": distributed.world_size(),
     }
     model = Model(aligner, cfg, gene_list, meta, bank)
 
+    if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
+        return model
     # in-sample outputs, computed for every section before anything is written
     results = []
     for s, sp in enumerate(secs):
@@ -216,6 +235,33 @@ def fit(
     for sp, (emb, pred) in zip(secs, results, strict=True):
         write_outputs(sp, model, emb, pred, key_added, in_sample=True)
     return model
+
+
+class SectionPatches:
+    """Patches of training rows (positions over all sections, one section per call) through its reader."""
+
+    def __init__(self, readers: list[PatchReader], section: np.ndarray) -> None:
+        self.readers = readers
+        self.section = section
+        self.offsets = np.concatenate([[0], np.cumsum(np.bincount(section, minlength=len(readers)))])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For worker processes: the image handles and centres, not the tables or SpatialData objects."""
+        import copy
+        from dataclasses import replace
+
+        readers = []
+        for r in self.readers:
+            light = copy.copy(r)
+            light.spots = replace(r.spots, table=None, source=None, keys={}, rows=np.zeros(0, dtype=np.int64))
+            readers.append(light)
+        return {**self.__dict__, "readers": readers}
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        s = int(self.section[rows[0]])
+        if (self.section[rows] != s).any():
+            raise ValueError("A batch of training patches must hold spots of one section.")
+        return self.readers[s].read(rows - self.offsets[s])
 
 
 def write_outputs(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool) -> None:

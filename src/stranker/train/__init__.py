@@ -1,5 +1,6 @@
 """Training: the loop (torch only)."""
 
+from . import distributed
 from .loop import TrainData, resolve_device, train
 
-__all__ = ["TrainData", "resolve_device", "train"]
+__all__ = ["TrainData", "distributed", "resolve_device", "train"]

@@ -1,9 +1,16 @@
-"""The one training loop: batches per section, augmentation on the device, AMP, EMA, checkpoints."""
+"""The one training loop: batches per section, augmentation on the device, AMP, EMA, checkpoints.
+
+Inputs are held in memory (one tensor) or streamed: read batch by batch (each the spots of one
+section) through a reader function, in DataLoader worker processes. One process, or several
+under ``torchrun`` (see :mod:`stranker.train.distributed`); the batch plan and the random draws
+are the same either way.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,20 +20,96 @@ import torch
 
 from ..model.aligner import Aligner
 from ..model.augment import augment
+from . import distributed
 
 
 @dataclass
 class TrainData:
-    """Tensors of the training spots (CPU). ``images`` is uint8 ``(n, s, h, w, 3)`` or float features ``(n, d)``."""
+    """The training spots (CPU tensors).
 
-    images: torch.Tensor
+    ``images`` is uint8 ``(n, s, h, w, 3)`` patches or float features ``(n, d)``, or ``None`` when
+    patches are streamed: then ``read(rows)`` returns the uint8 patches of ``rows`` (positions in
+    ``0..n-1``, all of one section) as a numpy array.
+    """
+
+    images: torch.Tensor | None
     expr: torch.Tensor  # (n, g) standardised target
     pos: torch.Tensor  # (n, 2) positions in [0, 1] within each section
     section: torch.Tensor  # (n,) int section index
+    read: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def pixels(self) -> bool:
-        return self.images.dtype == torch.uint8
+        """Whether the inputs are image patches (not precomputed features)."""
+        return self.read is not None or self.images.dtype == torch.uint8
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the patches are read batch by batch through ``read``."""
+        return self.read is not None
+
+
+class BatchPatches(torch.utils.data.Dataset):
+    """Item ``rows`` (positions of spots of one section): their uint8 patches, read through ``read``."""
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.read = read
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.read(rows)))
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """Yields the row arrays of the current epoch's plan (set before each epoch)."""
+
+    def __init__(self) -> None:
+        self.plan: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def patch_loader(data: TrainData, device: torch.device, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over streamed patches whose batches follow ``loader.sampler.plan``.
+
+    Workers are started once (persistent) with the ``spawn`` method: zarr and dask keep threads
+    whose locks a forked process could inherit held.
+    """
+    return torch.utils.data.DataLoader(
+        BatchPatches(data.read), sampler=PlanSampler(), batch_size=None, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None, multiprocessing_context="spawn" if num_workers > 0 else None,
+    )
+
+
+def batch_inputs(
+    data: TrainData, plan: list[np.ndarray], images: torch.Tensor | None = None,
+    loader: torch.utils.data.DataLoader | None = None,
+) -> Iterator[torch.Tensor]:
+    """CPU inputs of each planned batch, in order: indexed from memory, or read through ``loader``."""
+    if loader is None:
+        src = data.images if images is None else images
+        for idx in plan:
+            yield src[torch.from_numpy(idx)]
+        return
+    loader.sampler.plan = plan
+    yield from loader
+
+
+def chunks(data: TrainData, size: int = 256) -> Iterator[torch.Tensor]:
+    """Inputs of every training spot, ``size`` at a time (section by section when streamed)."""
+    if not data.streamed:
+        for i in range(0, len(data.images), size):
+            yield data.images[i : i + size]
+        return
+    sec = data.section.numpy()
+    for s in np.unique(sec):
+        rows = np.flatnonzero(sec == s)
+        for i in range(0, len(rows), size):
+            yield torch.from_numpy(data.read(rows[i : i + size]))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -68,8 +151,7 @@ def set_input_statistics(aligner: Aligner, data: TrainData, device: torch.device
         br.feat_mean.copy_(f.mean(0))
         br.feat_std.copy_(f.std(0).clamp_min(1e-6))
     elif br.use_stain:
-        stats = torch.cat([br.stain(to_input(data.images[i : i + batch_size], device)).cpu()
-                           for i in range(0, len(data.images), batch_size)])
+        stats = torch.cat([br.stain(to_input(x, device)).cpu() for x in chunks(data, batch_size)])
         br.stain_mean.copy_(stats.mean(0))
         br.stain_std.copy_(stats.std(0).clamp_min(1e-3))
     aligner.teacher.load_state_dict(br.state_dict())
@@ -77,6 +159,12 @@ def set_input_statistics(aligner: Aligner, data: TrainData, device: torch.device
 
 def _checkpoint_path(folder: str | Path) -> Path:
     return Path(folder) / "last.pt"
+
+
+def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> list[np.ndarray]:
+    """The epoch's batches (one section each); under ``ws`` processes, those with at least ``ws`` spots."""
+    plan = batches(sec, batch_size, gen)
+    return plan if ws == 1 else [b for b in plan if len(b) >= ws]
 
 
 def train(
@@ -90,24 +178,32 @@ def train(
     resume: bool = False,
     progress: bool = True,
     extra_state: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> list[dict[str, float]]:
     """Train ``aligner`` in place; returns the per-epoch history of every loss term.
 
     With ``checkpoint_dir`` the whole state (weights, teacher, optimiser, schedule, random
     generators, history) is saved every ``checkpoint_every`` epochs; ``resume=True`` continues from
-    the last checkpoint and reaches the same result as an uninterrupted run.
+    the last checkpoint and reaches the same result as an uninterrupted run. Streamed inputs
+    (``data.read``) are read by ``num_workers`` DataLoader workers (0: in this process).
+
+    Under ``torchrun`` (process group initialised, see :mod:`stranker.train.distributed`) every
+    process runs this with the same arguments: each trains on its share of every batch, the
+    losses see the whole batch, rank 0 writes the checkpoints, and a checkpoint resumes on any
+    number of processes. The history holds whole-batch values, the same on every process.
     """
     cfg = aligner.cfg
+    ws, rk = distributed.world_size(), distributed.rank()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     aligner.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or ws > 1:  # DDP's gradient buckets follow the layout of the weights
         aligner.student.to(memory_format=torch.channels_last)
         aligner.teacher.to(memory_format=torch.channels_last)
     set_input_statistics(aligner, data, device)
 
     sec = data.section.numpy()
-    steps_per_epoch = len(batches(sec, cfg.batch_size, torch.Generator().manual_seed(0)))
+    steps_per_epoch = len(_plan(sec, cfg.batch_size, torch.Generator().manual_seed(0), ws))
     params = [p for n, p in aligner.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -133,57 +229,83 @@ def train(
     use_amp = device.type == "cuda"
     pos_all = data.pos.to(device)
     expr_all = data.expr.to(device)
-    pin = device.type == "cuda" and data.images.device.type == "cpu"
-    images = data.images.pin_memory() if pin else data.images
+    images = None
+    if not data.streamed:
+        pin = device.type == "cuda" and data.images.device.type == "cpu"
+        images = data.images.pin_memory() if pin else data.images
+    loader = patch_loader(data, device, num_workers) if data.streamed else None
+    undo_sync = distributed.sync_batchnorm(aligner.student, device) if ws > 1 else None
+    ddp = distributed.wrap(aligner, device) if ws > 1 else None
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="fit", disable=not progress, initial=start_epoch, total=cfg.epochs)
-    for epoch in bar:
-        aligner.train()
-        aligner.teacher.eval()
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        n_seen = 0
-        for idx in batches(sec, cfg.batch_size, gen):
-            it = torch.from_numpy(idx)
-            x = to_input(images[it], device)
-            if data.pixels:
-                weak = augment(x, gen, strong=False)
-                strong = augment(x, gen, strong=cfg.student_view == "strong")
-            else:
-                weak = strong = x
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                terms = aligner.training_losses(strong, weak, expr_all[it.to(device)], pos_all[it.to(device)])
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            aligner.update_teacher(step)
-            step += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
-            n_seen += len(idx)
-        rec = {k: v / max(n_seen, 1) for k, v in sums.items()}
-        rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=float(sched.get_last_lr()[0]))
-        history.append(rec)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("epoch", "seconds", "lr")})
-        if not np.isfinite(rec.get("total", 0.0)):
-            raise FloatingPointError(f"The loss became {rec['total']} at epoch {epoch + 1}; lower `lr`.")
-        if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(
-                {
-                    "aligner": aligner.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "history": history, "epoch": epoch + 1, "step": step, "config": cfg.to_dict(),
-                    **(extra_state or {}),
-                },
-                tmp,
-            )
-            tmp.replace(ckpt)
+    show = progress and rk == 0
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="fit", disable=not show, initial=start_epoch, total=cfg.epochs)
+    try:
+        for epoch in bar:
+            aligner.train()
+            aligner.teacher.eval()
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_seen = 0
+            plan = _plan(sec, cfg.batch_size, gen, ws)
+            shares = [distributed.shard(b, ws, rk) for b in plan] if ws > 1 else [(b, None) for b in plan]
+            inputs = batch_inputs(data, [li for li, _ in shares], images, loader)
+            for idx, (li, part), x_cpu in zip(plan, shares, inputs, strict=True):
+                it = torch.from_numpy(li)
+                x = to_input(x_cpu, device)
+                if data.pixels:
+                    weak = augment(x, gen, strong=False, part=part)
+                    strong = augment(x, gen, strong=cfg.student_view == "strong", part=part)
+                else:
+                    weak = strong = x
+                e, p = expr_all[it.to(device)], pos_all[it.to(device)]
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    if ddp is None:
+                        terms = aligner.training_losses(strong, weak, e, p)
+                    else:
+                        terms = ddp(strong, weak, e, p, len(li) * ws / len(idx))
+                opt.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                sched.step()
+                aligner.update_teacher(step)
+                step += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                n_seen += len(idx)
+            if ws > 1:  # per-spot terms were scaled per process: their mean over processes is the batch's
+                sums = dict(zip(sums, distributed.all_mean(list(sums.values()), device), strict=True))
+            rec = {k: v / max(n_seen, 1) for k, v in sums.items()}
+            rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=float(sched.get_last_lr()[0]))
+            history.append(rec)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("epoch", "seconds", "lr")})
+            if not np.isfinite(rec.get("total", 0.0)):
+                raise FloatingPointError(f"The loss became {rec['total']} at epoch {epoch + 1}; lower `lr`.")
+            if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+                if rk == 0:
+                    _save(ckpt, aligner, opt, sched, gen, device, history, epoch + 1, step, cfg, extra_state)
+                distributed.barrier()
+    finally:
+        if undo_sync is not None:
+            undo_sync()
+        del loader  # stops its worker processes
     aligner.eval()
     return history
+
+
+def _save(ckpt: Path, aligner, opt, sched, gen, device, history, epoch, step, cfg, extra_state) -> None:
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save(
+        {
+            "aligner": aligner.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "history": history, "epoch": epoch, "step": step, "config": cfg.to_dict(),
+            **(extra_state or {}),
+        },
+        tmp,
+    )
+    tmp.replace(ckpt)
