@@ -7,7 +7,9 @@ import pytest
 
 import stranker as sr
 
-FAST = dict(epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=30, genes="heg")
+FAST = dict(
+    epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=30, genes="heg"
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,15 @@ def test_leiden_on_the_image_embedding_finds_tissue_programs(predicted):
     # control: the same clustering on a random representation
     table.obsm["X_random"] = np.random.default_rng(0).normal(size=table.obsm["X_stranker"].shape)
     sc.pp.neighbors(table, use_rep="X_random", n_neighbors=10, random_state=0, key_added="rnd")
-    sc.tl.leiden(table, flavor="igraph", n_iterations=2, directed=False, random_state=0, resolution=0.5,
-                 neighbors_key="rnd", key_added="leiden_rnd")
+    sc.tl.leiden(
+        table,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=0,
+        resolution=0.5,
+        neighbors_key="rnd",
+        key_added="leiden_rnd",
+    )
     ari_rnd = adjusted_rand_score(table.obs["program"], table.obs["leiden_rnd"])
     assert ari > 0.15 and ari > ari_rnd + 0.1, (ari, ari_rnd)

@@ -209,7 +209,7 @@ def gene_map(
                 k += 2
             else:
                 coll = _panel(axes[k], sp, thumb, pred[:, j], title=f"{name} predicted", **opts)
-                fig.colorbar(coll, ax=axes[k], shrink=0.8, pad=0.02)
+                fig.colorbar(coll, ax=axes[k], shrink=0.8, pad=0.02, label="log1p expression")
                 k += 1
     return finish(fig, fig, show=show, save=save)
 
