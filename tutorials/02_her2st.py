@@ -112,7 +112,8 @@ plt.show()
 # ## Clusters of the image embedding
 #
 # `obsm['X_stranker']` feeds scanpy like any representation: a neighbour graph, Leiden
-# clusters, and a look at them in space and in a UMAP.
+# clusters (scanpy's igraph flavour: `pip install igraph`), and a look at them in space and in
+# a UMAP.
 
 # %%
 sc.pp.neighbors(table, use_rep="X_stranker", n_neighbors=10, random_state=0)
