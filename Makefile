@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export STRANKER_DATA_DIR ?= $(abspath ../shared/data/her2st)
 
-.PHONY: demo test install install-test bench docs lint clean
+.PHONY: demo test install install-test install-docs bench docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PIP) install --quiet $(TORCH_PIN) -e ".[docs]"
+	touch $@
+
+install-docs: $(VENV)/.installed-docs
+
 demo: install
 	$(VENV)/bin/stranker demo
 
@@ -35,8 +41,13 @@ bench: install
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/speed.py
 
+# API pages from the docstrings, tutorials rendered from tutorials/*.py without running them; warnings fail
+docs: install-docs
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
 lint: install-test
 	$(VENV)/bin/ruff check src tests
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache
+	rm -rf $(VENV) build dist .pytest_cache docs/_build docs/generated docs/tutorials

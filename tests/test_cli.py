@@ -11,11 +11,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out section" in out.stdout and "ACG" in out.stdout
     assert (tmp_path / "model" / "model.pt").exists()
+    png = tmp_path / "stranker_demo_gene_map.png"
+    assert str(png) in out.stdout and 10_000 < png.stat().st_size < 300_000
 
 
 def test_fit_command_reports_bad_input(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "missing.zarr"), "--out",
-                          str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "missing.zarr"), "--out", "m"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode != 0
     assert "missing.zarr" in (out.stderr + out.stdout)
 

@@ -17,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
     secs = sr.datasets.synthetic(n_sections=4, n_spots=args.n_spots, seed=args.seed)
     train, test = secs[:3], secs[3]
     genes = sr.pp.select_genes(train, flavor="hvg", n_top=args.n_genes)
-    print(f"  {len(secs)} sections x {args.n_spots} spots, {len(genes)} genes chosen on the training sections")
+    print(f"  {len(secs)} sections x {args.n_spots} spots, {len(genes)} genes chosen on the training set")
     model = sr.tl.fit(train, genes=genes, epochs=args.epochs, seed=args.seed, patch_px=64, image_size=64,
                       backbone=args.backbone)
     sr.tl.predict(model, test)
@@ -31,12 +31,21 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  held-out section: mean PCC over {len(genes)} genes (ACG) {m['pcc_all']:.3f}, "
           f"over the 50 most expressed (HEG) {m['pcc_heg']:.3f}, MSE {m['mse']:.3f} "
           f"(predicting the training mean: MSE {base_mse:.3f})")
-    if args.out:
-        from pathlib import Path
+    from pathlib import Path
 
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        model.save(Path(args.out) / "model", overwrite=True)
-        print(f"  model saved to {Path(args.out) / 'model'}")
+    out = Path(args.out) if args.out else Path.cwd()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        model.save(out / "model", overwrite=True)
+        print(f"  model saved to {out / 'model'}")
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, never a window
+    shown = [genes[i] for i in np.argsort(-y.std(0), kind="stable")[:2]]
+    png = out / "stranker_demo_gene_map.png"
+    fig = sr.pl.gene_map(test, shown, show=False, max_px=250, panel_size=3.5)
+    _compact_png(fig, png)
+    print(f"  gene map of the two most variable genes ({', '.join(shown)}), measured beside predicted: {png}")
     print(f"  done in {time.perf_counter() - t0:.0f} s on {model.meta['device']}")
     return 0
 
@@ -53,6 +62,19 @@ def launch_command(argv: list[str], nproc: int) -> list[str]:
             rest.append(a)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "stranker._cli", *rest]
+
+
+def _compact_png(fig, path, colors: int = 200, dpi: int = 70) -> None:
+    """Write a figure as a small palette PNG (the H&E texture would make a full-colour one large)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    img = Image.open(buf).convert("RGB")
+    pal = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    pal.save(path, optimize=True)
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -93,7 +115,8 @@ def _fit(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stranker`` command."""
-    p = argparse.ArgumentParser(prog="stranker", description="Ranking-aligned image-gene models on H&E slides.")
+    p = argparse.ArgumentParser(prog="stranker",
+                                description="Ranking-aligned image-gene models on H&E slides.")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="fit on the embedded synthetic dataset and score a held-out section")
     d.add_argument("--epochs", type=int, default=8)
@@ -101,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n-genes", type=int, default=100)
     d.add_argument("--backbone", default="resnet18")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default=None, help="folder for the model (and figures)")
+    d.add_argument("--out", default=None,
+                   help="folder for the model and the gene-map PNG (default: the PNG only, here)")
     d.set_defaults(func=_demo)
     f = sub.add_parser("fit", help="fit on SpatialData zarr stores and save the model")
     f.add_argument("zarr", nargs="+", help="SpatialData .zarr stores (one per section)")
     f.add_argument("--out", required=True, help="folder to save the model in")
-    f.add_argument("--genes", nargs="*", default=None, help="gene names, a .txt file of names, 'hvg' or 'heg'")
-    f.add_argument("--method", default="stranker", choices=["stranker", "stnet", "bleep", "mclstexp", "rankbygene"])
+    f.add_argument("--genes", nargs="*", default=None,
+                   help="gene names, a .txt file of names, 'hvg' or 'heg'")
+    f.add_argument("--method", default="stranker",
+                   choices=["stranker", "stnet", "bleep", "mclstexp", "rankbygene"])
     f.add_argument("--backbone", default=None)
     f.add_argument("--epochs", type=int, default=None)
     f.add_argument("--batch-size", type=int, default=None)

@@ -1,3 +1,8 @@
-"""Plotting."""
+"""Plotting: gene maps, per-gene correlation, training history, embedding UMAP."""
 
-__all__: list[str] = []
+from ._correlation import correlation
+from ._embedding import embedding
+from ._gene_map import gene_map
+from ._history import history
+
+__all__ = ["correlation", "embedding", "gene_map", "history"]

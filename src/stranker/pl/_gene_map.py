@@ -1,0 +1,224 @@
+"""sr.pl.gene_map: measured beside predicted expression over the H&E, one colour scale per gene."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._constants import Keys
+from .._spots import InputError, Spots
+from ._utils import finish, has_measured, lighten, limit, measured, new_axes, predicted, sections, thumbnail
+
+
+def _panel(
+    ax: Any,
+    sp: Spots,
+    thumb: Any,
+    values: np.ndarray,
+    *,
+    cmap: Any,
+    norm: Any,
+    size: float,
+    lighten_by: float,
+    title: str,
+) -> Any:
+    """Spots of one section as filled circles of their real diameter over the lightened image."""
+    from matplotlib.collections import EllipseCollection
+
+    if thumb is not None:
+        ax.imshow(lighten(thumb.rgb, lighten_by), extent=thumb.extent, interpolation="antialiased")
+    d = sp.diameter if np.isfinite(sp.diameter) and sp.diameter > 0 else _spacing(sp.centers)
+    coll = EllipseCollection(
+        widths=d * size,
+        heights=d * size,
+        angles=0.0,
+        units="xy",
+        offsets=sp.centers,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        norm=norm,
+        linewidths=0,
+    )
+    coll.set_array(np.asarray(values, dtype=np.float64))
+    ax.add_collection(coll)
+    if thumb is not None:
+        left, right, bottom, top = thumb.extent
+    else:
+        pad = d
+        left, right = sp.centers[:, 0].min() - pad, sp.centers[:, 0].max() + pad
+        top, bottom = sp.centers[:, 1].min() - pad, sp.centers[:, 1].max() + pad
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)  # image rows grow downwards
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title)
+    return coll
+
+
+def _spacing(centers: np.ndarray) -> float:
+    """Median nearest-neighbour distance (a spot size for sections that do not give one)."""
+    if len(centers) < 2:
+        return 1.0
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(centers).query(centers, k=2)
+    return float(np.median(dist[:, 1])) or 1.0
+
+
+def gene_map(
+    data: Any,
+    genes: str | Sequence[str],
+    *,
+    layer: str = Keys.PREFIX,
+    measured_expression: bool | None = None,
+    counts_layer: str | None = None,
+    target_sum: float = 1e4,
+    cmap: str = "viridis",
+    vmin: float | str | None = None,
+    vmax: float | str | None = None,
+    size: float = 1.0,
+    lighten_image: float = 0.35,
+    max_px: int = 800,
+    ncols: int = 4,
+    panel_size: float = 4.0,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    ax: Any = None,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    library_id: str | None = None,
+):
+    """Measured and predicted expression of each gene side by side over the H&E image.
+
+    Each gene gets one row: the measured expression (``log1p(counts / total * target_sum)``, the
+    scale the model predicts on) beside the prediction in ``layers[layer]``, with one colour scale
+    and one colour bar shared by the two, and Pearson r across the section's spots in the title.
+    A section without measured expression (such as the ``'stranker_table'`` that
+    :func:`stranker.tl.predict` adds to an image-only slide) shows the prediction only. Spots are
+    drawn as filled circles of their real diameter over a lightened thumbnail of the image, read at
+    a coarse pyramid level.
+
+    Parameters
+    ----------
+    data
+        SpatialData or AnnData (squidpy layout), or a list (one block of rows per section), after
+        :func:`stranker.tl.predict` or :func:`stranker.tl.fit`.
+    genes
+        One gene name or a list; each must be a gene the model predicts.
+    layer
+        Layer of predicted expression.
+    measured_expression
+        Show the measured side; ``None`` shows it whenever the table holds measurements (it does
+        not when its ``X`` is the prediction itself).
+    counts_layer
+        Layer of raw counts for the measured side; ``None`` uses ``X``.
+    target_sum
+        Scaling of the measured side (as in :func:`stranker.tl.fit`).
+    cmap
+        Matplotlib colour map.
+    vmin, vmax
+        Limits of each gene's colour scale: numbers, percentiles such as ``'p99'``, or ``None`` for
+        the 1st and 99th percentiles of the measured and predicted values of that gene together.
+    size
+        Spot diameter as a multiple of the real one.
+    lighten_image
+        How far the image is blended towards white (0 keeps it as it is).
+    max_px
+        Longest side of the image thumbnail, in pixels.
+    ncols
+        Panels per row when only predictions are shown.
+    panel_size
+        Width of one panel, in inches.
+    show
+        Show the figure; ``None`` shows it unless ``save`` is given.
+    save
+        File to write the figure to (format from the suffix, e.g. ``'gene_map.png'``).
+    ax
+        Axes to draw into: one per panel (2 per gene with measurements, 1 without).
+    image_key, shapes_key, table_key, library_id
+        Which elements to use when an object has several.
+
+    Returns
+    -------
+    The :class:`matplotlib.figure.Figure` when it is not shown, else ``None``.
+
+    Examples
+    --------
+    >>> sr.tl.predict(model, sdata)  # doctest: +SKIP
+    >>> sr.pl.gene_map(sdata, ["ERBB2", "CD74"], save="gene_map.png")  # doctest: +SKIP
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    from ..tl._evaluate import pearson_per_gene
+
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    if not genes:
+        raise InputError("`genes` is empty: name at least one gene.")
+    secs = sections(
+        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id
+    )
+    colormap = colormaps[cmap]
+
+    # every value first, so bad input raises before a figure exists
+    rows = []
+    for sp in secs:
+        pred = predicted(sp, layer, genes)
+        show_meas = (
+            has_measured(sp, layer, counts_layer) if measured_expression is None else measured_expression
+        )
+        meas = measured(sp, genes, counts_layer, target_sum) if show_meas else None
+        r = pearson_per_gene(pred, meas) if meas is not None else None
+        rows.append((sp, pred, meas, r))
+    with_meas = [m is not None for _, _, m, _ in rows]
+    if any(with_meas) and not all(with_meas):
+        raise InputError("Some sections have measured expression and some do not: plot them separately.")
+    paired = all(with_meas)
+    n_panels = len(secs) * len(genes) * (2 if paired else 1)
+    ncol = 2 if paired else max(1, min(ncols, n_panels))
+    fig, axes = new_axes(n_panels, ax, ncols=ncol, panel=(panel_size, panel_size), what="gene_map")
+    if ax is None:  # panels take the section's aspect; room for titles and one colour bar per gene
+        _fit_size(
+            fig, secs[0], panel_size, ncols=ncol, nrows=-(-n_panels // ncol), bars=1 if paired else ncol
+        )
+    prefix = len(secs) > 1
+    k = 0
+    for sp, pred, meas, r in rows:
+        thumb = thumbnail(sp, max_px=max_px)
+        for j, gene in enumerate(genes):
+            both = pred[:, j] if meas is None else np.concatenate([pred[:, j], meas[:, j]])
+            lo, hi = limit(vmin, both, 1.0), limit(vmax, both, 99.0)
+            if hi <= lo:
+                hi = lo + 1e-6
+            norm = Normalize(vmin=lo, vmax=hi)
+            name = f"{sp.name}: {gene}" if prefix else gene
+            opts = dict(cmap=colormap, norm=norm, size=size, lighten_by=lighten_image)
+            if meas is not None:
+                _panel(axes[k], sp, thumb, meas[:, j], title=f"{name} measured", **opts)
+                rj = r[j]
+                rtxt = "r = n/a" if not np.isfinite(rj) else f"r = {rj:.2f}"
+                coll = _panel(axes[k + 1], sp, thumb, pred[:, j], title=f"{name} predicted ({rtxt})", **opts)
+                fig.colorbar(coll, ax=[axes[k], axes[k + 1]], shrink=0.8, pad=0.02, label="log1p expression")
+                k += 2
+            else:
+                coll = _panel(axes[k], sp, thumb, pred[:, j], title=f"{name} predicted", **opts)
+                fig.colorbar(coll, ax=axes[k], shrink=0.8, pad=0.02, label="log1p expression")
+                k += 1
+    return finish(fig, fig, show=show, save=save)
+
+
+def _fit_size(fig: Any, sp: Spots, width: float, *, ncols: int, nrows: int, bars: int) -> None:
+    """Size the figure so that each panel has the aspect of the section."""
+    c = sp.centers
+    span = (
+        np.ptp(c, axis=0) + (sp.diameter if np.isfinite(sp.diameter) else 0.0) if len(c) > 1 else (1.0, 1.0)
+    )
+    aspect = float(np.clip(span[1] / span[0], 0.3, 3.0)) if span[0] > 0 else 1.0
+    fig.set_size_inches(width * ncols + 0.9 * bars, nrows * (width * aspect + 0.5))
