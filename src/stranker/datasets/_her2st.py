@@ -128,7 +128,9 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
     import scipy.sparse as sps
     from PIL import Image
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.models import ShapesModel, TableModel
+
+    from ._image import multiscale
 
     counts = pd.read_csv(paths["counts"], sep="\t", index_col=0)
     spots = pd.read_csv(paths["spots"], sep="\t")
@@ -152,10 +154,7 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
             rgb = np.asarray(im.convert("RGB"))
     finally:
         Image.MAX_IMAGE_PIXELS = max_pixels
-    image = Image2DModel.parse(
-        np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2, 2, 2],
-        chunks=(3, 2048, 2048),
-    )
+    image = multiscale(np.moveaxis(rgb, -1, 0), [2, 2, 2], chunks=(3, 2048, 2048))
     ids = [f"{section}_{s}" for s in keep]
     xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
     shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), radius), index=pd.Index(ids, name="spot"))
