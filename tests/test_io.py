@@ -1,4 +1,4 @@
-"""sr.io.read_slide: pyramidal TIFF / OME-TIFF / OpenSlide, lazy reads, resolution, predict on a whole slide."""
+"""sr.io.read_slide: pyramidal TIFF, OME-TIFF, OpenSlide; lazy reads, resolution, predict on a slide."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,16 @@ import stranker as sr
 from stranker._spots import InputError, as_spots
 from stranker.io import _slide
 
-FAST = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=30, genes="heg",
-            tta=False)
+FAST = dict(
+    epochs=1,
+    batch_size=32,
+    patch_px=64,
+    image_size=32,
+    backbone="test_resnet",
+    n_top_genes=30,
+    genes="heg",
+    tta=False,
+)
 
 
 def _pyramid(img, n):
@@ -35,7 +43,10 @@ def write_tiff(path, img, *, mpp=None, levels=3, ome=False, subifds=True):
                 if subifds:
                     kw["subifds"] = levels - 1
                 if ome:
-                    kw["metadata"] = {"axes": "YXS", **({"PhysicalSizeX": mpp, "PhysicalSizeY": mpp} if mpp else {})}
+                    kw["metadata"] = {
+                        "axes": "YXS",
+                        **({"PhysicalSizeX": mpp, "PhysicalSizeY": mpp} if mpp else {}),
+                    }
             else:
                 kw["subfiletype"] = 1
             tw.write(lv, **kw)
@@ -76,7 +87,9 @@ def test_pyramidal_tiff_levels_pixels_and_mpp(tiff_path, slide_img):
     pyr = _pyramid(slide_img, 4)
     assert [tuple(a.shape) for a in lv] == [(3, *p.shape[:2]) for p in pyr]
     assert all(type(a.data).__name__ == "Array" for a in lv)  # dask, nothing read yet
-    np.testing.assert_array_equal(np.moveaxis(lv[2].data[:, 50:90, 100:170].compute(), 0, -1), pyr[2][50:90, 100:170])
+    np.testing.assert_array_equal(
+        np.moveaxis(lv[2].data[:, 50:90, 100:170].compute(), 0, -1), pyr[2][50:90, 100:170]
+    )
     sp = as_spots(sdata, need_table=False)[0]
     assert sp.microns_per_pixel == pytest.approx(0.5)
     assert sp.image.scales == [1.0, 2.0, 4.0, 8.0]
@@ -129,7 +142,9 @@ def test_openslide_backend_reads_the_same_pixels(tmp_path, slide_img):
     assert as_spots(a, need_table=False)[0].microns_per_pixel == pytest.approx(0.5)
     for la, lb in zip(_levels(a), _levels(b), strict=True):
         assert la.shape == lb.shape
-        np.testing.assert_array_equal(la.data[:, 30:200, 40:300].compute(), lb.data[:, 30:200, 40:300].compute())
+        np.testing.assert_array_equal(
+            la.data[:, 30:200, 40:300].compute(), lb.data[:, 30:200, 40:300].compute()
+        )
 
 
 def test_unknown_resolution_needs_mpp(tmp_path, slide_img):
@@ -174,7 +189,9 @@ def model_and_section(synthetic_small):
 def _match(um_a, um_b):
     """Pairs of rows of two tile tables at the same place (micrometres, rounded)."""
     key = {tuple(np.round(u).astype(int)): i for i, u in enumerate(um_a)}
-    return np.asarray([(key[k], j) for j, u in enumerate(um_b) if (k := tuple(np.round(u).astype(int))) in key])
+    return np.asarray(
+        [(key[k], j) for j, u in enumerate(um_b) if (k := tuple(np.round(u).astype(int))) in key]
+    )
 
 
 def _r(a, b):
@@ -190,7 +207,9 @@ def test_predict_on_a_slide_at_another_resolution(model_and_section, tmp_path, m
 
     reads = []
     real = _slide._Level.__getitem__
-    monkeypatch.setattr(_slide._Level, "__getitem__", lambda self, key: reads.append(self.name) or real(self, key))
+    monkeypatch.setattr(
+        _slide._Level, "__getitem__", lambda self, key: reads.append(self.name) or real(self, key)
+    )
     out = {}
     for name, path in (("native", native), ("fine", fine)):
         sdata = sr.io.read_slide(path)

@@ -10,8 +10,16 @@ from stranker._spots import InputError, as_spots
 
 spatialdata_io = pytest.importorskip("spatialdata_io")
 
-FAST = dict(epochs=1, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=20, genes="heg",
-            tta=False)
+FAST = dict(
+    epochs=1,
+    batch_size=16,
+    patch_px=64,
+    image_size=32,
+    backbone="test_resnet",
+    n_top_genes=20,
+    genes="heg",
+    tta=False,
+)
 GENES = [f"G{j}" for j in range(30)]
 
 
@@ -76,17 +84,28 @@ def write_visium(root, *, mpp=1.0, n_side=6, spacing=100, hires=0.5, lowres=0.12
         img[(yy - y[i]) ** 2 + (xx - x[i]) ** 2 <= (d / 5) ** 2] = _code(i)
     barcodes = [f"AAAC{i:04d}-1" for i in range(n)]
     # one off-tissue spot: in the positions file, not in the filtered matrix
-    pos = {"barcode": barcodes + ["TTTT0000-1"], "in_tissue": [1] * n + [0], "array_row": list(rows.ravel()) + [99],
-           "array_col": list(2 * cols.ravel() + rows.ravel() % 2) + [99], "pxl_row_in_fullres": list(y) + [5],
-           "pxl_col_in_fullres": list(x) + [5]}
+    pos = {
+        "barcode": barcodes + ["TTTT0000-1"],
+        "in_tissue": [1] * n + [0],
+        "array_row": list(rows.ravel()) + [99],
+        "array_col": list(2 * cols.ravel() + rows.ravel() % 2) + [99],
+        "pxl_row_in_fullres": list(y) + [5],
+        "pxl_col_in_fullres": list(x) + [5],
+    }
     import pandas as pd
 
     (root / "spatial").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(pos).to_csv(root / "spatial" / "tissue_positions.csv", index=False)
-    (root / "spatial" / "scalefactors_json.json").write_text(json.dumps({
-        "tissue_hires_scalef": hires, "tissue_lowres_scalef": lowres, "spot_diameter_fullres": d,
-        "fiducial_diameter_fullres": d * 1.6,
-    }))
+    (root / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "tissue_hires_scalef": hires,
+                "tissue_lowres_scalef": lowres,
+                "spot_diameter_fullres": d,
+                "fiducial_diameter_fullres": d * 1.6,
+            }
+        )
+    )
     _write_h5(root / "filtered_feature_bc_matrix.h5", rng.poisson(5, (n, len(GENES))), barcodes)
     _save_png(root / "spatial" / "tissue_hires_image.png", _downscale(img, hires))
     _save_png(root / "spatial" / "tissue_lowres_image.png", _downscale(img, lowres))
@@ -96,7 +115,7 @@ def write_visium(root, *, mpp=1.0, n_side=6, spacing=100, hires=0.5, lowres=0.12
 
 
 def write_visium_hd(root, *, mpp=0.5, extent_um=192, seed=0):
-    """Space Ranger 3 output of Visium HD: 2, 8 and 16 µm square bins; 16 µm bins painted with their colour."""
+    """Space Ranger 3 output of Visium HD: 2, 8 and 16 µm square bins; the 16 µm bins painted."""
     import h5py
     import pandas as pd
     import tifffile
@@ -118,23 +137,49 @@ def write_visium_hd(root, *, mpp=0.5, extent_um=192, seed=0):
         centres[b] = np.column_stack([x, y])
         if b == 16:
             for i in range(len(x)):
-                img[int(y[i] - side / 4) : int(y[i] + side / 4), int(x[i] - side / 4) : int(x[i] + side / 4)] = _code(i)
+                img[
+                    int(y[i] - side / 4) : int(y[i] + side / 4), int(x[i] - side / 4) : int(x[i] + side / 4)
+                ] = _code(i)
         folder = root / "binned_outputs" / f"square_{b:03d}um"
         barcodes = [f"s_{b:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel(), strict=True)]
-        _write_h5(folder / "filtered_feature_bc_matrix.h5", rng.poisson(0.2 * b, (len(x), len(GENES))), barcodes)
+        _write_h5(
+            folder / "filtered_feature_bc_matrix.h5", rng.poisson(0.2 * b, (len(x), len(GENES))), barcodes
+        )
         (folder / "spatial").mkdir(parents=True, exist_ok=True)
-        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps({
-            "tissue_hires_scalef": hires, "tissue_lowres_scalef": lowres, "spot_diameter_fullres": side,
-            "bin_size_um": float(b), "microns_per_pixel": mpp, "regist_target_img_scalef": hires,
-        }))
-        pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": rows.ravel(), "array_col": cols.ravel(),
-                      "pxl_row_in_fullres": y, "pxl_col_in_fullres": x}).to_parquet(
-            folder / "spatial" / "tissue_positions.parquet", index=False)
+        (folder / "spatial" / "scalefactors_json.json").write_text(
+            json.dumps(
+                {
+                    "tissue_hires_scalef": hires,
+                    "tissue_lowres_scalef": lowres,
+                    "spot_diameter_fullres": side,
+                    "bin_size_um": float(b),
+                    "microns_per_pixel": mpp,
+                    "regist_target_img_scalef": hires,
+                }
+            )
+        )
+        pd.DataFrame(
+            {
+                "barcode": barcodes,
+                "in_tissue": 1,
+                "array_row": rows.ravel(),
+                "array_col": cols.ravel(),
+                "pxl_row_in_fullres": y,
+                "pxl_col_in_fullres": x,
+            }
+        ).to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
     (root / "spatial").mkdir(exist_ok=True)
-    (root / "spatial" / "scalefactors_json.json").write_text(json.dumps({
-        "tissue_hires_scalef": hires, "tissue_lowres_scalef": lowres, "spot_diameter_fullres": 8 / mpp,
-        "bin_size_um": 8.0, "microns_per_pixel": mpp,
-    }))
+    (root / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "tissue_hires_scalef": hires,
+                "tissue_lowres_scalef": lowres,
+                "spot_diameter_fullres": 8 / mpp,
+                "bin_size_um": 8.0,
+                "microns_per_pixel": mpp,
+            }
+        )
+    )
     _save_png(root / "spatial" / "tissue_hires_image.png", _downscale(img, hires))
     _save_png(root / "spatial" / "tissue_lowres_image.png", _downscale(img, lowres))
     (root / "microscope_image").mkdir()
@@ -257,3 +302,27 @@ def test_predict_on_visium_hd_bins(visium_model, hd_dir):
     assert "stranker" not in sdata.tables["square_008um"].layers  # other bin sizes untouched
     # predictions vary from bin to bin (each bin has its own patch)
     assert np.asarray(t.layers["stranker"])[:, t.var_names.get_indexer(model.genes)].std(0).mean() > 0
+
+
+def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
+    sdata = _read_hd(hd_dir[0])
+    sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
+    assert "square_032um" in sdata.tables and "HD_square_032um" in sdata.shapes
+    new, bins = sdata.tables["square_032um"], sdata.tables["square_008um"]
+    # 192 µm of 8 µm bins = 24 x 24 bins -> 6 x 6 blocks of 4 x 4
+    assert new.n_obs == 36 and (new.obs["n_bins"] == 16).all()
+    np.testing.assert_allclose(np.asarray(new.X.sum()), np.asarray(bins.X.sum()))
+    # the block in grid row 1, col 2 sums the bins with array_row 4..7 and array_col 8..11
+    sel = (bins.obs["array_row"] // 4 == 1).to_numpy() & (bins.obs["array_col"] // 4 == 2).to_numpy()
+    row = np.flatnonzero((new.obs["array_row"] == 1).to_numpy() & (new.obs["array_col"] == 2).to_numpy())[0]
+    np.testing.assert_allclose(
+        np.asarray(new.X[row].todense()).ravel(), np.asarray(bins.X[sel].sum(0)).ravel()
+    )
+    sp = as_spots(sdata, bin_size=32)[0]  # usable as spots like any HD bin size
+    assert sp.diameter == pytest.approx(64.0) and sp.microns_per_pixel == pytest.approx(0.5)
+    np.testing.assert_allclose(sp.centers[row], [(8 + 2) * 16, (4 + 2) * 16])  # centre of its 16 bins, px
+    with pytest.raises(InputError, match="already"):
+        sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
+    model = sr.tl.fit(sdata, table_key="square_032um", seed=0, **FAST)  # train at the pseudo-spot scale
+    assert model.meta["spot_diameter_um"] == pytest.approx(32.0)
+    assert np.isfinite(new.layers["stranker"][:, new.var_names.get_indexer(model.genes)]).all()

@@ -317,10 +317,11 @@ def _shape_kind(gdf: Any) -> str | None:
         return "circles" if "radius" in getattr(gdf, "columns", []) else None
     if kind != "Polygon":
         return None
-    b = gdf.geometry.bounds.to_numpy()
+    geom = gdf.geometry.iloc[:1000]  # a sample: Visium HD's 2 µm bins are millions of polygons
+    b = geom.bounds.to_numpy()
     w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    area = gdf.geometry.area.to_numpy()
-    if (gdf.geometry.geom_type != "Polygon").any():
+    area = geom.area.to_numpy()
+    if (geom.geom_type != "Polygon").any():
         return None
     square = np.allclose(w, h, rtol=0.05) and np.allclose(area, w * h, rtol=0.05)
     return "squares" if square else None
@@ -344,7 +345,7 @@ def _table_region(table: Any) -> tuple[list[str], str | None, str | None]:
 
 
 def _preferred_image(images: list[str]) -> str | None:
-    """The finest of the images that ``spatialdata_io.visium`` / ``visium_hd`` wrote for one dataset."""
+    """Return the finest of the images that ``spatialdata_io.visium`` / ``visium_hd`` wrote for a dataset."""
     for suffix in _IMAGE_PREFERENCE:
         hits = [k for k in images if k.endswith(suffix)]
         if len(hits) == 1 and all(k.endswith(_IMAGE_PREFERENCE) for k in images):

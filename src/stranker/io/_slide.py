@@ -17,6 +17,7 @@ from .._spots import InputError
 _VENDOR = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 _TIFF = {".tif", ".tiff", ".btf", ".tf2", ".tf8"}
 _CHUNK = 1024  # pixels per side of a dask chunk (one lazy read)
+_CACHE = 8  # chunks kept per level (3 MB each)
 _MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
 
 
@@ -24,16 +25,36 @@ class _Level:
     """One pyramid level as a read-only ``(c, y, x)`` uint8 array that reads only the window asked for.
 
     ``dask.array.from_array`` cuts it into chunks; each chunk computed is one call of
-    :meth:`__getitem__`, which reads that window from the file and nothing else.
+    :meth:`__getitem__`, which reads that window from the file and nothing else. The last few
+    windows are kept (``_CACHE`` chunks, a few tens of MB at most), so that neighbouring patches
+    read in consecutive batches do not decode the same part of the file again.
     """
 
     ndim = 3
     dtype = np.dtype(np.uint8)
 
     def __init__(self, shape: tuple[int, int, int], read: Any, name: str) -> None:
+        import threading
+        from collections import OrderedDict
+
         self.shape = tuple(int(s) for s in shape)
         self._read = read  # (y0, y1, x0, x1) -> (y, x, c) array
         self.name = name
+        self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        key = (y0, y1, x0, x1)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        win = np.asarray(self._read(y0, y1, x0, x1))
+        with self._lock:
+            self._cache[key] = win
+            while len(self._cache) > _CACHE:
+                self._cache.popitem(last=False)
+        return win
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
@@ -44,8 +65,7 @@ class _Level:
         x0, x1, _ = xs.indices(self.shape[2])
         if y1 <= y0 or x1 <= x0:
             return np.zeros((self.shape[0], max(y1 - y0, 0), max(x1 - x0, 0)), dtype=np.uint8)[cs]
-        win = np.asarray(self._read(y0, y1, x0, x1))
-        return np.moveaxis(win, -1, 0)[cs]
+        return np.moveaxis(self._window(y0, y1, x0, x1), -1, 0)[cs]
 
 
 def read_slide(
@@ -103,8 +123,10 @@ def read_slide(
             f"{path.name} ({fmt}) does not record its resolution (no microns per pixel in its metadata); "
             "pass `mpp=` (e.g. `mpp=0.5` for a 20x scan, `0.25` for 40x)."
         )
-    logger.info(f"Opened {path.name} ({fmt}, {backend}): {len(levels)} level(s), level 0 "
-                f"{levels[0].shape[2]} x {levels[0].shape[1]} px at {file_mpp:.4g} µm/px.")
+    logger.info(
+        f"Opened {path.name} ({fmt}, {backend}): {len(levels)} level(s), level 0 "
+        f"{levels[0].shape[2]} x {levels[0].shape[1]} px at {file_mpp:.4g} µm/px."
+    )
     return _as_sdata(levels, float(file_mpp), image_key, str(path))
 
 
@@ -114,16 +136,24 @@ def _as_sdata(levels: list[_Level], mpp: float, image_key: str, source: str) -> 
     import xarray as xr
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
-    from spatialdata.transformations._utils import compute_coordinates
     from spatialdata.transformations import Identity, set_transformation
+    from spatialdata.transformations._utils import compute_coordinates
 
     token = uuid.uuid4().hex
     nodes = {}
     for i, lv in enumerate(levels):
-        arr = da.from_array(lv, chunks=(lv.shape[0], _CHUNK, _CHUNK), name=f"stranker-slide-{token}-{i}",
-                            asarray=False, lock=False, meta=np.empty((0, 0, 0), dtype=np.uint8))
+        arr = da.from_array(
+            lv,
+            chunks=(lv.shape[0], _CHUNK, _CHUNK),
+            name=f"stranker-slide-{token}-{i}",
+            asarray=False,
+            lock=False,
+            meta=np.empty((0, 0, 0), dtype=np.uint8),
+        )
         c_coords = ["r", "g", "b"] if lv.shape[0] == 3 else [f"c{j}" for j in range(lv.shape[0])]
-        nodes[f"scale{i}"] = xr.Dataset({"image": xr.DataArray(arr, dims=("c", "y", "x"), coords={"c": c_coords})})
+        nodes[f"scale{i}"] = xr.Dataset(
+            {"image": xr.DataArray(arr, dims=("c", "y", "x"), coords={"c": c_coords})}
+        )
     tree = xr.DataTree.from_dict(nodes)
     set_transformation(tree, {"global": Identity()}, set_all=True)
     tree = compute_coordinates(tree)
@@ -143,12 +173,16 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
         import tifffile
         import zarr
     except ImportError as e:  # pragma: no cover - both are dependencies
-        raise InputError(f"Reading TIFF slides needs tifffile and zarr ({e}); `pip install tifffile zarr`.") from e
+        raise InputError(
+            f"Reading TIFF slides needs tifffile and zarr ({e}); `pip install tifffile zarr`."
+        ) from e
     try:
         tif = tifffile.TiffFile(path)
     except Exception as e:
-        raise InputError(f"{path.name} is not a TIFF file tifffile can read ({e}). For vendor formats "
-                         "(SVS, NDPI, MRXS) use `backend='openslide'`.") from e
+        raise InputError(
+            f"{path.name} is not a TIFF file tifffile can read ({e}). For vendor formats "
+            "(SVS, NDPI, MRXS) use `backend='openslide'`."
+        ) from e
     if series >= len(tif.series):
         raise InputError(f"{path.name} has {len(tif.series)} image series; `series={series}` does not exist.")
     s = tif.series[series]
@@ -161,13 +195,17 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
         squeeze = tuple(j for j, a in enumerate(axes) if a not in "YXSC" and lv.shape[j] == 1)
         rest = "".join(a for j, a in enumerate(axes) if j not in squeeze)
         if set(rest) - set("YXSC") or "Y" not in rest or "X" not in rest:
-            raise InputError(f"{path.name}: image axes {axes!r} (shape {lv.shape}) are not a 2-D (RGB) image.")
+            raise InputError(
+                f"{path.name}: image axes {axes!r} (shape {lv.shape}) are not a 2-D (RGB) image."
+            )
         if len(rest) == 2:
             rest += "S"
         order = [rest.index("Y"), rest.index("X"), rest.index("S" if "S" in rest else "C")]
         shape = tuple(lv.shape[j] for j in range(len(axes)) if j not in squeeze)
         h, w, c = shape[order[0]], shape[order[1]], (shape[order[2]] if len(shape) == 3 else 1)
-        levels.append(_Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), lv.dtype), f"{path.name}[{i}]"))
+        levels.append(
+            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), lv.dtype), f"{path.name}[{i}]")
+        )
     return levels, _tiff_mpp(tif, s), fmt
 
 
@@ -253,8 +291,11 @@ def _open_openslide(path: Path) -> tuple[list[_Level], float | None, str]:
 def _openslide_reader(osl: Any, level: int, downsample: float):
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         # OpenSlide places the region by its level-0 corner; transparent (outside) pixels become white
-        rgba = np.asarray(osl.read_region((int(round(x0 * downsample)), int(round(y0 * downsample))), level,
-                                          (x1 - x0, y1 - y0)))
+        rgba = np.asarray(
+            osl.read_region(
+                (int(round(x0 * downsample)), int(round(y0 * downsample))), level, (x1 - x0, y1 - y0)
+            )
+        )
         rgb = rgba[..., :3].copy()
         rgb[rgba[..., 3] == 0] = 255
         return rgb

@@ -187,7 +187,7 @@ def predict(
             kind = "spots"
         info = resampling(sp, model) if need_image else None
         if info and info["factor"] and abs(info["factor"] - 1) > 0.01:
-            logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, the model at "
+            logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
                         f"{info['model_microns_per_pixel']:.4g}: patches resampled x{1 / info['factor']:.3g} "
                         f"from pyramid level {info['level']}.")
         plans.append((kind, sp, info, *model.infer(sp, device=device)))
