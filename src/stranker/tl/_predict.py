@@ -34,7 +34,6 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     resolution. A tile is kept when at least ``min_tissue`` of it is tissue.
     """
     from scipy.ndimage import uniform_filter
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
     img = sp.image
@@ -43,7 +42,9 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     s = img.scales[level] * stride
     _, h, w = arr.shape
     rgb = _to_uint8_rgb(np.asarray(arr.compute() if hasattr(arr, "compute") else arr), img.name)
-    sat = rgb2hsv(rgb)[..., 1]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)  # HSV saturation, in float32
+    del rgb, mx, mn
     thr = threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
     mask = (sat > max(thr, 0.05)).astype(np.float32)
     side = max(int(round(spacing / s)), 1)
