@@ -7,6 +7,7 @@ pixels and the table (the user's own AnnData, never copied here) with the rows t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +189,7 @@ def as_spots(
     table_key: str | None = None,
     library_id: str | None = None,
     coordinate_system: str | None = None,
+    bin_size: int | None = None,
     need_image: bool = True,
     need_table: bool = True,
 ) -> list[Spots]:
@@ -202,7 +204,11 @@ def as_spots(
     library_id
         Library of an AnnData's ``uns['spatial']``; detected when there is one.
     coordinate_system
-        Coordinate system that links image and spots; detected when one is shared.
+        Coordinate system that links image and spots; detected when one is shared (or when the
+        shared ones place the spots on the same image pixels).
+    bin_size
+        Visium HD: bin size in micrometres (2, 8, 16): uses table ``'square_{bin_size:03}um'`` and the
+        squares it annotates (``spatialdata_io.visium_hd`` layout). Each bin is one spot.
     need_image, need_table
         Raise when the section has no image / no table.
 
@@ -223,6 +229,7 @@ def as_spots(
                 shapes_key=shapes_key,
                 table_key=table_key,
                 coordinate_system=coordinate_system,
+                bin_size=bin_size,
                 need_image=need_image,
                 need_table=need_table,
             )
@@ -295,8 +302,39 @@ def _image_handle(element: Any, name: str) -> ImageHandle:
     return ImageHandle(levels=levels, scales=scales, name=name)
 
 
-def _is_circles(gdf: Any) -> bool:
-    return "radius" in getattr(gdf, "columns", []) and len(gdf) > 0 and gdf.geometry.iloc[0].geom_type == "Point"
+# spot-like shapes: circles with a radius (Visium, ST, ours) or squares (Visium HD bins)
+_VISIUM_SPOT_UM = 55.0  # diameter of a Visium spot
+_HD_TABLE = re.compile(r"^square_(\d{3})um$")  # spatialdata_io.visium_hd table names
+_IMAGE_PREFERENCE = ("_full_image", "_hires_image", "_lowres_image")  # spatialdata_io.visium(_hd) image names
+
+
+def _shape_kind(gdf: Any) -> str | None:
+    """``'circles'``, ``'squares'`` (axis-aligned square polygons), or ``None`` for other shapes."""
+    if len(gdf) == 0:
+        return None
+    kind = gdf.geometry.iloc[0].geom_type
+    if kind == "Point":
+        return "circles" if "radius" in getattr(gdf, "columns", []) else None
+    if kind != "Polygon":
+        return None
+    geom = gdf.geometry.iloc[:1000]  # a sample: Visium HD's 2 µm bins are millions of polygons
+    b = geom.bounds.to_numpy()
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    area = geom.area.to_numpy()
+    if (geom.geom_type != "Polygon").any():
+        return None
+    square = np.allclose(w, h, rtol=0.05) and np.allclose(area, w * h, rtol=0.05)
+    return "squares" if square else None
+
+
+def _centres_and_diameters(gdf: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Centres ``(n, 2)`` and diameters of circles, or centroids and sides of squares, in element units."""
+    if _shape_kind(gdf) == "circles":
+        xy = np.column_stack([gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()])
+        return xy.astype(np.float64), 2 * gdf["radius"].to_numpy(dtype=np.float64)
+    c = gdf.geometry.centroid
+    xy = np.column_stack([c.x.to_numpy(), c.y.to_numpy()]).astype(np.float64)
+    return xy, np.sqrt(gdf.geometry.area.to_numpy(dtype=np.float64))
 
 
 def _table_region(table: Any) -> tuple[list[str], str | None, str | None]:
@@ -306,6 +344,27 @@ def _table_region(table: Any) -> tuple[list[str], str | None, str | None]:
     return regions, attrs.get("region_key"), attrs.get("instance_key")
 
 
+def _preferred_image(images: list[str]) -> str | None:
+    """Return the finest of the images that ``spatialdata_io.visium`` / ``visium_hd`` wrote for a dataset."""
+    for suffix in _IMAGE_PREFERENCE:
+        hits = [k for k in images if k.endswith(suffix)]
+        if len(hits) == 1 and all(k.endswith(_IMAGE_PREFERENCE) for k in images):
+            prefixes = {k[: -len(s)] for k in images for s in _IMAGE_PREFERENCE if k.endswith(s)}
+            return hits[0] if len(prefixes) == 1 else None
+    return None
+
+
+def _image_mpp(sdata: Any, image_key: str | None) -> float | None:
+    """Resolution of an image as :func:`stranker.io.read_slide` records it (element, then SpatialData attrs)."""
+    if image_key is None:
+        return None
+    mpp = getattr(sdata.images[image_key], "attrs", {}).get(Keys.MPP)
+    if mpp is None:
+        glob = getattr(sdata, "attrs", {}).get(Keys.MPP)
+        mpp = glob.get(image_key) if isinstance(glob, dict) else glob
+    return float(mpp) if mpp is not None else None
+
+
 def _from_spatialdata(
     sdata: Any,
     *,
@@ -313,26 +372,45 @@ def _from_spatialdata(
     shapes_key: str | None,
     table_key: str | None,
     coordinate_system: str | None,
+    bin_size: int | None,
     need_image: bool,
     need_table: bool,
 ) -> Spots:
     where = "the SpatialData"
     # --- table and the shapes it annotates
-    circles = [k for k, g in sdata.shapes.items() if _is_circles(g)]
+    spots_like = [k for k, g in sdata.shapes.items() if _shape_kind(g) is not None]
     tables = list(sdata.tables.keys())
+    if bin_size is not None:
+        if table_key is not None:
+            raise InputError("Give `bin_size=` or `table_key=`, not both.")
+        table_key = f"square_{int(bin_size):03d}um"
+        if table_key not in sdata.tables:
+            sizes = [int(m.group(1)) for t in tables if (m := _HD_TABLE.match(t))]
+            raise InputError(
+                f"`bin_size={bin_size}`: {where} has no table {table_key!r} (Visium HD layout of "
+                f"`spatialdata_io.visium_hd`); bin sizes present: {sizes or 'none'}."
+            )
     if shapes_key is not None and shapes_key not in sdata.shapes:
         raise InputError(f"shapes {shapes_key!r} not found in {where}; candidates: {list(sdata.shapes)}.")
-    if shapes_key is not None and shapes_key not in circles:
+    if shapes_key is not None and shapes_key not in spots_like:
         raise InputError(
-            f"Shapes {shapes_key!r} are not circles with a `radius` column; stranker needs spots as circles."
+            f"Shapes {shapes_key!r} are neither circles with a `radius` column nor squares; stranker needs spots "
+            "as circles (Visium, ST) or square bins (Visium HD)."
         )
     if table_key is None:
         cands = [t for t in tables if shapes_key is None or shapes_key in _table_region(sdata.tables[t])[0]]
-        cands = [t for t in cands if set(_table_region(sdata.tables[t])[0]) & set(circles)]
+        cands = [t for t in cands if set(_table_region(sdata.tables[t])[0]) & set(spots_like)]
         if not cands and need_table:
             raise InputError(
-                f"{where} has no table that annotates circle shapes (tables: {tables}, circle shapes: "
-                f"{circles}). Add one with `spatialdata.models.TableModel.parse(adata, region=..., ...)`."
+                f"{where} has no table that annotates circle or square shapes (tables: {tables}, such shapes: "
+                f"{spots_like}). Add one with `spatialdata.models.TableModel.parse(adata, region=..., ...)`."
+            )
+        hd = [t for t in cands if _HD_TABLE.match(t)]
+        if len(cands) > 1 and hd:
+            sizes = sorted(int(_HD_TABLE.match(t).group(1)) for t in hd)
+            raise InputError(
+                f"{where} holds several Visium HD bin tables {cands}: choose the bin size with `bin_size=` "
+                f"(one of {sizes} µm), or a table with `table_key=`."
             )
         table_key = _choose("table", cands, None, "table_key", where) if cands else None
     elif table_key not in sdata.tables:
@@ -341,10 +419,10 @@ def _from_spatialdata(
 
     if table is not None:
         regions, region_key, instance_key = _table_region(table)
-        shape_cands = [r for r in regions if r in circles]
+        shape_cands = [r for r in regions if r in spots_like]
         shapes_key = _choose("shapes element annotated by the table", shape_cands, shapes_key, "shapes_key", where)
-    elif circles:
-        shapes_key = _choose("circle shapes element", circles, shapes_key, "shapes_key", where)
+    elif spots_like:
+        shapes_key = _choose("circle or square shapes element", spots_like, shapes_key, "shapes_key", where)
     else:
         shapes_key = None
 
@@ -357,6 +435,8 @@ def _from_spatialdata(
                 "(add it with `spatialdata.models.Image2DModel.parse`)."
             )
         image_key = None
+    elif image_key is None and len(images) > 1 and _preferred_image(images) is not None:
+        image_key = _preferred_image(images)
     else:
         image_key = _choose("image", images, image_key, "image_key", where)
 
@@ -367,15 +447,25 @@ def _from_spatialdata(
     if shapes_key is not None:
         cs_sets.append(set(_coordinate_systems(sdata.shapes[shapes_key])))
     shared = sorted(set.intersection(*cs_sets)) if cs_sets else []
+
+    def to_pixels(cs: str) -> np.ndarray:
+        a_sh = _affine(sdata.shapes[shapes_key], cs) if shapes_key is not None else np.eye(3)
+        if image_key is None:
+            return a_sh
+        return np.linalg.inv(_affine(sdata.images[image_key], cs)) @ a_sh
+
     if coordinate_system is None:
         if not shared:
             raise InputError(
                 f"Image {image_key!r} and shapes {shapes_key!r} share no coordinate system; "
                 "add transformations that place both in one system."
             )
-        coordinate_system = "global" if "global" in shared else _choose(
-            "shared coordinate system", shared, None, "coordinate_system", where
-        )
+        if "global" in shared:
+            coordinate_system = "global"
+        elif len(shared) > 1 and all(np.allclose(to_pixels(cs), to_pixels(shared[0])) for cs in shared[1:]):
+            coordinate_system = shared[0]  # e.g. Visium's '{id}' and '{id}_downscaled_hires' agree
+        else:
+            coordinate_system = _choose("shared coordinate system", shared, None, "coordinate_system", where)
     elif coordinate_system not in shared:
         raise InputError(f"coordinate system {coordinate_system!r} not shared by image and shapes; shared: {shared}.")
 
@@ -384,20 +474,14 @@ def _from_spatialdata(
     # --- spot centres in level-0 image pixels
     if shapes_key is not None:
         gdf = sdata.shapes[shapes_key]
-        xy = np.column_stack([gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()]).astype(np.float64)
-        a_sh = _affine(gdf, coordinate_system)
-        if image is not None:
-            a_im = _affine(sdata.images[image_key], coordinate_system)
-            m = np.linalg.inv(a_im) @ a_sh
-        else:
-            m = a_sh
+        xy, diam = _centres_and_diameters(gdf)
+        m = to_pixels(coordinate_system)
         xy = xy @ m[:2, :2].T + m[:2, 2]
-        lin = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
-        radius = gdf["radius"].to_numpy(dtype=np.float64) * lin
+        diam = diam * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
         shape_index = gdf.index
     else:
         xy = np.zeros((0, 2))
-        radius = np.zeros(0)
+        diam = np.zeros(0)
         shape_index = None
 
     # --- rows of the table that annotate these shapes, in table order
@@ -414,14 +498,12 @@ def _from_spatialdata(
                 f"{int((pos < 0).sum())} row(s) of table {table_key!r} point to instances missing from shapes "
                 f"{shapes_key!r} (e.g. {list(np.asarray(inst)[pos < 0][:3])}); the table and shapes disagree."
             )
-        xy, radius = xy[pos], radius[pos]
+        xy, diam = xy[pos], diam[pos]
     else:
         rows = np.arange(len(xy))
 
-    diameter = float(np.median(2 * radius)) if len(radius) else float("nan")
-    mpp = None
-    if table is not None:
-        mpp = table.uns.get(Keys.MPP)
+    diameter = float(np.median(diam)) if len(diam) else float("nan")
+    mpp = _spatialdata_mpp(sdata, table, table_key, image_key, diameter)
     name = _section_name(table, rows, table_key) if table is not None else (image_key or "section")
     return Spots(
         name=name,
@@ -430,7 +512,7 @@ def _from_spatialdata(
         diameter=diameter,
         table=table,
         rows=rows,
-        microns_per_pixel=float(mpp) if mpp is not None else None,
+        microns_per_pixel=mpp,
         source=sdata,
         keys={
             "kind": "spatialdata",
@@ -440,6 +522,27 @@ def _from_spatialdata(
             "coordinate_system": coordinate_system,
         },
     )
+
+
+def _spatialdata_mpp(sdata: Any, table: Any, table_key: str | None, image_key: str | None,
+                     diameter: float) -> float | None:
+    """Microns per level-0 image pixel, from the first source that says.
+
+    ``table.uns['microns_per_pixel']``; the image's record from :func:`stranker.io.read_slide`; a
+    Visium HD bin table (``square_008um``: the bin side is 8 µm); a Visium SpatialData read by
+    spatialdata-io (a spot is 55 µm wide).
+    """
+    if table is not None and table.uns.get(Keys.MPP) is not None:
+        return float(table.uns[Keys.MPP])
+    mpp = _image_mpp(sdata, image_key)
+    if mpp is not None or image_key is None or not np.isfinite(diameter) or diameter <= 0:
+        return mpp
+    m = _HD_TABLE.match(table_key or "")
+    if m:
+        return float(m.group(1)) / diameter
+    if getattr(sdata, "attrs", {}).get("spatialdata_io_reader") == "visium":
+        return _VISIUM_SPOT_UM / diameter
+    return None
 
 
 def _section_name(table: Any, rows: np.ndarray, default: str) -> str:

@@ -89,7 +89,14 @@ class Model:
         else:
             reader = self._reader(sp)
             n = sp.n_spots if centers is None else len(centers)
-        embs, preds = [], []
+        # outputs are filled batch by batch: working memory is one batch, whatever the number of spots
+        emb_out = np.empty((n, c.embed_dim), dtype=np.float32)
+        pred_out = np.empty((n, len(self.genes)), dtype=np.float32)
+        mean = torch.as_tensor(self.meta["target_mean"], device=dev)
+        std = torch.as_tensor(self.meta["target_std"], device=dev)
+        if c.predict != "head":
+            keys = torch.as_tensor(self.bank["keys"], device=dev)
+            values = torch.as_tensor(self.bank["values"], device=dev)
         from tqdm.auto import tqdm
 
         starts = range(0, n, batch_size)
@@ -104,21 +111,15 @@ class Model:
                 x = torch.from_numpy(reader.read(centers=centers[sl]))
             with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 e, p = al.teacher.forward_tta(to_input(x, dev), c.tta and c.image_features is None)
-            embs.append(e.float())
-            preds.append(p.float())
-        emb = torch.cat(embs) if embs else torch.zeros(0, c.embed_dim, device=dev)
-        head = torch.cat(preds) if preds else torch.zeros(0, len(self.genes), device=dev)
-        mean = torch.as_tensor(self.meta["target_mean"], device=dev)
-        std = torch.as_tensor(self.meta["target_std"], device=dev)
-        head = head * std + mean
-        if c.predict == "head":
-            out = head
-        else:
-            keys = torch.as_tensor(self.bank["keys"], device=dev)
-            values = torch.as_tensor(self.bank["values"], device=dev)
-            ret = retrieve(emb, keys, values, c.top_k)
-            out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
-        return emb.cpu().numpy(), out.cpu().numpy().astype(np.float32)
+            e, head = e.float(), p.float() * std + mean
+            if c.predict == "head":
+                out = head
+            else:
+                ret = retrieve(e, keys, values, c.top_k)
+                out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
+            emb_out[start : start + len(sl)] = e.cpu().numpy()
+            pred_out[start : start + len(sl)] = out.cpu().numpy()
+        return emb_out, pred_out
 
     def _each(self, data: Any, which: int, device: str | None, keys: dict[str, Any]) -> Any:
         """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""

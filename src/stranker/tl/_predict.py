@@ -8,28 +8,43 @@ import numpy as np
 
 from .._constants import Keys
 from .._settings import logger
-from .._spots import InputError, Spots, as_spots
-from ..pp._patches import check_inside
+from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
+from .._write import write_results
+from ..pp._patches import _TILE, check_inside
 from ._fit import write_outputs
+
+_DETECT_PX = 1 << 22  # tissue detection reads at most about this many pixels (a 2048 x 2048 level)
+
+
+def _detection_level(sp: Spots, spacing: float) -> tuple[int, int]:
+    """Level and stride for tissue detection: a tile spans at least 8 pixels, at most ~4 Mpx are read."""
+    img = sp.image
+    fine_enough = [i for i, s in enumerate(img.scales) if s <= spacing / 8] or [int(np.argmin(img.scales))]
+    level = max(fine_enough, key=lambda i: img.scales[i])
+    n_px = int(img.levels[level].shape[1]) * int(img.levels[level].shape[2])
+    return level, max(int(np.ceil(np.sqrt(n_px / _DETECT_PX))), 1)
 
 
 def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarray:
     """Centres (level-0 px) of a square grid of ``spacing``-wide tiles that lie on tissue.
 
-    Tissue is told from background on the coarsest image level by Otsu's threshold on colour
-    saturation (H&E stains are saturated, glass is not); a tile is kept when at least
-    ``min_tissue`` of it is tissue.
+    Tissue is told from background by Otsu's threshold on colour saturation (H&E stains are
+    saturated, glass is not), on the coarsest pyramid level where a tile still spans 8 pixels,
+    subsampled to a few million pixels at most, so the cost does not grow with the slide's full
+    resolution. A tile is kept when at least ``min_tissue`` of it is tissue.
     """
     from scipy.ndimage import uniform_filter
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
     img = sp.image
-    level = len(img.scales) - 1
-    s = img.scales[level]
-    _, h, w = img.levels[level].shape
-    rgb = img.read(level, 0, h, 0, w)
-    sat = rgb2hsv(rgb)[..., 1]
+    level, stride = _detection_level(sp, spacing)
+    arr = img.levels[level][:, ::stride, ::stride]
+    s = img.scales[level] * stride
+    _, h, w = arr.shape
+    rgb = _to_uint8_rgb(np.asarray(arr.compute() if hasattr(arr, "compute") else arr), img.name)
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)  # HSV saturation, in float32
+    del rgb, mx, mn
     thr = threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
     mask = (sat > max(thr, 0.05)).astype(np.float32)
     side = max(int(round(spacing / s)), 1)
@@ -44,6 +59,36 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     return centres[frac[iy, ix] >= min_tissue]
 
 
+def model_mpp(model: Any) -> float | None:
+    """Microns per (level-0) pixel of the sections the model was trained on, when known."""
+    meta = model.meta
+    if meta.get("microns_per_pixel"):
+        return float(meta["microns_per_pixel"])
+    if meta.get("patch_um") and model.config.patch_um is None and meta.get("patch_px"):
+        return float(meta["patch_um"]) / float(meta["patch_px"])  # patches were patch_px wide on section 1
+    if meta.get("spot_diameter_um") and meta.get("spot_diameter_px"):
+        return float(meta["spot_diameter_um"]) / float(meta["spot_diameter_px"])
+    return None
+
+
+def resampling(sp: Spots, model: Any) -> dict[str, Any]:
+    """How the patches of a section are read for ``model``: pyramid level and scale factor (for ``uns``)."""
+    reader = model._reader(sp)
+    side0 = reader.size * max(reader.scales)
+    level = sp.image.level_for(side0 / reader.out_px)
+    train = model_mpp(model)
+    slide = sp.microns_per_pixel
+    return {
+        "slide_microns_per_pixel": slide,
+        "model_microns_per_pixel": train,
+        # slide pixels per training pixel: 2.0 means the slide is sampled twice as finely as the training data
+        "factor": float(train / slide) if train and slide else None,
+        "patch_px": float(reader.size),
+        "level": int(level),
+        "level_scale": float(sp.image.scales[level]),
+    }
+
+
 def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, float]:
     if tile_px is None:
         d_um, mpp = model.meta.get("spot_diameter_um"), sp.microns_per_pixel
@@ -53,6 +98,13 @@ def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, 
     centres = tissue_grid(sp, float(tile_px))
     if len(centres) == 0:
         raise InputError(f"No tissue found on the image of section {sp.name!r}; pass spots or check the image.")
+    # order tiles block by block (the blocks the patch reader reads at once), so that consecutive
+    # batches read neighbouring windows of the file instead of sweeping whole rows of the slide
+    probe = Spots(name=sp.name, image=sp.image, centers=centres[:1], diameter=float(tile_px), table=None,
+                  rows=np.arange(1), microns_per_pixel=sp.microns_per_pixel)
+    block = _TILE * resampling(probe, model)["level_scale"]
+    by, bx = (centres[:, 1] // block).astype(np.int64), (centres[:, 0] // block).astype(np.int64)
+    centres = centres[np.lexsort((centres[:, 0], centres[:, 1], bx, by))]
     logger.info(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
     tiled = Spots(name=sp.name, image=sp.image, centers=centres, diameter=float(tile_px), table=None,
                   rows=np.arange(len(centres)), microns_per_pixel=sp.microns_per_pixel, source=sp.source, keys=sp.keys)
@@ -86,6 +138,7 @@ def predict(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ) -> None:
     """Predict expression and image embeddings on any section.
 
@@ -95,41 +148,55 @@ def predict(
         A fitted :class:`stranker.Model`.
     data
         SpatialData, AnnData (squidpy layout) or a list. A SpatialData with an image but no spots
-        gets a grid of spot-sized tiles over its tissue.
+        (e.g. a whole slide from :func:`stranker.io.read_slide`) gets a grid of spot-sized tiles over
+        its tissue, streamed through the model in batches (memory does not grow with the slide beyond
+        the outputs). Visium and Visium HD SpatialData from ``spatialdata_io`` are read as they are.
     key_added
         Prefix of the written keys.
     device
         Torch device; default ``sr.settings.device``.
     tile_px
-        Tile side for image-only slides, in image pixels (default: the training spot size).
+        Tile side for image-only slides, in image pixels (default: the training spot size in µm at
+        the slide's resolution).
     image_key, shapes_key, table_key, library_id
         Which elements when there are several.
+    bin_size
+        Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
+        one spot: the model reads its own patch (its training width in µm) centred on the bin.
 
     Returns
     -------
     ``None``. On sections with spots and a table, writes ``obsm['X_{key_added}']``,
-    ``layers[key_added]`` (modelled genes; others NaN) and ``uns[key_added]`` (``in_sample=False``).
+    ``layers[key_added]`` (modelled genes; others NaN) and ``uns[key_added]`` (``in_sample=False``;
+    ``resampling``: slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
-                    need_image=need_image, need_table=False)
+                    bin_size=bin_size, need_image=need_image, need_table=False)
     plans = []
     for sp in secs:
         if sp.n_spots == 0:
             if sp.keys.get("kind") != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
-            tiled, _ = _tile_section(sp, model, tile_px)
-            plans.append(("tiles", tiled, *model.infer(tiled, device=device)))
+            sp, _ = _tile_section(sp, model, tile_px)
+            kind = "tiles"
         else:
             if need_image:
                 check_inside(sp)
-            plans.append(("spots", sp, *model.infer(sp, device=device)))
+            kind = "spots"
+        info = resampling(sp, model) if need_image else None
+        if info and info["factor"] and abs(info["factor"] - 1) > 0.01:
+            logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
+                        f"{info['model_microns_per_pixel']:.4g}: patches resampled x{1 / info['factor']:.3g} "
+                        f"from pyramid level {info['level']}.")
+        plans.append((kind, sp, info, *model.infer(sp, device=device)))
     # everything computed: write
-    for kind, sp, emb, pred in plans:
+    for kind, sp, info, emb, pred in plans:
         if kind == "spots" and sp.table is not None:
             write_outputs(sp, model, emb, pred, key_added, in_sample=False)
+            _record(sp, key_added, info)
             continue
         import geopandas  # noqa: F401  (spatialdata shapes)
         from spatialdata.models import ShapesModel
@@ -151,5 +218,13 @@ def predict(
         new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
         write_outputs(new, model, emb, pred, key_added, in_sample=False)
+        _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+
+
+def _record(sp: Spots, key_added: str, info: dict[str, Any] | None) -> None:
+    """Add how the patches were resampled to the run record ``uns[key_added]``."""
+    if info is not None:
+        info = {k: v for k, v in info.items() if v is not None}
+        write_results(sp, uns={key_added: {**sp.table.uns[key_added], "resampling": info}})

@@ -1,0 +1,303 @@
+"""Whole-slide images (SVS, NDPI, OME-TIFF, pyramidal TIFF) as lazily read SpatialData images."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._constants import Keys
+from .._settings import logger
+from .._spots import InputError
+
+# formats OpenSlide reads and tifffile does not (or not as well): vendor formats
+_VENDOR = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+_TIFF = {".tif", ".tiff", ".btf", ".tf2", ".tf8"}
+_CHUNK = 1024  # pixels per side of a dask chunk (one lazy read)
+_CACHE = 8  # chunks kept per level (3 MB each)
+_MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
+
+
+class _Level:
+    """One pyramid level as a read-only ``(c, y, x)`` uint8 array that reads only the window asked for.
+
+    ``dask.array.from_array`` cuts it into chunks; each chunk computed is one call of
+    :meth:`__getitem__`, which reads that window from the file and nothing else. The last few
+    windows are kept (``_CACHE`` chunks, a few tens of MB at most), so that neighbouring patches
+    read in consecutive batches do not decode the same part of the file again.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, shape: tuple[int, int, int], read: Any, name: str) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.shape = tuple(int(s) for s in shape)
+        self._read = read  # (y0, y1, x0, x1) -> (y, x, c) array
+        self.name = name
+        self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        key = (y0, y1, x0, x1)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        win = np.asarray(self._read(y0, y1, x0, x1))
+        with self._lock:
+            self._cache[key] = win
+            while len(self._cache) > _CACHE:
+                self._cache.popitem(last=False)
+        return win
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        cs, ys, xs = key
+        y0, y1, _ = ys.indices(self.shape[1])
+        x0, x1, _ = xs.indices(self.shape[2])
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((self.shape[0], max(y1 - y0, 0), max(x1 - x0, 0)), dtype=np.uint8)[cs]
+        return np.moveaxis(self._window(y0, y1, x0, x1), -1, 0)[cs]
+
+
+def read_slide(
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    backend: str | None = None,
+    image_key: str = Keys.IMAGE,
+    series: int = 0,
+) -> Any:
+    """Open a whole-slide image as a SpatialData whose image reads lazily from the file's pyramid.
+
+    Parameters
+    ----------
+    path
+        An SVS, NDPI, MRXS, SCN (read by OpenSlide), OME-TIFF or pyramidal TIFF (read by tifffile).
+    mpp
+        Microns per pixel of the full-resolution level; overrides what the file says. Needed when the
+        file does not record its resolution.
+    backend
+        ``'tifffile'`` or ``'openslide'``; by default OpenSlide for vendor formats and tifffile for TIFF.
+    image_key
+        Name of the image element.
+    series
+        Image series of a TIFF holding several (tifffile only).
+
+    Returns
+    -------
+    A :class:`spatialdata.SpatialData` with one multiscale image ``image_key`` (one dask-backed scale
+    per pyramid level of the file, in the ``'global'`` coordinate system of level-0 pixels). Nothing is
+    read until a region is asked for. The resolution is stored as ``attrs['microns_per_pixel']`` of
+    the image element and in ``sdata.attrs['microns_per_pixel'][image_key]``, where
+    :func:`stranker.tl.predict` finds it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Slide file {path} does not exist.")
+    ext = path.suffix.lower()
+    if backend is None:
+        backend = "openslide" if ext in _VENDOR else "tifffile"
+    if backend == "openslide":
+        levels, file_mpp, fmt = _open_openslide(path)
+    elif backend == "tifffile":
+        if ext in _VENDOR - {".svs", ".ndpi"}:
+            raise InputError(f"{path.name}: tifffile cannot read {ext} slides; use `backend='openslide'`.")
+        levels, file_mpp, fmt = _open_tifffile(path, series)
+    else:
+        raise InputError(f"`backend` must be 'tifffile' or 'openslide', got {backend!r}.")
+    if mpp is not None:
+        if not np.isfinite(mpp) or mpp <= 0:
+            raise InputError(f"`mpp` must be a positive number of micrometres per pixel, got {mpp!r}.")
+        file_mpp = float(mpp)
+    if file_mpp is None:
+        raise InputError(
+            f"{path.name} ({fmt}) does not record its resolution (no microns per pixel in its metadata); "
+            "pass `mpp=` (e.g. `mpp=0.5` for a 20x scan, `0.25` for 40x)."
+        )
+    logger.info(
+        f"Opened {path.name} ({fmt}, {backend}): {len(levels)} level(s), level 0 "
+        f"{levels[0].shape[2]} x {levels[0].shape[1]} px at {file_mpp:.4g} µm/px."
+    )
+    return _as_sdata(levels, float(file_mpp), image_key, str(path))
+
+
+def _as_sdata(levels: list[_Level], mpp: float, image_key: str, source: str) -> Any:
+    """Stack lazy levels into a spatialdata multiscale image (``scale0`` .. ``scaleN``)."""
+    import dask.array as da
+    import xarray as xr
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity, set_transformation
+    from spatialdata.transformations._utils import compute_coordinates
+
+    token = uuid.uuid4().hex
+    nodes = {}
+    for i, lv in enumerate(levels):
+        arr = da.from_array(
+            lv,
+            chunks=(lv.shape[0], _CHUNK, _CHUNK),
+            name=f"stranker-slide-{token}-{i}",
+            asarray=False,
+            lock=False,
+            meta=np.empty((0, 0, 0), dtype=np.uint8),
+        )
+        c_coords = ["r", "g", "b"] if lv.shape[0] == 3 else [f"c{j}" for j in range(lv.shape[0])]
+        nodes[f"scale{i}"] = xr.Dataset(
+            {"image": xr.DataArray(arr, dims=("c", "y", "x"), coords={"c": c_coords})}
+        )
+    tree = xr.DataTree.from_dict(nodes)
+    set_transformation(tree, {"global": Identity()}, set_all=True)
+    tree = compute_coordinates(tree)
+    Image2DModel().validate(tree)
+    tree.attrs[Keys.MPP] = mpp
+    tree.attrs["source"] = source
+    sdata = SpatialData(images={image_key: tree})
+    sdata.attrs[Keys.MPP] = {image_key: mpp}
+    return sdata
+
+
+# --------------------------------------------------------------------------------------------
+# tifffile
+# --------------------------------------------------------------------------------------------
+def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None, str]:
+    try:
+        import tifffile
+        import zarr
+    except ImportError as e:  # pragma: no cover - both are dependencies
+        raise InputError(
+            f"Reading TIFF slides needs tifffile and zarr ({e}); `pip install tifffile zarr`."
+        ) from e
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as e:
+        raise InputError(
+            f"{path.name} is not a TIFF file tifffile can read ({e}). For vendor formats "
+            "(SVS, NDPI, MRXS) use `backend='openslide'`."
+        ) from e
+    if series >= len(tif.series):
+        raise InputError(f"{path.name} has {len(tif.series)} image series; `series={series}` does not exist.")
+    s = tif.series[series]
+    store = zarr.open(s.aszarr(), mode="r")
+    arrays = [store[k] for k in sorted(store.keys(), key=int)] if hasattr(store, "keys") else [store]
+    fmt = "OME-TIFF" if tif.is_ome else ("SVS" if tif.is_svs else ("NDPI" if tif.is_ndpi else "TIFF"))
+    levels = []
+    for i, (lv, arr) in enumerate(zip(s.levels, arrays, strict=True)):
+        axes = lv.axes
+        squeeze = tuple(j for j, a in enumerate(axes) if a not in "YXSC" and lv.shape[j] == 1)
+        rest = "".join(a for j, a in enumerate(axes) if j not in squeeze)
+        if set(rest) - set("YXSC") or "Y" not in rest or "X" not in rest:
+            raise InputError(
+                f"{path.name}: image axes {axes!r} (shape {lv.shape}) are not a 2-D (RGB) image."
+            )
+        if len(rest) == 2:
+            rest += "S"
+        order = [rest.index("Y"), rest.index("X"), rest.index("S" if "S" in rest else "C")]
+        shape = tuple(lv.shape[j] for j in range(len(axes)) if j not in squeeze)
+        h, w, c = shape[order[0]], shape[order[1]], (shape[order[2]] if len(shape) == 3 else 1)
+        levels.append(
+            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), lv.dtype), f"{path.name}[{i}]")
+        )
+    return levels, _tiff_mpp(tif, s), fmt
+
+
+def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, dtype: Any):
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        key: list[Any] = [slice(None)] * ndim
+        kept = [j for j in range(ndim) if j not in squeeze]
+        for j in squeeze:
+            key[j] = 0
+        key[kept[order[0]]] = slice(y0, y1)
+        key[kept[order[1]]] = slice(x0, x1)
+        win = np.asarray(arr[tuple(key)])
+        if win.ndim == 2:
+            win = win[..., None]
+        win = np.transpose(win, order)
+        return _as_uint8(win, dtype)
+
+    return read
+
+
+def _as_uint8(win: np.ndarray, dtype: Any) -> np.ndarray:
+    if win.dtype == np.uint8:
+        return win
+    if np.issubdtype(win.dtype, np.integer):
+        return (win.astype(np.float32) * (255.0 / np.iinfo(win.dtype).max)).astype(np.uint8)
+    return np.clip(np.nan_to_num(win.astype(np.float32)) * 255.0, 0, 255).astype(np.uint8)
+
+
+def _tiff_mpp(tif: Any, s: Any) -> float | None:
+    """Microns per pixel from OME metadata, the Aperio description, or the TIFF resolution tags."""
+    if tif.is_ome and tif.ome_metadata:
+        m = re.search(r"<Pixels[^>]*>", tif.ome_metadata)
+        if m:
+            size = re.search(r'PhysicalSizeX="([^"]+)"', m.group(0))
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', m.group(0))
+            if size:
+                u = unit.group(1) if unit else "µm"
+                if u in _MICRONS:
+                    return float(size.group(1)) * _MICRONS[u]
+    page = s.levels[0].keyframe
+    if tif.is_svs:
+        import tifffile
+
+        meta = tifffile.svs_description_metadata(page.description)
+        if meta.get("MPP"):
+            return float(meta["MPP"])
+    try:
+        unit = int(page.resolutionunit)
+        xres = float(page.resolution[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre in micrometres
+    if per_unit is None or not xres > 0:
+        return None
+    return per_unit / xres
+
+
+# --------------------------------------------------------------------------------------------
+# OpenSlide
+# --------------------------------------------------------------------------------------------
+def _open_openslide(path: Path) -> tuple[list[_Level], float | None, str]:
+    try:
+        import openslide
+    except (ImportError, OSError) as e:
+        raise InputError(
+            f"Reading {path.suffix} slides needs OpenSlide ({e}). Install it with "
+            "`pip install 'stranker[wsi]'` (the openslide-bin and openslide-python wheels); "
+            "TIFF-based SVS/NDPI files can also be read with `backend='tifffile'`."
+        ) from e
+    try:
+        osl = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as e:
+        raise InputError(f"OpenSlide cannot read {path.name}: {e}") from e
+    props = osl.properties
+    mpp = props.get(openslide.PROPERTY_NAME_MPP_X)
+    fmt = props.get(openslide.PROPERTY_NAME_VENDOR, "openslide")
+    levels = []
+    for i, ((w, h), ds) in enumerate(zip(osl.level_dimensions, osl.level_downsamples, strict=True)):
+        levels.append(_Level((3, h, w), _openslide_reader(osl, i, float(ds)), f"{path.name}[{i}]"))
+    return levels, float(mpp) if mpp else None, fmt
+
+
+def _openslide_reader(osl: Any, level: int, downsample: float):
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        # OpenSlide places the region by its level-0 corner; transparent (outside) pixels become white
+        rgba = np.asarray(
+            osl.read_region(
+                (int(round(x0 * downsample)), int(round(y0 * downsample))), level, (x1 - x0, y1 - y0)
+            )
+        )
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255
+        return rgb
+
+    return read

@@ -1,0 +1,328 @@
+"""Visium and Visium HD as spatialdata-io reads them: tiny raw Space Ranger outputs written here."""
+
+import json
+
+import numpy as np
+import pytest
+
+import stranker as sr
+from stranker._spots import InputError, as_spots
+
+spatialdata_io = pytest.importorskip("spatialdata_io")
+
+FAST = dict(
+    epochs=1,
+    batch_size=16,
+    patch_px=64,
+    image_size=32,
+    backbone="test_resnet",
+    n_top_genes=20,
+    genes="heg",
+    tta=False,
+)
+GENES = [f"G{j}" for j in range(30)]
+
+
+def _code(i):
+    """A colour that names spot / bin i."""
+    return np.array([30 + (i * 37) % 200, 40 + (i * 53) % 180, 90], dtype=np.uint8)
+
+
+def _background(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(np.array([200, 120, 180]) + rng.normal(0, 15, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _write_h5(path, counts, barcodes):
+    """A Cell Ranger v3 feature-barcode matrix (CSC: genes x barcodes)."""
+    import h5py
+    import scipy.sparse as sps
+
+    m = sps.csc_matrix(counts.T.astype(np.int32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = np.array(barcodes, dtype="S")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        ft = g.create_group("features")
+        ft["id"] = np.array([f"ENSG{j:05d}" for j in range(len(GENES))], dtype="S")
+        ft["name"] = np.array(GENES, dtype="S")
+        ft["feature_type"] = np.array(["Gene Expression"] * len(GENES), dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * len(GENES), dtype="S")
+        ft["_all_tag_keys"] = np.array([b"genome"])
+
+
+def _save_png(path, img):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def _downscale(img, f):
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).resize((round(w * f), round(h * f)), Image.BILINEAR))
+
+
+def write_visium(root, *, mpp=1.0, n_side=6, spacing=100, hires=0.5, lowres=0.125, full=True, seed=0):
+    """Space Ranger 2 output of a Visium section: spots 55 µm wide, each painted with its colour code."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    d = 55.0 / mpp
+    size = spacing * (n_side + 1)
+    img = _background(size, size, seed)
+    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    x = (cols.ravel() + 1) * spacing + (rows.ravel() % 2) * spacing / 2 - spacing / 4
+    y = (rows.ravel() + 1) * spacing
+    n = len(x)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        img[(yy - y[i]) ** 2 + (xx - x[i]) ** 2 <= (d / 5) ** 2] = _code(i)
+    barcodes = [f"AAAC{i:04d}-1" for i in range(n)]
+    # one off-tissue spot: in the positions file, not in the filtered matrix
+    pos = {
+        "barcode": barcodes + ["TTTT0000-1"],
+        "in_tissue": [1] * n + [0],
+        "array_row": list(rows.ravel()) + [99],
+        "array_col": list(2 * cols.ravel() + rows.ravel() % 2) + [99],
+        "pxl_row_in_fullres": list(y) + [5],
+        "pxl_col_in_fullres": list(x) + [5],
+    }
+    import pandas as pd
+
+    (root / "spatial").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(pos).to_csv(root / "spatial" / "tissue_positions.csv", index=False)
+    (root / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "tissue_hires_scalef": hires,
+                "tissue_lowres_scalef": lowres,
+                "spot_diameter_fullres": d,
+                "fiducial_diameter_fullres": d * 1.6,
+            }
+        )
+    )
+    _write_h5(root / "filtered_feature_bc_matrix.h5", rng.poisson(5, (n, len(GENES))), barcodes)
+    _save_png(root / "spatial" / "tissue_hires_image.png", _downscale(img, hires))
+    _save_png(root / "spatial" / "tissue_lowres_image.png", _downscale(img, lowres))
+    if full:
+        tifffile.imwrite(root / "image.tif", img)
+    return np.column_stack([x, y]), img
+
+
+def write_visium_hd(root, *, mpp=0.5, extent_um=192, seed=0):
+    """Space Ranger 3 output of Visium HD: 2, 8 and 16 µm square bins; the 16 µm bins painted."""
+    import h5py
+    import pandas as pd
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    size = int(round(extent_um / mpp))
+    img = _background(size, size, seed)
+    hires, lowres = 0.25, 0.05
+    meta = {"hd_layout_json": json.dumps({"file_format": "1.0", "transform": [1, 0, 0, 0, 1, 0, 0, 0, 1]})}
+    root.mkdir(parents=True, exist_ok=True)
+    with h5py.File(root / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps(meta)
+    centres = {}
+    for b in (2, 8, 16):
+        side = b / mpp
+        k = int(extent_um // b)
+        rows, cols = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        x, y = (cols.ravel() + 0.5) * side, (rows.ravel() + 0.5) * side
+        centres[b] = np.column_stack([x, y])
+        if b == 16:
+            for i in range(len(x)):
+                img[
+                    int(y[i] - side / 4) : int(y[i] + side / 4), int(x[i] - side / 4) : int(x[i] + side / 4)
+                ] = _code(i)
+        folder = root / "binned_outputs" / f"square_{b:03d}um"
+        barcodes = [f"s_{b:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel(), strict=True)]
+        _write_h5(
+            folder / "filtered_feature_bc_matrix.h5", rng.poisson(0.2 * b, (len(x), len(GENES))), barcodes
+        )
+        (folder / "spatial").mkdir(parents=True, exist_ok=True)
+        (folder / "spatial" / "scalefactors_json.json").write_text(
+            json.dumps(
+                {
+                    "tissue_hires_scalef": hires,
+                    "tissue_lowres_scalef": lowres,
+                    "spot_diameter_fullres": side,
+                    "bin_size_um": float(b),
+                    "microns_per_pixel": mpp,
+                    "regist_target_img_scalef": hires,
+                }
+            )
+        )
+        pd.DataFrame(
+            {
+                "barcode": barcodes,
+                "in_tissue": 1,
+                "array_row": rows.ravel(),
+                "array_col": cols.ravel(),
+                "pxl_row_in_fullres": y,
+                "pxl_col_in_fullres": x,
+            }
+        ).to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+    (root / "spatial").mkdir(exist_ok=True)
+    (root / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "tissue_hires_scalef": hires,
+                "tissue_lowres_scalef": lowres,
+                "spot_diameter_fullres": 8 / mpp,
+                "bin_size_um": 8.0,
+                "microns_per_pixel": mpp,
+            }
+        )
+    )
+    _save_png(root / "spatial" / "tissue_hires_image.png", _downscale(img, hires))
+    _save_png(root / "spatial" / "tissue_lowres_image.png", _downscale(img, lowres))
+    (root / "microscope_image").mkdir()
+    tifffile.imwrite(root / "microscope_image" / "image.tif", img)
+    return centres, img
+
+
+def _centre_colour(sdata, **keys):
+    """Mean colour of the 4x4 pixels at each spot centre, read through the adapter."""
+    sp = as_spots(sdata, **keys)[0]
+    patches = sr.pp.patches(sdata, size=4, **keys)
+    return sp, patches.reshape(len(patches), -1, 3).mean(1)
+
+
+@pytest.fixture(scope="module")
+def visium_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("visium")
+    xy, _ = write_visium(root)
+    return root, xy
+
+
+@pytest.fixture(scope="module")
+def hd_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("visium_hd")
+    centres, _ = write_visium_hd(root)
+    return root, centres
+
+
+def _read_visium(root, full):
+    return spatialdata_io.visium(root, dataset_id="V1", fullres_image_file="image.tif" if full else None)
+
+
+def _read_hd(root):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata_io.visium_hd(root, dataset_id="HD", load_segmentations_only=False)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_visium_spots_images_and_resolution(visium_dir, full):
+    root, xy = visium_dir
+    sdata = _read_visium(root, full)
+    assert {"V1_hires_image", "V1_lowres_image"} <= set(sdata.images) and "V1" in sdata.shapes
+    sp, colours = _centre_colour(sdata)
+    scale = 1.0 if full else 0.5  # without the full image the hires image (scalef 0.5) is used
+    assert sp.keys["image_key"] == ("V1_full_image" if full else "V1_hires_image")
+    np.testing.assert_allclose(sp.centers, xy * scale)
+    assert sp.diameter == pytest.approx(55.0 * scale)
+    assert sp.microns_per_pixel == pytest.approx(1.0 / scale)  # 55 µm spots
+    codes = np.stack([_code(i) for i in range(sp.n_spots)]).astype(float)
+    assert np.abs(colours - codes).max() < 12
+    # an explicit image still wins, in its own pixels
+    lo = as_spots(sdata, image_key="V1_lowres_image")[0]
+    np.testing.assert_allclose(lo.centers, xy * 0.125)
+    assert lo.microns_per_pixel == pytest.approx(8.0)
+
+
+@pytest.fixture(scope="module")
+def visium_model(visium_dir):
+    root, _ = visium_dir
+    sdata = _read_visium(root, True)
+    model = sr.tl.fit(sdata, seed=0, **FAST)  # directly on what spatialdata-io returns
+    return model, sdata
+
+
+def test_fit_and_predict_on_visium_directly(visium_model, visium_dir):
+    model, sdata = visium_model
+    t = sdata.tables["table"]
+    assert np.isfinite(t.layers["stranker"][:, t.var_names.get_indexer(model.genes)]).all()
+    assert model.meta["spot_diameter_um"] == pytest.approx(55.0)
+    other = _read_visium(visium_dir[0], False)  # same section, hires image only (2 µm/px)
+    sr.tl.predict(model, other)
+    rec = other.tables["table"].uns["stranker"]
+    assert rec["resampling"]["factor"] == pytest.approx(0.5)
+    assert rec["resampling"]["patch_px"] == pytest.approx(32.0)  # the 64 µm training patch at 2 µm/px
+
+
+@pytest.mark.parametrize("bin_size", [8, 16])
+def test_visium_hd_bins_by_size(hd_dir, bin_size):
+    root, centres = hd_dir
+    sdata = _read_hd(root)
+    assert {"square_002um", "square_008um", "square_016um"} <= set(sdata.tables)
+    sp = as_spots(sdata, bin_size=bin_size)[0]
+    assert sp.keys["table_key"] == f"square_{bin_size:03d}um" and sp.keys["image_key"] == "HD_full_image"
+    assert sp.keys["shapes_key"] == f"HD_square_{bin_size:03d}um"
+    assert sdata.shapes[sp.keys["shapes_key"]].geometry.iloc[0].geom_type == "Polygon"  # squares
+    np.testing.assert_allclose(sp.centers, centres[bin_size], atol=1e-6)  # polygon centroids
+    assert sp.diameter == pytest.approx(bin_size / 0.5)  # side of the square
+    assert sp.microns_per_pixel == pytest.approx(0.5)
+    same = as_spots(sdata, table_key=f"square_{bin_size:03d}um")[0]
+    np.testing.assert_array_equal(same.centers, sp.centers)
+    if bin_size == 16:
+        _, colours = _centre_colour(sdata, table_key="square_016um")
+        codes = np.stack([_code(i) for i in range(sp.n_spots)]).astype(float)
+        assert np.abs(colours - codes).max() < 1
+
+
+def test_visium_hd_needs_a_bin_size(hd_dir):
+    sdata = _read_hd(hd_dir[0])
+    with pytest.raises(InputError, match=r"bin_size=.*\[2, 8, 16\]"):
+        as_spots(sdata)
+    with pytest.raises(InputError, match=r"no table 'square_032um'.*\[2, 8, 16\]"):
+        as_spots(sdata, bin_size=32)
+    with pytest.raises(InputError, match="not both"):
+        as_spots(sdata, bin_size=8, table_key="square_008um")
+
+
+def test_predict_on_visium_hd_bins(visium_model, hd_dir):
+    model, _ = visium_model
+    sdata = _read_hd(hd_dir[0])
+    sr.tl.predict(model, sdata, bin_size=16)
+    t = sdata.tables["square_016um"]
+    assert t.obsm["X_stranker"].shape == (t.n_obs, model.config.embed_dim)
+    assert np.isfinite(t.layers["stranker"][:, t.var_names.get_indexer(model.genes)]).all()
+    res = t.uns["stranker"]["resampling"]
+    assert res["factor"] == pytest.approx(2.0)  # trained at 1 µm/px, the HD image is 0.5 µm/px
+    assert res["patch_px"] == pytest.approx(128.0)  # each bin is read with the model's 64 µm patch
+    assert "stranker" not in sdata.tables["square_008um"].layers  # other bin sizes untouched
+    # predictions vary from bin to bin (each bin has its own patch)
+    assert np.asarray(t.layers["stranker"])[:, t.var_names.get_indexer(model.genes)].std(0).mean() > 0
+
+
+def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
+    sdata = _read_hd(hd_dir[0])
+    sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
+    assert "square_032um" in sdata.tables and "HD_square_032um" in sdata.shapes
+    new, bins = sdata.tables["square_032um"], sdata.tables["square_008um"]
+    # 192 µm of 8 µm bins = 24 x 24 bins -> 6 x 6 blocks of 4 x 4
+    assert new.n_obs == 36 and (new.obs["n_bins"] == 16).all()
+    np.testing.assert_allclose(np.asarray(new.X.sum()), np.asarray(bins.X.sum()))
+    # the block in grid row 1, col 2 sums the bins with array_row 4..7 and array_col 8..11
+    sel = (bins.obs["array_row"] // 4 == 1).to_numpy() & (bins.obs["array_col"] // 4 == 2).to_numpy()
+    row = np.flatnonzero((new.obs["array_row"] == 1).to_numpy() & (new.obs["array_col"] == 2).to_numpy())[0]
+    np.testing.assert_allclose(
+        np.asarray(new.X[row].todense()).ravel(), np.asarray(bins.X[sel].sum(0)).ravel()
+    )
+    sp = as_spots(sdata, bin_size=32)[0]  # usable as spots like any HD bin size
+    assert sp.diameter == pytest.approx(64.0) and sp.microns_per_pixel == pytest.approx(0.5)
+    np.testing.assert_allclose(sp.centers[row], [(8 + 2) * 16, (4 + 2) * 16])  # centre of its 16 bins, px
+    with pytest.raises(InputError, match="already"):
+        sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
+    model = sr.tl.fit(sdata, table_key="square_032um", seed=0, **FAST)  # train at the pseudo-spot scale
+    assert model.meta["spot_diameter_um"] == pytest.approx(32.0)
+    assert np.isfinite(new.layers["stranker"][:, new.var_names.get_indexer(model.genes)]).all()
