@@ -29,7 +29,8 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     """Centres (level-0 px) of a square grid of ``spacing``-wide tiles that lie on tissue.
 
     Tissue is told from background by Otsu's threshold on colour saturation (H&E stains are
-    saturated, glass is not), on the coarsest pyramid level where a tile still spans 8 pixels,
+    saturated, glass is not), kept within [0.05, 0.15] so that a field that is all tissue is not
+    split into two kinds of tissue, on the coarsest pyramid level where a tile still spans 8 pixels,
     subsampled to a few million pixels at most, so the cost does not grow with the slide's full
     resolution. A tile is kept when at least ``min_tissue`` of it is tissue.
     """
@@ -46,7 +47,7 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)  # HSV saturation, in float32
     del rgb, mx, mn
     thr = threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
-    mask = (sat > max(thr, 0.05)).astype(np.float32)
+    mask = (sat > min(max(thr, 0.05), 0.15)).astype(np.float32)
     side = max(int(round(spacing / s)), 1)
     frac = uniform_filter(mask, size=side, mode="constant")
     h0, w0 = img.shape
