@@ -1,3 +1,5 @@
 """Plotting."""
 
-__all__: list[str] = []
+from ._kaplan_meier import kaplan_meier
+
+__all__: list[str] = ["kaplan_meier"]
