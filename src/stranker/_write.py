@@ -65,7 +65,9 @@ def write_results(
         logger.info(f"Adding `uns[{k!r}]` to the {where}")
 
 
-def write_cohort(adata: Any, *, obs: dict | None = None, obsm: dict | None = None, uns: dict | None = None) -> None:
+def write_cohort(
+    adata: Any, *, obs: dict | None = None, obsm: dict | None = None, uns: dict | None = None
+) -> None:
     """Assign slide-level results to a cohort AnnData (one row per slide) and log each key added."""
     for k, v in (obs or {}).items():
         adata.obs[k] = v

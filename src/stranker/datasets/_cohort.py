@@ -22,14 +22,15 @@ if TYPE_CHECKING:
 
 
 def _program_map(rng: np.random.Generator, size: int, scale: float, risk: int, fraction: float) -> np.ndarray:
-    """``(size, size)`` int8 map of programs (-1 = glass) where program ``risk`` covers ``fraction`` of the tissue."""
+    """Return a ``(size, size)`` int8 program map (-1 = glass); ``risk`` covers ``fraction`` of the tissue."""
     k = len(PROGRAMS)
     labels, sx, sy, keep = _voronoi_labels(rng, size, size, 11 * scale)
     # tissue: an irregular blob (ellipse with a wavy border) covering most of the slide
     cx, cy = size * rng.uniform(0.45, 0.55, 2)
     a, b = size * rng.uniform(0.36, 0.46, 2)
     ang = np.arctan2(sy - cy, sx - cx)
-    wobble = 1 + 0.08 * np.sin(3 * ang + rng.uniform(0, 2 * np.pi)) + 0.05 * np.sin(5 * ang + rng.uniform(0, 6))
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    wobble = 1 + 0.08 * np.sin(3 * ang + phase[0]) + 0.05 * np.sin(5 * ang + phase[1])
     tissue = ((sx - cx) / a) ** 2 + ((sy - cy) / b) ** 2 <= wobble**2
     # the risk program takes the cells where its smooth field is highest (a coherent region) ...
     p = _proportion_field(rng, size, size, k)(sx, sy)
@@ -62,7 +63,7 @@ def synthetic_cohort(
     label_noise: float = 0.05,
     seed: int = 0,
 ) -> tuple[list[spatialdata.SpatialData], pandas.DataFrame]:
-    """A cohort of small H&E-only slides in which the area of one tissue program drives risk.
+    """Generate a cohort of small H&E-only slides in which the area of one tissue program drives risk.
 
     Slides are painted with the texture programs of :func:`stranker.datasets.synthetic` at the
     same pixel scale (``patch_px``), so a model fitted there embeds them without resizing.

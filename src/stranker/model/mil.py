@@ -33,7 +33,9 @@ class GatedAttentionMIL(nn.Module):
         Dropout on the projected tiles.
     """
 
-    def __init__(self, in_dim: int, n_out: int = 1, hidden: int = 64, attn_dim: int = 32, dropout: float = 0.25):
+    def __init__(
+        self, in_dim: int, n_out: int = 1, hidden: int = 64, attn_dim: int = 32, dropout: float = 0.25
+    ):
         super().__init__()
         self.project = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn_v = nn.Linear(hidden, attn_dim)
@@ -42,7 +44,7 @@ class GatedAttentionMIL(nn.Module):
         self.head = nn.Linear(hidden, n_out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Outputs ``(b, n_out)``, attention ``(b, n)`` and pooled bags ``(b, hidden)``.
+        """Return outputs ``(b, n_out)``, attention ``(b, n)`` and pooled bags ``(b, hidden)``.
 
         ``x`` is ``(b, n, in_dim)`` padded bags, ``mask`` ``(b, n)`` true on real tiles.
         """
@@ -119,8 +121,9 @@ def train_mil(
     """
     if task not in ("cox", "ce"):
         raise ValueError(f"`task` must be 'cox' or 'ce', got {task!r}.")
-    gen_state = torch.random.get_rng_state()
+    gen_state, n_threads = torch.random.get_rng_state(), torch.get_num_threads()
     torch.manual_seed(seed)
+    torch.set_num_threads(1)  # a network this small runs fastest on one thread; more only contend
     try:
         x, mask = pad_bags(bags)
         net = GatedAttentionMIL(x.shape[2], 1 if task == "cox" else n_classes, **kwargs)
@@ -142,12 +145,15 @@ def train_mil(
         net.eval()
     finally:
         torch.random.set_rng_state(gen_state)
+        torch.set_num_threads(n_threads)
     return net
 
 
 @torch.no_grad()
-def predict_mil(net: GatedAttentionMIL, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """Outputs ``(b, n_out)``, per-bag attention weights and pooled vectors of a trained network."""
+def predict_mil(
+    net: GatedAttentionMIL, bags: Sequence[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Return outputs ``(b, n_out)``, per-bag attention weights and pooled vectors of a trained network."""
     x, mask = pad_bags(bags)
     net.eval()
     out, a, z = net(x, mask)

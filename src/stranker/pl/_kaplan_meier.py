@@ -57,7 +57,9 @@ def kaplan_meier(
     from ..tl._survival import survival_target
 
     if risk not in cohort.obs:
-        raise InputError(f"`obs[{risk!r}]` not found: run `sr.tl.survival` first, or pass `risk=` a column of obs.")
+        raise InputError(
+            f"`obs[{risk!r}]` not found: run `sr.tl.survival` first, or pass `risk=` a column of obs."
+        )
     t, e = survival_target(cohort.obs, time, event)
     r = pd.to_numeric(cohort.obs[risk], errors="coerce").to_numpy(dtype=float)
     if not np.isfinite(r).all():

@@ -14,7 +14,7 @@ from ._predict import _tile_section
 
 
 def slide_ids(slides: list[Any], obs: Any) -> list[str]:
-    """Ids of the slides: ``attrs['slide_id']`` of each SpatialData, else the index of ``obs``, else positions."""
+    """Return slide ids: ``attrs['slide_id']`` of each SpatialData, else the index of ``obs``, else ranks."""
     attrs = [getattr(s, "attrs", None) or {} for s in slides]
     from_attrs = [a.get(Keys.SLIDE_ID) for a in attrs]
     if all(i is not None for i in from_attrs):
@@ -22,8 +22,8 @@ def slide_ids(slides: list[Any], obs: Any) -> list[str]:
     elif any(i is not None for i in from_attrs):
         missing = [k for k, i in enumerate(from_attrs) if i is None]
         raise InputError(
-            f"Slides {missing[:5]} have no `attrs[{Keys.SLIDE_ID!r}]` while others do: set it on every slide, "
-            "or on none and pass `obs=` in slide order."
+            f"Slides {missing[:5]} have no `attrs[{Keys.SLIDE_ID!r}]` while others do: set it on every "
+            "slide, or on none and pass `obs=` in slide order."
         )
     elif obs is not None:
         if len(obs) != len(slides):
@@ -51,7 +51,9 @@ def _slide_obs(slides: list[Any], ids: list[str], obs: Any) -> Any:
     meta = pd.DataFrame(rows, index=pd.Index(ids, name=Keys.SLIDE_ID))
     if obs is not None:
         if not isinstance(obs, pd.DataFrame):
-            raise InputError(f"`obs` must be a pandas DataFrame indexed by slide id, got {type(obs).__name__}.")
+            raise InputError(
+                f"`obs` must be a pandas DataFrame indexed by slide id, got {type(obs).__name__}."
+            )
         table = obs.copy()
         table.index = table.index.astype(str)
         missing = [i for i in ids if i not in table.index]
@@ -145,8 +147,8 @@ def embed_slides(
     meta = _slide_obs(items, ids, obs)
     if pooling == "attention" and label is None:
         raise InputError(
-            "`pooling='attention'` trains an attention network against a label: pass `label='column'` (classes) "
-            "or `label=('time', 'event')` (survival)."
+            "`pooling='attention'` trains an attention network against a label: pass `label='column'` "
+            "(classes) or `label=('time', 'event')` (survival)."
         )
 
     bags, centres, sizes = [], [], []
@@ -171,7 +173,9 @@ def embed_slides(
     finally:
         logger.setLevel(level)
     n_tiles = np.array([len(b) for b in bags])
-    logger.info(f"Embedded {int(n_tiles.sum())} tiles of {len(ids)} slide(s) ({int(np.median(n_tiles))} per slide).")
+    logger.info(
+        f"Embedded {int(n_tiles.sum())} tiles of {len(ids)} slide(s) ({int(np.median(n_tiles))} per slide)."
+    )
 
     tiles: dict[str, Any] = {}
     if pooling == "mean":

@@ -7,6 +7,7 @@ of a fold only. Results go to ``uns`` under the model's name, so several models 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,19 +28,21 @@ CLASSIFY_MODELS = ("logistic", "attention")
 # inputs
 # --------------------------------------------------------------------------------------------
 def survival_target(obs: Any, time: str, event: str) -> tuple[np.ndarray, np.ndarray]:
-    """Checked ``(time, event)`` arrays from two columns of ``obs``."""
+    """Return checked ``(time, event)`` arrays from two columns of ``obs``."""
     import pandas as pd
 
     for col, what in ((time, "time"), (event, "event")):
         if col not in obs.columns:
             raise InputError(
-                f"Column {col!r} (`{what}=`) not found in `obs`; columns: {list(obs.columns)}. Pass the survival "
-                "table as `obs=` to `sr.tl.embed_slides`, or add the column."
+                f"Column {col!r} (`{what}=`) not found in `obs`; columns: {list(obs.columns)}. Pass the "
+                "survival table as `obs=` to `sr.tl.embed_slides`, or add the column."
             )
     t = pd.to_numeric(obs[time], errors="coerce").to_numpy(dtype=float)
     if not np.isfinite(t).all():
         bad = list(obs.index[~np.isfinite(t)][:5])
-        raise InputError(f"`obs[{time!r}]` has missing or non-numeric times for slides {bad}: drop or fill them.")
+        raise InputError(
+            f"`obs[{time!r}]` has missing or non-numeric times for slides {bad}: drop or fill them."
+        )
     if (t <= 0).any():
         bad = list(obs.index[t <= 0][:5])
         raise InputError(f"`obs[{time!r}]` must be positive survival times; slides {bad} have times <= 0.")
@@ -51,8 +54,8 @@ def survival_target(obs: Any, time: str, event: str) -> tuple[np.ndarray, np.nda
                           errors="coerce").to_numpy(dtype=float)
     if not np.isin(e_num, (0.0, 1.0)).all():
         raise InputError(
-            f"`obs[{event!r}]` must be event indicators (True/False or 1/0: 1 = event observed, 0 = censored), "
-            f"got values {sorted(set(map(str, e_raw.unique())))[:5]}."
+            f"`obs[{event!r}]` must be event indicators (True/False or 1/0: 1 = event observed, "
+            f"0 = censored), got values {sorted(set(map(str, e_raw.unique())))[:5]}."
         )
     e = e_num.astype(bool)
     if not e.any():
@@ -81,13 +84,22 @@ def _bags(cohort: Any, tiles_key: str) -> list[np.ndarray]:
     emb = tiles.get("embeddings") if isinstance(tiles, dict) else None
     if emb is None:
         raise InputError(
-            f"`model='attention'` trains on the tile embeddings, but `uns[{tiles_key!r}]['embeddings']` is missing: "
-            "run `sr.tl.embed_slides(..., keep_tiles=True)`."
+            f"`model='attention'` trains on the tile embeddings, but `uns[{tiles_key!r}]['embeddings']` is "
+            "missing: run `sr.tl.embed_slides(..., keep_tiles=True)`."
         )
     missing = [i for i in cohort.obs_names if i not in emb]
     if missing:
         raise InputError(f"No tile embeddings in `uns[{tiles_key!r}]` for slides {missing[:5]}.")
     return [np.asarray(emb[i], dtype=np.float32) for i in cohort.obs_names]
+
+
+@contextmanager
+def _one_blas_thread():
+    """Single-threaded BLAS: the problems here are tiny, and BLAS threads only contend on a busy machine."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def folds(strata: np.ndarray, cv: int, seed: int) -> np.ndarray:
@@ -105,7 +117,9 @@ def _check_cv(n: int, cv: int, counts: dict[str, int]) -> None:
     if not isinstance(cv, int | np.integer) or cv < 2:
         raise InputError(f"`cv` must be an integer >= 2, got {cv!r}.")
     if n < 2 * cv:
-        raise InputError(f"{n} slides are too few for cv={cv}: need at least {2 * cv} (two per fold), or lower `cv`.")
+        raise InputError(
+            f"{n} slides are too few for cv={cv}: need at least {2 * cv} (two per fold), or lower `cv`."
+        )
     small = {k: v for k, v in counts.items() if v < cv}
     if small:
         raise InputError(
@@ -257,28 +271,29 @@ def survival(
 
     risk = np.empty(len(t))
     harrell, uno, params = [], [], []
-    for k in range(cv):
-        tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        if model == "attention":
-            from ..model.mil import predict_mil, train_mil
+    with _one_blas_thread():
+        for k in range(cv):
+            tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            if model == "attention":
+                from ..model.mil import predict_mil, train_mil
 
-            b_tr, b_te = _standardise_bags([bags[i] for i in tr], [bags[i] for i in te])
-            net = train_mil(b_tr, t[tr], task="cox", event=e[tr], epochs=epochs, seed=seed + k)
-            risk[te] = predict_mil(net, b_te)[0][:, 0]
-            params.append({"epochs": epochs})
-        else:
-            x_tr, x_te = _transform(x[tr], x[te], n_pcs, seed)
-            predict, p = _fit_survival(model, x_tr, t[tr], e[tr], seed)
-            risk[te] = predict(x_te)
-            params.append(p)
-        harrell.append(_cindex(t[te], e[te], risk[te]))
-        if use_uno:
-            y_tr, y_te = Surv.from_arrays(e[tr], t[tr]), Surv.from_arrays(e[te], t[te])
-            try:
-                uno.append(float(concordance_index_ipcw(y_tr, y_te, risk[te], tau=t[tr].max())[0]))
-            except ValueError as err:  # no comparable pair below tau in this fold
-                logger.warning(f"Uno's C undefined in fold {k}: {err}")
-                uno.append(float("nan"))
+                b_tr, b_te = _standardise_bags([bags[i] for i in tr], [bags[i] for i in te])
+                net = train_mil(b_tr, t[tr], task="cox", event=e[tr], epochs=epochs, seed=seed + k)
+                risk[te] = predict_mil(net, b_te)[0][:, 0]
+                params.append({"epochs": epochs})
+            else:
+                x_tr, x_te = _transform(x[tr], x[te], n_pcs, seed)
+                predict, p = _fit_survival(model, x_tr, t[tr], e[tr], seed)
+                risk[te] = predict(x_te)
+                params.append(p)
+            harrell.append(_cindex(t[te], e[te], risk[te]))
+            if use_uno:
+                y_tr, y_te = Surv.from_arrays(e[tr], t[tr]), Surv.from_arrays(e[te], t[te])
+                try:
+                    uno.append(float(concordance_index_ipcw(y_tr, y_te, risk[te], tau=t[tr].max())[0]))
+                except ValueError as err:  # no comparable pair below tau in this fold
+                    logger.warning(f"Uno's C undefined in fold {k}: {err}")
+                    uno.append(float("nan"))
     result = {
         "model": model,
         "c_index": float(np.mean(harrell)),
@@ -321,7 +336,9 @@ def _labels(obs: Any, label: str) -> tuple[np.ndarray, np.ndarray]:
         classes = np.unique(values)
     codes = pd.Index(classes).get_indexer(values)
     if len(classes) < 2:
-        raise InputError(f"`obs[{label!r}]` holds a single class {list(classes)}: classification needs two or more.")
+        raise InputError(
+            f"`obs[{label!r}]` holds a single class {list(classes)}: classification needs two or more."
+        )
     return classes, codes
 
 
@@ -337,9 +354,9 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, seed: int):
     for k in range(n_inner):
         tr, te = inner != k, inner == k
         for j, c in enumerate(cs):
-            m = LogisticRegression(C=c, max_iter=1000).fit(x[tr], y[tr])
+            m = LogisticRegression(C=c, max_iter=500).fit(x[tr], y[tr])
             loss[j] += log_loss(y[te], m.predict_proba(x[te]), labels=np.arange(y.max() + 1))
-    return LogisticRegression(C=float(cs[int(np.argmin(loss))]), max_iter=1000).fit(x, y)
+    return LogisticRegression(C=float(cs[int(np.argmin(loss))]), max_iter=500).fit(x, y)
 
 
 def classify(
@@ -412,21 +429,22 @@ def classify(
 
     proba = np.zeros((len(y), len(classes)))
     aucs = []
-    for k in range(cv):
-        tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        if model == "attention":
-            import torch
+    with _one_blas_thread():
+        for k in range(cv):
+            tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            if model == "attention":
+                import torch
 
-            from ..model.mil import predict_mil, train_mil
+                from ..model.mil import predict_mil, train_mil
 
-            b_tr, b_te = _standardise_bags([bags[i] for i in tr], [bags[i] for i in te])
-            net = train_mil(b_tr, y[tr], task="ce", n_classes=len(classes), epochs=epochs, seed=seed + k)
-            proba[te] = torch.softmax(torch.from_numpy(predict_mil(net, b_te)[0]), 1).numpy()
-        else:
-            x_tr, x_te = _transform(x[tr], x[te], n_pcs, seed)
-            clf = _fit_logistic(x_tr, y[tr], seed)
-            proba[te] = clf.predict_proba(x_te)
-        aucs.append(auc(y[te], proba[te]))
+                b_tr, b_te = _standardise_bags([bags[i] for i in tr], [bags[i] for i in te])
+                net = train_mil(b_tr, y[tr], task="ce", n_classes=len(classes), epochs=epochs, seed=seed + k)
+                proba[te] = torch.softmax(torch.from_numpy(predict_mil(net, b_te)[0]), 1).numpy()
+            else:
+                x_tr, x_te = _transform(x[tr], x[te], n_pcs, seed)
+                clf = _fit_logistic(x_tr, y[tr], seed)
+                proba[te] = clf.predict_proba(x_te)
+            aucs.append(auc(y[te], proba[te]))
     pred = proba.argmax(1)
     result = {
         "model": model,
