@@ -89,6 +89,17 @@ def test_classify_on_shuffled_labels_is_chance(cohort):
     assert 0.3 < sr.tl.classify(cohort, label="noise")["auc"] < 0.7
 
 
+def test_results_round_trip_through_h5ad(cohort, tmp_path):
+    import anndata as ad
+
+    res = sr.tl.survival(cohort)
+    sr.tl.classify(cohort)
+    cohort.write_h5ad(tmp_path / "cohort.h5ad")
+    back = ad.read_h5ad(tmp_path / "cohort.h5ad")
+    assert back.uns["stranker_survival"]["coxnet"]["c_index"] == res["c_index"]
+    np.testing.assert_array_equal(back.obs["stranker_risk"], cohort.obs["stranker_risk"])
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

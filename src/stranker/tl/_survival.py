@@ -306,7 +306,7 @@ def survival(
         "cv": int(cv),
         "seed": int(seed),
         "fold": fold,
-        "params": params,
+        "params": {f"fold_{k}": p for k, p in enumerate(params)},  # dicts, not a list: h5ad-writable
     }
     uns_key = f"{key_added}_{Keys.SURVIVAL}"
     record = dict(cohort.uns.get(uns_key, {}))
