@@ -97,3 +97,27 @@ def synthetic_small():
     import stranker as sr
 
     return sr.datasets.synthetic(n_sections=4, n_spots=120, seed=0)
+
+
+# slide-level tasks (tests/test_slides.py, tests/test_survival.py): one quick fit, one embedded cohort
+SLIDE_FIT = dict(epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40,
+                 genes="heg")
+
+
+@pytest.fixture(scope="session")
+def slide_model(synthetic_small):
+    from spatialdata import deepcopy
+
+    import stranker as sr
+
+    return sr.tl.fit([deepcopy(s) for s in synthetic_small[:3]], seed=0, **SLIDE_FIT)
+
+
+@pytest.fixture(scope="session")
+def slide_cohort(slide_model):
+    """(slides, clinical table, embedded cohort with tile bags) of 60 synthetic 256-px slides."""
+    import stranker as sr
+
+    slides, clinical = sr.datasets.synthetic_cohort(60, size_px=256, seed=0)
+    cohort = sr.tl.embed_slides(slide_model, slides, obs=clinical, keep_tiles=True)
+    return slides, clinical, cohort

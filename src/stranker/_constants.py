@@ -20,3 +20,15 @@ class Keys:
     # squidpy / scanpy layout
     SPATIAL = "spatial"
     MPP = "microns_per_pixel"
+    # slide-level tasks (cohort AnnData: one row per slide); suffixes follow the `key_added` prefix
+    SLIDE_ID = "slide_id"
+    TIME = "time"
+    EVENT = "event"
+    LABEL = "label"
+    TILES = "tiles"  # uns[f"{key_added}_tiles"]: per-slide tile embeddings and centres
+    N_TILES = "n_tiles"  # obs[f"{key_added}_n_tiles"]
+    SURVIVAL = "survival"  # uns[f"{key_added}_survival"]
+    RISK = "risk"  # obs[f"{key_added}_risk"]: out-of-fold risk score
+    CLASSIFY = "classify"  # uns[f"{key_added}_classify"]
+    PRED = "pred"  # obs[f"{key_added}_pred"]: out-of-fold predicted class
+    PROBA = "proba"  # obsm[f"{key_added}_proba"]: out-of-fold class probabilities

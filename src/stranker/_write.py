@@ -65,6 +65,21 @@ def write_results(
         logger.info(f"Adding `uns[{k!r}]` to the {where}")
 
 
+def write_cohort(
+    adata: Any, *, obs: dict | None = None, obsm: dict | None = None, uns: dict | None = None
+) -> None:
+    """Assign slide-level results to a cohort AnnData (one row per slide) and log each key added."""
+    for k, v in (obs or {}).items():
+        adata.obs[k] = v
+        logger.info(f"Adding `obs[{k!r}]` to the cohort")
+    for k, v in (obsm or {}).items():
+        adata.obsm[k] = np.asarray(v)
+        logger.info(f"Adding `obsm[{k!r}]` to the cohort")
+    for k, v in (uns or {}).items():
+        adata.uns[k] = v
+        logger.info(f"Adding `uns[{k!r}]` to the cohort")
+
+
 def unique_tables(secs: list[Spots]) -> list[Spots]:
     """One section per distinct table object (several libraries can share one AnnData)."""
     seen: set[int] = set()

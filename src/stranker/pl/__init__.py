@@ -4,5 +4,6 @@ from ._correlation import correlation
 from ._embedding import embedding
 from ._gene_map import gene_map
 from ._history import history
+from ._kaplan_meier import kaplan_meier
 
-__all__ = ["correlation", "embedding", "gene_map", "history"]
+__all__ = ["correlation", "embedding", "gene_map", "history", "kaplan_meier"]

@@ -3,5 +3,7 @@
 from ._evaluate import evaluate
 from ._fit import fit
 from ._predict import predict
+from ._slides import embed_slides
+from ._survival import classify, survival
 
-__all__ = ["evaluate", "fit", "predict"]
+__all__ = ["classify", "embed_slides", "evaluate", "fit", "predict", "survival"]
