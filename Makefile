@@ -37,9 +37,12 @@ demo: install
 test: install-test
 	$(PY) -m pytest -q
 
+# Never run in CI (tests/test_benchmarks.py runs seconds-long smoke versions). Each prints its table.
 bench: install
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/train_scaling.py
 
 # API pages from the docstrings, tutorials rendered from tutorials/*.py without running them; warnings fail
 docs: install-docs

@@ -65,3 +65,32 @@ def test_speed_smoke(tmp_path):
         assert rep["results"][part]["spots_per_s"] > 0
         assert rep["results"][part]["peak_mb"] > 0
     assert "| fit, core loop |" in speed.table(rep)
+
+
+def _run(script, *args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_scaling_smoke(tmp_path):
+    out = tmp_path / "scaling.json"
+    _run("scaling.py", "--tiles", "150", "600", "--repeats", "1", "--out", str(out), tmp_path=tmp_path)
+    rows = _strict(out.read_text())["rows"]
+    assert [r["n_tiles"] > 0 for r in rows] == [True, True]
+    assert rows[1]["n_tiles"] > rows[0]["n_tiles"]
+    assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
+
+
+def test_train_scaling_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    _run("train_scaling.py", "--nproc", "1", "--spots", "64", "--epochs", "2", "--image-size", "16",
+         "--batch-size", "16", "--out", str(out), tmp_path=tmp_path)
+    runs = _strict(out.read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["spots_per_s"] > 0 and math.isfinite(runs[0]["final_total_loss"])
