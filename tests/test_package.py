@@ -8,7 +8,7 @@ import stranker as sr
 
 
 def test_namespaces_and_version():
-    for name in ("pp", "tl", "pl", "datasets", "settings", "__version__"):
+    for name in ("pp", "tl", "pl", "io", "datasets", "settings", "__version__"):
         assert hasattr(sr, name), name
     assert isinstance(sr.__version__, str) and sr.__version__
 
@@ -25,7 +25,7 @@ def test_import_is_fast_and_lazy():
 
 
 def _public_functions():
-    for mod in (sr.pp, sr.tl, sr.pl, sr.datasets):
+    for mod in (sr.pp, sr.tl, sr.pl, sr.io, sr.datasets):
         for name in getattr(mod, "__all__", []):
             obj = getattr(mod, name)
             if inspect.isfunction(obj):
