@@ -1,9 +1,5 @@
 """sr.datasets.synthetic_cohort and sr.tl.embed_slides (fixtures `slide_model`, `slide_cohort`: conftest)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -123,12 +119,3 @@ def test_cohort_with_tiles_round_trips_through_h5ad(slide_cohort, tmp_path):
     np.testing.assert_array_equal(back.uns["stranker_tiles"]["embeddings"][sid],
                                   cohort.uns["stranker_tiles"]["embeddings"][sid])
 
-
-def test_cohort_tutorial_runs_at_small_settings(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, STRANKER_TUTORIAL_SMALL="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(root / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, str(root / "tutorials" / "04_cohort.py")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "C-index" in res.stdout and "AUC" in res.stdout

@@ -11,6 +11,7 @@ from .conftest import has_her2st, her2st_dir
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NEEDS = {"02_her2st.py": "her2st"}
+PRINTS = {"04_cohort.py": ["C-index", "AUC"]}  # what a tutorial's run must report
 
 
 def _scripts():
@@ -53,3 +54,5 @@ def test_tutorial_runs(name, tmp_path):
         timeout=900,
     )
     assert out.returncode == 0, f"{name} failed:\n{out.stderr[-4000:]}"
+    for text in PRINTS.get(name, []):
+        assert text in out.stdout, f"{name} did not report {text!r}"
