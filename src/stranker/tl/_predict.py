@@ -118,9 +118,9 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     import pandas as pd
     from spatialdata.models import TableModel
 
-    ids = [str(i) for i in index]
-    obs = pd.DataFrame({Keys.INSTANCE: list(index), Keys.REGION: pd.Categorical([shapes_key] * len(ids))},
-                       index=ids)
+    ids = pd.Index(np.asarray(index).astype(str))
+    obs = pd.DataFrame({Keys.INSTANCE: np.asarray(index), Keys.REGION: pd.Categorical.from_codes(
+        np.zeros(len(ids), dtype=np.int8), categories=[shapes_key])}, index=ids)
     a = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
     a.obsm[Keys.SPATIAL] = sp.centers.copy()
     if sp.microns_per_pixel is not None:
@@ -207,9 +207,9 @@ def predict(
         if kind == "tiles":
             region = f"{key_added}_tiles"
             transforms = get_transformation(sdata.images[sp.keys["image_key"]], get_all=True)
-            index = [f"tile_{i}" for i in range(sp.n_spots)]
+            index = np.char.add("tile_", np.arange(sp.n_spots).astype(str))  # no Python loop over tiles
             sdata.shapes[region] = ShapesModel.parse(
-                sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=np.asarray(index),
+                sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=index,
                 transformations=transforms,
             )
         else:
