@@ -122,6 +122,35 @@ def test_reading_a_patch_reads_only_its_chunks(tiff_path, monkeypatch):
     assert len(calls) == 4
 
 
+def test_strided_reads_keep_every_step_th_pixel(tiff_path, slide_img):
+    # tissue detection subsamples a level with a step; every chunk must honour it (it once read the
+    # full-resolution window instead: wrong mask scale and the whole level in memory)
+    lv = _levels(sr.io.read_slide(tiff_path))[0].data
+    for step in (2, 3, 5):
+        got = lv[:, 7::step, ::step].compute()
+        np.testing.assert_array_equal(np.moveaxis(got, 0, -1), slide_img[7::step, ::step])
+    np.testing.assert_array_equal(np.moveaxis(lv[:, ::-3, :].compute(), 0, -1), slide_img[::-3])
+
+
+def test_tissue_grid_on_a_subsampled_level_finds_the_tissue(tmp_path, monkeypatch):
+    # detection reads at most _DETECT_PX pixels: force a stride of 4 and check the tiles against the
+    # drawn ellipse, tile by tile
+    from stranker.tl import _predict
+
+    img = tissue_image(1024, 1024, seed=3)
+    p = tmp_path / "one_level.tif"
+    write_tiff(p, img, mpp=1.0, levels=1)
+    monkeypatch.setattr(_predict, "_DETECT_PX", 256 * 256)
+    sp = as_spots(sr.io.read_slide(p), need_table=False)[0]
+    assert _predict._detection_level(sp, 32.0) == (0, 4)
+    centres = _predict.tissue_grid(sp, 32.0)
+    h = w = 1024
+    inside = ((centres[:, 1] - h / 2) / (0.38 * h)) ** 2 + ((centres[:, 0] - w / 2) / (0.4 * w)) ** 2
+    expected = np.pi * 0.38 * 0.4 * h * w / 32**2  # tiles whose area is mostly inside the ellipse
+    assert abs(len(centres) - expected) < 0.08 * expected
+    assert inside.max() < 1.15  # every kept tile lies on (or at the rim of) the tissue
+
+
 def test_ome_tiff_physical_size(tmp_path, slide_img):
     p = tmp_path / "s.ome.tif"
     pyr = write_tiff(p, slide_img[:512, :768], mpp=0.25, levels=2, ome=True)

@@ -61,11 +61,20 @@ class _Level:
             key = (key,)
         key = key + (slice(None),) * (3 - len(key))
         cs, ys, xs = key
-        y0, y1, _ = ys.indices(self.shape[1])
-        x0, x1, _ = xs.indices(self.shape[2])
+        if not (isinstance(ys, slice) and isinstance(xs, slice)):
+            raise TypeError(f"{self.name}: only slices index a slide level, not {ys!r}, {xs!r}.")
+        y0, y1, dy = ys.indices(self.shape[1])
+        x0, x1, dx = xs.indices(self.shape[2])
+        if dy < 1 or dx < 1:
+            raise ValueError(f"{self.name}: negative steps are not supported.")
         if y1 <= y0 or x1 <= x0:
             return np.zeros((self.shape[0], max(y1 - y0, 0), max(x1 - x0, 0)), dtype=np.uint8)[cs]
-        return np.moveaxis(self._window(y0, y1, x0, x1), -1, 0)[cs]
+        # a strided read (dask passes the step through, e.g. tissue detection on a subsampled level)
+        # keeps every step-th pixel of the window; the full window is decoded but not kept
+        win = self._window(y0, y1, x0, x1)
+        if dy > 1 or dx > 1:
+            win = np.ascontiguousarray(win[::dy, ::dx])
+        return np.moveaxis(win, -1, 0)[cs]
 
 
 def read_slide(
