@@ -148,7 +148,7 @@ def test_gene_map_spots_land_on_the_tissue_in_their_colours(kind, read_levels):
 
 def test_gene_map_errors():
     data, *_ = _ring_data("spatialdata")
-    with pytest.raises(InputError, match="no prediction for \\['G4'\\]"):
+    with pytest.raises(InputError, match=r"no prediction for 1 gene\(s\), e.g. \['G4'\]"):
         sr.pl.gene_map(data, ["G0", "G4"], show=False)
     with pytest.raises(InputError, match="G9"):
         sr.pl.gene_map(data, "G9", show=False)

@@ -99,6 +99,34 @@ def test_evaluate_metrics_and_pooled(fitted):
     assert np.isclose(m["pcc_all"], np.mean([v["pcc_all"] for v in m["per_section"].values()]))
 
 
+def test_large_tables_get_a_sparse_layer_of_the_modelled_genes(fitted, monkeypatch):
+    # a dense NaN layer over all genes of a Visium HD table would not fit in memory: beyond
+    # settings.max_dense_layer the same predictions are written as CSR over the modelled genes
+    from scipy import sparse
+
+    model, secs = fitted
+    dense_sd, sparse_sd = _copy([secs[3]])[0], _copy([secs[3]])[0]
+    sr.tl.predict(model, dense_sd)
+    monkeypatch.setattr(sr.settings, "max_dense_layer", 1024)
+    sr.tl.predict(model, sparse_sd)
+    d, s = dense_sd.tables["table"], sparse_sd.tables["table"]
+    assert d.uns["stranker"]["layer_format"] == "dense" and s.uns["stranker"]["layer_format"] == "sparse"
+    assert sparse.issparse(s.layers["stranker"]) and s.layers["stranker"].nnz == s.n_obs * len(model.genes)
+    assert s.n_vars > len(model.genes)
+    cols = s.var_names.get_indexer(model.genes)
+    np.testing.assert_array_equal(s.layers["stranker"][:, cols].toarray(), d.layers["stranker"][:, cols])
+    assert sr.tl.evaluate(sparse_sd)["pcc_all"] == pytest.approx(sr.tl.evaluate(dense_sd)["pcc_all"], abs=1e-6)
+    other = next(g for g in s.var_names if g not in model.genes)
+    with pytest.raises(InputError, match="no prediction"):
+        sr.tl.evaluate(sparse_sd, genes=[model.genes[0], other])
+    # the plots read it as they read the dense layer
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sr.pl.correlation(sparse_sd, show=False)
+    sr.pl.gene_map(sparse_sd, genes=model.genes[:2], show=False)
+
+
 def test_evaluate_without_predictions_names_the_fix(synthetic_small):
     with pytest.raises(InputError, match="sr.tl.predict"):
         sr.tl.evaluate(synthetic_small[0], genes=["EPCAM"])
@@ -230,3 +258,27 @@ def test_weights_from_a_local_file(synthetic_small, tmp_path):
     torch.save(net.state_dict(), tmp_path / "w.pth")
     model = sr.tl.fit(_copy(synthetic_small[:1]), weights=str(tmp_path / "w.pth"), **dict(FAST, epochs=1))
     assert model.meta["weights_source"].startswith("file:w.pth")
+
+
+def test_sparse_layer_of_one_library_keeps_the_rows_of_the_others():
+    # several libraries share one squidpy table: each write fills its rows and keeps the others
+    import anndata as ad
+    from scipy import sparse
+
+    from stranker._spots import Spots
+    from stranker._write import write_results
+
+    t = ad.AnnData(np.zeros((5, 4), dtype=np.float32))
+
+    def lib(rows, vals):
+        sp = Spots(name="s", image=None, centers=np.zeros((len(rows), 2)), diameter=1.0, table=t, rows=np.array(rows))
+        write_results(sp, layers={"p": sparse.csr_matrix(np.array(vals, dtype=np.float32))})
+
+    lib([0, 2], [[1, 0, 2, 0], [3, 0, 4, 0]])
+    lib([4, 1], [[5, 0, 6, 0], [7, 0, 8, 0]])
+    lib([2], [[9, 0, 9, 0]])
+    assert sparse.issparse(t.layers["p"])
+    np.testing.assert_array_equal(
+        t.layers["p"].toarray(),
+        [[1, 0, 2, 0], [7, 0, 8, 0], [9, 0, 9, 0], [0, 0, 0, 0], [5, 0, 6, 0]],
+    )

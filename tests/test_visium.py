@@ -323,6 +323,24 @@ def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
     np.testing.assert_allclose(sp.centers[row], [(8 + 2) * 16, (4 + 2) * 16])  # centre of its 16 bins, px
     with pytest.raises(InputError, match="already"):
         sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
-    model = sr.tl.fit(sdata, table_key="square_032um", seed=0, **FAST)  # train at the pseudo-spot scale
+    model = sr.tl.fit(sdata, bin_size=32, seed=0, **FAST)  # train at the pseudo-spot scale
     assert model.meta["spot_diameter_um"] == pytest.approx(32.0)
     assert np.isfinite(new.layers["stranker"][:, new.var_names.get_indexer(model.genes)]).all()
+    assert sr.pp.patches(sdata, bin_size=32, size=None, size_um=32).shape[0] == new.n_obs
+
+
+def test_hd_bins_get_a_sparse_layer_beyond_the_dense_limit(hd_dir, monkeypatch):
+    # every function that picks a table takes bin_size=; the 8 µm table of a real HD slide is far
+    # too large for a dense layer over all genes, so beyond settings.max_dense_layer it is sparse
+    from scipy import sparse
+
+    sdata = _read_hd(hd_dir[0])
+    sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
+    model = sr.tl.fit(sdata, bin_size=32, seed=0, **FAST)
+    monkeypatch.setattr(sr.settings, "max_dense_layer", 0)
+    sr.tl.predict(model, sdata, bin_size=8)
+    t = sdata.tables["square_008um"]
+    assert sparse.issparse(t.layers["stranker"]) and t.uns["stranker"]["layer_format"] == "sparse"
+    assert t.layers["stranker"].nnz == t.n_obs * len(model.genes)
+    m = sr.tl.evaluate(sdata, bin_size=8)
+    assert np.isfinite(m["pcc_all"]) and np.isfinite(t.var["stranker_pcc"][model.genes]).all()

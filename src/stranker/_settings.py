@@ -35,6 +35,10 @@ class _Settings:
     max_patch_memory
         Bytes of training patches that :func:`stranker.tl.fit` holds in memory; beyond it
         (``stream=None``) patches are streamed from the (lazy, e.g. zarr-backed) images batch by batch.
+    max_dense_layer
+        Bytes beyond which the layer of predictions is written sparse (CSR holding the modelled
+        genes only) instead of dense with NaN for the genes the model does not predict, e.g. Visium
+        HD tables of hundreds of thousands of bins by all genes. Default 2 GiB.
     data_dir
         Cache folder of downloaded datasets: ``$STRANKER_DATA_DIR`` when set, else the user cache.
     """
@@ -45,6 +49,7 @@ class _Settings:
         self.progress = True
         self.num_workers = 0
         self.max_patch_memory = 4 * 1024**3
+        self.max_dense_layer = 2 * 1024**3
         self._verbosity = 2
         self._data_dir: Path | None = None
 
@@ -82,7 +87,7 @@ class _Settings:
         return (
             f"stranker settings: device={self.device!r}, seed={self.seed}, verbosity={self.verbosity}, "
             f"progress={self.progress}, num_workers={self.num_workers}, "
-            f"max_patch_memory={self.max_patch_memory}, data_dir='{self.data_dir}'"
+            f"max_patch_memory={self.max_patch_memory}, max_dense_layer={self.max_dense_layer}, data_dir='{self.data_dir}'"
         )
 
 

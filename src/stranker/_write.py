@@ -36,6 +36,25 @@ def _full(values: np.ndarray, sp: Spots, existing: Any = None) -> np.ndarray:
     return full
 
 
+def _full_sparse(values: Any, sp: Spots, existing: Any = None) -> Any:
+    """Sparse rows of ``sp`` -> CSR over all rows of its table (other rows keep ``existing``, else empty)."""
+    from scipy import sparse
+
+    values = sparse.csr_matrix(values)
+    if sp.is_full_table:
+        return values
+    n = sp.table.n_obs
+    place = sparse.csr_matrix(
+        (np.ones(len(sp.rows), dtype=values.dtype), (sp.rows, np.arange(len(sp.rows)))), shape=(n, len(sp.rows))
+    )
+    out = place @ values
+    if existing is not None and sparse.issparse(existing) and existing.shape == out.shape:
+        keep = np.ones(n, dtype=values.dtype)
+        keep[sp.rows] = 0
+        out = sparse.diags(keep) @ existing + out
+    return sparse.csr_matrix(out)
+
+
 def write_results(
     sp: Spots,
     *,
@@ -49,7 +68,10 @@ def write_results(
     t = sp.table
     where = f"table of {sp.name!r}"
     for k, v in (layers or {}).items():
-        t.layers[k] = v if sp.is_full_table else _full(np.asarray(v), sp, t.layers.get(k))
+        if hasattr(v, "tocsr"):  # sparse
+            t.layers[k] = _full_sparse(v, sp, t.layers.get(k))
+        else:
+            t.layers[k] = v if sp.is_full_table else _full(np.asarray(v), sp, t.layers.get(k))
         logger.info(f"Adding `layers[{k!r}]` to the {where}")
     for k, v in (obsm or {}).items():
         t.obsm[k] = _full(np.asarray(v), sp, t.obsm.get(k))

@@ -9,7 +9,8 @@ import numpy as np
 
 from .._constants import Keys
 from .._spots import InputError, Spots
-from ._utils import finish, measured, model_genes, new_axes, predicted, sections
+from .._predictions import modelled_genes, read_predictions
+from ._utils import finish, measured, new_axes, sections
 
 
 def gene_scores(
@@ -21,7 +22,7 @@ def gene_scores(
     """
     from ..tl._evaluate import pearson_per_gene
 
-    genes = model_genes(sp, layer)
+    genes = modelled_genes(sp, layer)
     if not genes:
         raise InputError(f"Layer {layer!r} of section {sp.name!r} predicts no gene.")
     meas = measured(sp, genes, counts_layer, target_sum)
@@ -29,7 +30,7 @@ def gene_scores(
     if col in sp.table.var:
         r = sp.table.var[col].to_numpy(dtype=np.float64)[sp.table.var_names.get_indexer(genes)]
     else:
-        r = pearson_per_gene(predicted(sp, layer, genes), meas).astype(np.float64)
+        r = pearson_per_gene(read_predictions(sp, layer, genes), meas).astype(np.float64)
     heg = np.zeros(len(genes), dtype=bool)
     heg[np.argsort(-meas.mean(0), kind="stable")[: min(n_heg, len(genes))]] = True
     return genes, r, heg
@@ -49,6 +50,7 @@ def correlation(
     ax: Any = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ):
     """Per-gene Pearson r of predicted against measured expression, genes ranked from best to worst.
 
@@ -81,12 +83,15 @@ def correlation(
         Axes to draw into.
     table_key, library_id
         Which table / library when there are several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
     The :class:`matplotlib.axes.Axes` when the figure is not shown, else ``None``.
     """
-    secs = sections(data, table_key=table_key, library_id=library_id)
+    secs = sections(data, table_key=table_key, library_id=library_id, bin_size=bin_size)
     scores = [
         gene_scores(sp, layer=layer, key=key, counts_layer=counts_layer, target_sum=target_sum, n_heg=n_heg)
         for sp in secs

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._predictions import modelled_genes, read_predictions
 from .._spots import InputError
 from ._utils import finish, sections
 
@@ -46,11 +47,9 @@ def embedding_anndata(data: Any, *, key: str = Keys.PREFIX, layer: str | None = 
     x = np.zeros((len(emb), 0), dtype=np.float32)
     lay = layer or key
     if all(lay in sp.table.layers for sp in secs):
-        mats = [np.asarray(sp.expression(lay), dtype=np.float32) for sp in secs]
-        if len({tuple(sp.var_names) for sp in secs}) == 1:
-            ok = np.all([np.isfinite(m).all(0) for m in mats], axis=0)
-            genes = list(secs[0].var_names[ok])
-            x = np.concatenate([m[:, ok] for m in mats])
+        each = [set(modelled_genes(sp, lay)) for sp in secs]
+        genes = [g for g in modelled_genes(secs[0], lay) if all(g in e for e in each)]
+        x = np.concatenate([read_predictions(sp, lay, genes) for sp in secs]) if genes else x
     a = ad.AnnData(X=x, obs=obs_all, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     a.obsm[rep] = emb
     return a
@@ -69,6 +68,7 @@ def embedding(
     ax: Any = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
     **kwargs: Any,
 ):
     """UMAP of the image embedding ``obsm[f'X_{key}']`` of one or several sections.
@@ -99,6 +99,9 @@ def embedding(
         Axes to draw into (one colour key).
     table_key, library_id
         Which table / library when there are several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
     **kwargs
         Passed to :func:`scanpy.pl.umap` (``palette``, ``size``, ``legend_loc``, ...).
 
@@ -108,7 +111,7 @@ def embedding(
     """
     import scanpy as sc
 
-    a = embedding_anndata(data, key=key, layer=layer, table_key=table_key, library_id=library_id)
+    a = embedding_anndata(data, key=key, layer=layer, table_key=table_key, library_id=library_id, bin_size=bin_size)
     colors = [color] if isinstance(color, str) or color is None else list(color)
     unknown = [c for c in colors if c is not None and c not in a.obs and c not in a.var_names]
     if unknown:

@@ -10,7 +10,8 @@ import numpy as np
 
 from .._constants import Keys
 from .._spots import InputError, Spots
-from ._utils import finish, has_measured, lighten, limit, measured, new_axes, predicted, sections, thumbnail
+from .._predictions import read_predictions
+from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
 
 
 def _panel(
@@ -94,6 +95,7 @@ def gene_map(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ):
     """Measured and predicted expression of each gene side by side over the H&E image.
 
@@ -144,6 +146,9 @@ def gene_map(
         Axes to draw into: one per panel (2 per gene with measurements, 1 without).
     image_key, shapes_key, table_key, library_id
         Which elements to use when an object has several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
@@ -163,14 +168,14 @@ def gene_map(
     if not genes:
         raise InputError("`genes` is empty: name at least one gene.")
     secs = sections(
-        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id
+        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size
     )
     colormap = colormaps[cmap]
 
     # every value first, so bad input raises before a figure exists
     rows = []
     for sp in secs:
-        pred = predicted(sp, layer, genes)
+        pred = read_predictions(sp, layer, genes)
         show_meas = (
             has_measured(sp, layer, counts_layer) if measured_expression is None else measured_expression
         )

@@ -76,57 +76,17 @@ def as_list(data: Any, **keys: Any) -> list[Spots]:
     )
 
 
-def require_layer(sp: Spots, layer: str) -> None:
-    """Raise when the table lacks the layer of predictions."""
-    if layer not in sp.table.layers:
-        raise InputError(
-            f"Layer {layer!r} not in the table of section {sp.name!r}: "
-            "run `sr.tl.predict(model, data)` first."
-        )
-
-
-def model_genes(sp: Spots, layer: str) -> list[str]:
-    """Genes with a prediction in ``layers[layer]`` (the others hold NaN)."""
-    require_layer(sp, layer)
-    mat = np.asarray(sp.expression(layer), dtype=np.float32)
-    return list(sp.var_names[np.isfinite(mat).all(0)])
-
-
-def predicted(sp: Spots, layer: str, genes: Sequence[str]) -> np.ndarray:
-    """``(n_spots, len(genes))`` predictions; a gene the model did not predict raises."""
-    require_layer(sp, layer)
-    mat = sp.expression(layer, genes)
-    mat = np.asarray(mat.toarray() if hasattr(mat, "toarray") else mat, dtype=np.float32)
-    bad = [g for g, ok in zip(genes, np.isfinite(mat).all(0), strict=True) if not ok]
-    if bad:
-        raise InputError(
-            f"Layer {layer!r} of section {sp.name!r} has no prediction for {bad[:5]}: "
-            "the model did not predict "
-            f"them. Modelled genes: `uns[{layer!r}]['genes']`."
-        )
-    return mat
-
-
 def has_measured(sp: Spots, layer: str, counts_layer: str | None) -> bool:
     """Whether the table holds measured expression, not only the predictions ``sr.tl.predict`` put in ``X``.
 
-    A table made by ``sr.tl.predict`` for an image-only slide holds the predictions in both ``X`` and
-    ``layers[layer]``; a table with measurements never matches its predictions exactly.
+    A table made by ``sr.tl.predict`` for an image-only slide holds its predictions in ``X`` and says
+    so in ``uns[layer]['x_is_prediction']``.
     """
     if counts_layer is not None:
         return True
-    x = sp.table.X
-    if x is None:
+    if sp.table.X is None:
         return False
-    if layer not in sp.table.layers:
-        return True
-    pred = np.asarray(sp.expression(layer), dtype=np.float32)
-    ok = np.isfinite(pred).all(0)
-    if not ok.any():
-        return True
-    meas = sp.expression(None)
-    meas = np.asarray(meas.toarray() if hasattr(meas, "toarray") else meas, dtype=np.float32)
-    return not np.allclose(meas[:, ok], pred[:, ok], equal_nan=True)
+    return not bool((sp.table.uns.get(layer) or {}).get("x_is_prediction", False))
 
 
 def measured(sp: Spots, genes: Sequence[str], counts_layer: str | None, target_sum: float) -> np.ndarray:

@@ -30,6 +30,7 @@ def embed_patches(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ) -> Any:
     """Features of a frozen image backbone for the patch of every spot, into ``obsm``.
 
@@ -63,6 +64,9 @@ def embed_patches(
         Return a modified copy instead of writing in place.
     image_key, shapes_key, table_key, library_id
         Which elements to use when an object has several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
@@ -103,7 +107,7 @@ def embed_patches(
         raise InputError(f"`batch_size` must be at least 1, got {batch_size}.")
     key = key_added or f"X_{name}"
     data = maybe_copy(data, copy)
-    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id)
+    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size)
     readers = []
     for sp in secs:
         check_inside(sp)

@@ -55,6 +55,7 @@ def normalize(
     copy: bool = False,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ) -> Any:
     """Scale counts to ``target_sum`` per spot over all genes, then log1p, into a layer.
 
@@ -74,6 +75,9 @@ def normalize(
         Return a modified copy instead of writing in place.
     table_key, library_id
         Which table / library when there are several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
@@ -82,7 +86,7 @@ def normalize(
     if target_sum <= 0:
         raise InputError(f"`target_sum` must be positive, got {target_sum!r}.")
     data = maybe_copy(data, copy)
-    secs = unique_tables(as_spots(data, table_key=table_key, library_id=library_id, need_image=False))
+    secs = unique_tables(as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False))
     results = []
     for sp in secs:
         full = sp.table.X if layer is None else sp.table.layers.get(layer)
@@ -191,6 +195,7 @@ def select_genes(
     key_added: str = Keys.SELECTED,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ) -> list[str]:
     """Choose the genes to model, from the training sections only.
 
@@ -213,12 +218,15 @@ def select_genes(
         ``var`` column (bool) marking the chosen genes in each table.
     table_key, library_id
         Which table / library when there are several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
     The chosen gene names. Also writes ``var[key_added]`` and ``uns[key_added]``.
     """
-    secs = as_spots(data, table_key=table_key, library_id=library_id, need_image=False)
+    secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     genes = choose(secs, flavor, n_top=n_top, layer=layer, on_missing=on_missing)
     params = {"genes": genes, "flavor": flavor if isinstance(flavor, str) else "list", "n_top": n_top,
               "sections": [sp.name for sp in secs]}

@@ -41,6 +41,7 @@ def smooth(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ) -> Any:
     """Average expression over each spot's spatial neighbours.
 
@@ -65,6 +66,9 @@ def smooth(
         Return a modified copy instead of writing in place.
     shapes_key, table_key, library_id
         Which elements when there are several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
@@ -73,7 +77,7 @@ def smooth(
     if n_neighs < 1:
         raise InputError(f"`n_neighs` must be at least 1, got {n_neighs}.")
     data = maybe_copy(data, copy)
-    secs = as_spots(data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, need_image=False)
+    secs = as_spots(data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     if layer is not None:
         for sp in secs:
             if layer not in sp.table.layers:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._predictions import read_predictions
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
 from ..pp._genes import lognorm, section_counts
@@ -43,16 +44,10 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
 
 
 def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, target_sum: float):
-    if layer not in sp.table.layers:
-        raise InputError(
-            f"Layer {layer!r} not in the table of section {sp.name!r}: run `sr.tl.predict(model, data)` first."
-        )
     idx = sp.table.var_names.get_indexer(genes)
     if (idx < 0).any():
         raise InputError(f"Genes {[g for g, i in zip(genes, idx, strict=True) if i < 0][:5]} not in section {sp.name!r}.")
-    pred = np.asarray(sp.expression(layer), dtype=np.float32)[:, idx]
-    if np.isnan(pred).any():
-        raise InputError(f"Layer {layer!r} of section {sp.name!r} has no prediction for some of the genes asked for.")
+    pred = read_predictions(sp, layer, genes)
     true = lognorm(section_counts(sp, counts_layer), target_sum)[:, idx]
     return pred, true
 
@@ -68,6 +63,7 @@ def evaluate(
     key_added: str = Keys.PREFIX,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
 ) -> dict[str, Any]:
     """Compare predicted with measured expression, per gene across spots.
 
@@ -91,6 +87,9 @@ def evaluate(
         ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written.
     table_key, library_id
         Which table / library when there are several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
 
     Returns
     -------
@@ -99,7 +98,7 @@ def evaluate(
     ``per_section`` (each section alone) and ``pooled`` (all spots together), and the top-level
     figures are the mean over sections.
     """
-    secs = as_spots(data, table_key=table_key, library_id=library_id, need_image=False)
+    secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     if genes is None:
         rec = secs[0].table.uns.get(key_added, {})
         if "genes" not in rec:

@@ -11,6 +11,7 @@ import numpy as np
 from .._constants import Keys
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
+from .._predictions import prediction_layer
 from .._write import write_results
 from ..pp._genes import choose, lognorm, resolve_genes, section_counts
 from ..pp._patches import PatchReader, check_inside, patch_size_px
@@ -75,6 +76,7 @@ def fit(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    bin_size: int | None = None,
     **options: Any,
 ):
     """Train the ranking-aligned image-gene model and write its in-sample results.
@@ -121,6 +123,9 @@ def fit(
         Prefix of the written keys.
     image_key, shapes_key, table_key, library_id
         Which elements to use when an object has several.
+    bin_size
+        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+        ``table_key='square_{bin_size:03d}um'``.
     **options
         Any field of :class:`stranker.model.Config` (``scales``, ``patch_px``, ``w_rank``, ``predict``, ...).
 
@@ -149,7 +154,7 @@ def fit(
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
                       image_features=image_features, **options)
     dev = distributed.setup(resolve_device(device or settings.device))
-    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
+    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
                     need_image=image_features is None)
     for sp in secs:
         if sp.n_spots < 2:
@@ -264,10 +269,17 @@ class SectionPatches:
         return self.readers[s].read(rows - self.offsets[s])
 
 
-def write_outputs(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool) -> None:
+def write_outputs(
+    sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool,
+    x_is_prediction: bool = False,
+) -> None:
     """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
-    full = np.full((sp.n_spots, sp.table.n_vars), np.nan, dtype=np.float32)
-    full[:, sp.table.var_names.get_indexer(model.genes)] = pred
+    full, layer_format = prediction_layer(sp, list(model.genes), pred)
+    if layer_format == "sparse":
+        logger.info(
+            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} genes; a dense "
+            f"layer would exceed sr.settings.max_dense_layer): genes not modelled read as 0, not NaN."
+        )
     params = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     record = {
@@ -280,5 +292,7 @@ def write_outputs(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_
         "train_sections": model.meta["sections"],
         "fit_seconds": model.meta.get("fit_seconds"),
         "in_sample": in_sample,
+        "layer_format": layer_format,
+        "x_is_prediction": x_is_prediction,
     }
     write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})

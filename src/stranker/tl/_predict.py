@@ -121,7 +121,7 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     ids = pd.Index(np.asarray(index).astype(str))
     obs = pd.DataFrame({Keys.INSTANCE: np.asarray(index), Keys.REGION: pd.Categorical.from_codes(
         np.zeros(len(ids), dtype=np.int8), categories=[shapes_key])}, index=ids)
-    a = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
+    a = ad.AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=pd.DataFrame(index=list(model.genes)))
     a.obsm[Keys.SPATIAL] = sp.centers.copy()
     if sp.microns_per_pixel is not None:
         a.uns[Keys.MPP] = sp.microns_per_pixel
@@ -168,7 +168,8 @@ def predict(
     Returns
     -------
     ``None``. On sections with spots and a table, writes ``obsm['X_{key_added}']``,
-    ``layers[key_added]`` (modelled genes; others NaN) and ``uns[key_added]`` (``in_sample=False``;
+    ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer of the modelled genes
+    beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
     ``resampling``: slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
@@ -207,7 +208,7 @@ def predict(
         if kind == "tiles":
             region = f"{key_added}_tiles"
             transforms = get_transformation(sdata.images[sp.keys["image_key"]], get_all=True)
-            index = np.char.add("tile_", np.arange(sp.n_spots).astype(str))  # no Python loop over tiles
+            index = np.arange(sp.n_spots)  # integer ids: no Python string per tile (1M tiles on a slide)
             sdata.shapes[region] = ShapesModel.parse(
                 sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=index,
                 transformations=transforms,
@@ -218,7 +219,7 @@ def predict(
         table = _new_table(sp, model, emb, pred, key_added, region, index)
         new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
-        write_outputs(new, model, emb, pred, key_added, in_sample=False)
+        write_outputs(new, model, emb, pred, key_added, in_sample=False, x_is_prediction=True)
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
