@@ -96,6 +96,22 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
+def rss_now_mb() -> float:
+    """Resident memory now, after the garbage collector and ``malloc_trim`` returned what is free."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def worker(slide: str, model_dir: str, device: str) -> dict:
     import torch
 
@@ -105,7 +121,7 @@ def worker(slide: str, model_dir: str, device: str) -> dict:
     sr.settings.progress = False
     model = sr.Model.load(model_dir)
     sdata = sr.io.read_slide(slide)
-    before = rss_mb()
+    before = rss_now_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     sr.tl.predict(model, sdata, device=device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
@@ -113,6 +129,11 @@ def worker(slide: str, model_dir: str, device: str) -> dict:
     out_bytes = (
         t.X.nbytes + t.layers["stranker"].nbytes + t.obsm["X_stranker"].nbytes + t.obsm["spatial"].nbytes
     )
+    # what predict keeps (the outputs, with their obs and the tile circles) against what it needed
+    # while running: the working memory, peak minus what is still held once freed memory is returned
+    meta_bytes = t.obs.memory_usage(deep=True).sum() + sdata.shapes["stranker_tiles"].memory_usage(deep=True).sum()
+    peak = rss_mb()
+    after = rss_now_mb()
     return {
         "n_tiles": int(t.n_obs),
         "seconds": seconds,
@@ -120,8 +141,11 @@ def worker(slide: str, model_dir: str, device: str) -> dict:
         "cpu_seconds": cpu_seconds,  # all threads of the process: less sensitive to other jobs
         "cpu_ms_per_tile": 1e3 * cpu_seconds / t.n_obs,
         "rss_before_predict_mb": before,
-        "peak_rss_mb": rss_mb(),
+        "peak_rss_mb": peak,
+        "rss_after_predict_mb": after,
+        "working_mb": peak - after,
         "outputs_mb": out_bytes / 2**20,
+        "outputs_metadata_mb": meta_bytes / 2**20,
         "resampling": t.uns["stranker"]["resampling"],
     }
 
@@ -188,12 +212,14 @@ def main() -> None:
                 write_seconds=write_s,
             )
             row["peak_minus_outputs_mb"] = row["peak_rss_mb"] - row["outputs_mb"]
+            row["working_mb"] = max(r["working_mb"] for r in runs)
             rows.append(row)
             print(
                 f"{row['n_tiles']:>8} tiles  {h}x{w} px  {row['seconds']:7.1f} s  "
                 f"{row['tiles_per_second']:7.0f} tiles/s  cpu {row['cpu_seconds']:6.1f} s  "
-                f"peak {row['peak_rss_mb']:6.0f} MB  "
-                f"(before {row['rss_before_predict_mb']:.0f}, outputs {row['outputs_mb']:.0f})",
+                f"peak {row['peak_rss_mb']:6.0f} MB  (before {row['rss_before_predict_mb']:.0f}, "
+                f"after {row['rss_after_predict_mb']:.0f}, working {row['working_mb']:.0f}; outputs "
+                f"{row['outputs_mb']:.0f} + obs/tiles {row['outputs_metadata_mb']:.0f})",
                 flush=True,
             )
             slide.unlink()
