@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,23 @@ def test_fit_command_on_a_zarr_store(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     model = sr.Model.load(tmp_path / "m")
     assert len(model.genes) == 20
+
+
+def test_fit_command_launches_two_processes(tmp_path):
+    # `--nproc 2` re-runs itself under torchrun (gloo on CPU); rank 0 saves a model trained by both
+    import stranker as sr
+
+    paths = []
+    for i, s in enumerate(sr.datasets.synthetic(n_sections=2, n_spots=40, n_genes=20, seed=1)):
+        paths.append(str(tmp_path / f"s{i}.zarr"))
+        s.write(paths[-1])
+    out = subprocess.run(
+        [sys.executable, "-m", "stranker._cli", "fit", *paths, "--out", str(tmp_path / "m"), "--genes", "heg",
+         "--epochs", "2", "--backbone", "test_resnet", "--nproc", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "launching:" in out.stdout and "--nproc_per_node=2" in out.stdout
+    assert out.stdout.count("model saved to") == 1  # rank 0 only
+    model = sr.Model.load(tmp_path / "m")
+    assert model.meta["world_size"] == 2 and len(model.history) == 2
