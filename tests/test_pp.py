@@ -458,13 +458,16 @@ def test_size_um_equals_size_in_pixels(mpp):
     sd.tables["table"].uns["microns_per_pixel"] = mpp
     before = _state(sd)
     px = 24.0
-    a = sr.pp.patches(sd, size=None, size_um=px * mpp)
+    a = sr.pp.patches(sd, size_um=px * mpp)
     b = sr.pp.patches(sd, size=px)
     assert a.shape == (12, 24, 24, 3)
     np.testing.assert_array_equal(a, b)
     a = sr.pp.patches(sd, size=None, size_um=px * mpp, scales=(1, 2), out_px=8)
     b = sr.pp.patches(sd, size=px, scales=(1, 2), out_px=8)
     np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="exactly one of"):
+        sr.pp.patches(sd, size=px, size_um=px * mpp)
+    assert sr.pp.patches(sd, out_px=8).shape == (12, 8, 8, 3)  # neither: 224 px
     _same(before, _state(sd))
 
 
@@ -476,7 +479,6 @@ def test_size_um_equals_size_in_pixels(mpp):
         ({"size": -5}, "`size` must be a positive number"),
         ({"size": float("nan")}, "`size` must be a positive number"),
         ({"size": 20, "size_um": 10}, "exactly one of `size`"),
-        ({"size": None}, "exactly one of `size`"),
         ({"scales": (1, 0)}, "`scales` must be positive"),
         ({"out_px": 2}, "`out_px` must be at least 4"),
     ],

@@ -326,7 +326,7 @@ def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
     model = sr.tl.fit(sdata, bin_size=32, seed=0, **FAST)  # train at the pseudo-spot scale
     assert model.meta["spot_diameter_um"] == pytest.approx(32.0)
     assert np.isfinite(new.layers["stranker"][:, new.var_names.get_indexer(model.genes)]).all()
-    assert sr.pp.patches(sdata, bin_size=32, size=None, size_um=32).shape[0] == new.n_obs
+    assert sr.pp.patches(sdata, bin_size=32, size_um=32).shape[0] == new.n_obs
 
 
 def test_hd_bins_get_a_sparse_layer_beyond_the_dense_limit(hd_dir, monkeypatch):

@@ -18,7 +18,7 @@ def embed_patches(
     backbone: Any = "resnet18",
     *,
     weights: str | None = None,
-    size: float | None = 224,
+    size: float | None = None,
     size_um: float | None = None,
     scales: float | Sequence[float] = 1.0,
     image_size: int = 112,
@@ -49,7 +49,7 @@ def embed_patches(
     weights
         Local checkpoint file of a timm backbone.
     size, size_um
-        Patch side in level-0 pixels, or in micrometres (set ``size=None``); ignored for a Model.
+        Patch side in level-0 pixels (default 224), or in micrometres; ignored for a Model.
     scales
         One multiplier of the patch side or several; features of the scales are concatenated.
     image_size
@@ -112,7 +112,7 @@ def embed_patches(
     for sp in secs:
         check_inside(sp)
         readers.append(model._reader(sp) if model is not None
-                       else PatchReader(sp, patch_size_px(sp, size, size_um), scale_list, image_size))
+                       else PatchReader(sp, patch_size_px(sp, size, size_um, 224), scale_list, image_size))
     was_training = net.training
     net = net.to(dev).eval()
     mean, std = mean.to(dev), std.to(dev)

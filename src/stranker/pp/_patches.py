@@ -13,8 +13,10 @@ from .._spots import InputError, Spots, as_spots
 _TILE = 2048  # level pixels per side of the window read at once
 
 
-def patch_size_px(spots: Spots, size: float | None, size_um: float | None) -> float:
-    """Patch side in level-0 pixels from ``size`` (pixels) or ``size_um`` (micrometres)."""
+def patch_size_px(spots: Spots, size: float | None, size_um: float | None, default: float | None = None) -> float:
+    """Patch side in level-0 pixels from ``size`` (pixels) or ``size_um`` (micrometres), else ``default`` pixels."""
+    if size is None and size_um is None and default is not None:
+        size = default
     if (size is None) == (size_um is None):
         raise InputError("Give exactly one of `size` (pixels) and `size_um` (micrometres).")
     if size_um is not None:
@@ -152,7 +154,7 @@ def resize_batch(x: np.ndarray, out_px: int) -> np.ndarray:
 def patches(
     data: Any,
     *,
-    size: float | None = 224,
+    size: float | None = None,
     size_um: float | None = None,
     scales: float | Sequence[float] = 1.0,
     out_px: int | None = None,
@@ -172,7 +174,7 @@ def patches(
     data
         SpatialData, AnnData in squidpy layout, or a list of either.
     size
-        Patch side in full-resolution (level-0) pixels. Set ``size=None`` when giving ``size_um``.
+        Patch side in full-resolution (level-0) pixels; 224 when neither ``size`` nor ``size_um`` is given.
     size_um
         Patch side in micrometres (needs the image resolution, ``uns['microns_per_pixel']``).
     scales
@@ -206,7 +208,7 @@ def patches(
     results = []
     for sp in secs:
         check_inside(sp, on_outside)
-        reader = PatchReader(sp, patch_size_px(sp, size, size_um), scale_list, out_px, pad_value)
+        reader = PatchReader(sp, patch_size_px(sp, size, size_um, 224), scale_list, out_px, pad_value)
         out = reader.read_all(batch_size)
         results.append(out[:, 0] if single_scale else out)
     return results if isinstance(data, list | tuple) else results[0]
