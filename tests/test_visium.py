@@ -329,6 +329,32 @@ def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
     assert sr.pp.patches(sdata, bin_size=32, size_um=32).shape[0] == new.n_obs
 
 
+def test_fit_on_hd_bins_sums_them_to_the_patch_width(hd_dir):
+    # 8 µm bins under a 64 px patch at 0.5 µm/px (32 µm): fit trains on 4 x 4-bin pseudo-spots, whose
+    # table it adds, exactly what sr.io.aggregate_bins makes
+    sdata = _read_hd(hd_dir[0])
+    bins = sdata.tables["square_008um"]
+    model = sr.tl.fit(sdata, bin_size=8, seed=0, **FAST)
+    assert "square_032um" in sdata.tables and "HD_square_032um" in sdata.shapes
+    assert model.meta["n_spots"] == 36 and model.meta["spot_diameter_um"] == pytest.approx(32.0)
+    new = sdata.tables["square_032um"]
+    assert "stranker" in new.layers and "stranker" not in bins.layers  # results go to the table trained on
+    ref = _read_hd(hd_dir[0])
+    sr.io.aggregate_bins(ref, bin_size=8, size_um=32)
+    np.testing.assert_array_equal(new.X.toarray(), ref.tables["square_032um"].X.toarray())
+    # present already: reused, not added twice
+    again = sr.tl.fit(sdata, bin_size=8, seed=0, **FAST)
+    assert again.meta["n_spots"] == 36
+    # aggregate=False: every bin against the patch centred on it
+    flat = sr.tl.fit(_read_hd(hd_dir[0]), bin_size=8, aggregate=False, seed=0, **FAST)
+    assert flat.meta["n_spots"] == bins.n_obs
+    # a failed fit leaves the data as it was: no pseudo-spot table left behind
+    fresh = _read_hd(hd_dir[0])
+    with pytest.raises(InputError, match="NOT_A_GENE"):
+        sr.tl.fit(fresh, bin_size=8, genes=["NOT_A_GENE"], seed=0, **{k: v for k, v in FAST.items() if k != "genes"})
+    assert "square_032um" not in fresh.tables and "HD_square_032um" not in fresh.shapes
+
+
 def test_hd_bins_get_a_sparse_layer_beyond_the_dense_limit(hd_dir, monkeypatch):
     # every function that picks a table takes bin_size=; the 8 µm table of a real HD slide is far
     # too large for a dense layer over all genes, so beyond settings.max_dense_layer it is sparse

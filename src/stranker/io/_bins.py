@@ -25,7 +25,8 @@ def aggregate_bins(
     ``k x k`` bins, ``k = round(size_um / bin_size)``. A pseudo-spot sits at the mean centre of the
     tissue bins it sums and is ``k * bin_size`` µm wide. Use it to train on HD data at the scale a
     patch sees (a 8 µm bin holds a few dozen counts and a fraction of one cell; a 100 µm patch sees
-    a hundred cells): ``sr.tl.fit(sdata, table_key=key)``, and predict with ``bin_size=k * bin_size``.
+    a hundred cells). :func:`stranker.tl.fit` does this itself on HD bins (to the width of its patch);
+    call it directly to choose another width, then ``sr.tl.fit(sdata, bin_size=k * bin_size)``.
 
     Parameters
     ----------
@@ -48,6 +49,13 @@ def aggregate_bins(
     ``obs['array_row']`` / ``obs['array_col']`` of the block, ``uns['microns_per_pixel']``) and the
     square shapes it annotates, placed like the image.
     """
+    aggregate(sdata, as_spots(sdata, bin_size=bin_size)[0], bin_size, size_um, min_fraction, key_added)
+
+
+def aggregate(
+    sdata: Any, sp: Any, bin_size: int, size_um: float, min_fraction: float = 0.5, key_added: str | None = None
+) -> tuple[str, str]:
+    """Sum the bins of section ``sp`` (from ``sdata``) into pseudo-spots; returns the keys of the new table and shapes."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sps
@@ -55,7 +63,6 @@ def aggregate_bins(
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import get_transformation
 
-    sp = as_spots(sdata, bin_size=bin_size)[0]
     t = sp.table
     k = int(round(float(size_um) / bin_size))
     if k < 1:
@@ -122,3 +129,4 @@ def aggregate_bins(
         f"Summed {int(member.sum())} bins of {bin_size} µm into {len(ids)} pseudo-spots of {width} µm: "
         f"table {key!r}, shapes {shapes_key!r}."
     )
+    return key, shapes_key

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
-from .._predictions import prediction_layer
 from .._write import write_results
 from ..pp._genes import choose, lognorm, resolve_genes, section_counts
 from ..pp._patches import PatchReader, check_inside, patch_size_px
@@ -77,6 +77,7 @@ def fit(
     table_key: str | None = None,
     library_id: str | None = None,
     bin_size: int | None = None,
+    aggregate: bool = True,
     **options: Any,
 ):
     """Train the ranking-aligned image-gene model and write its in-sample results.
@@ -126,6 +127,11 @@ def fit(
     bin_size
         Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
         ``table_key='square_{bin_size:03d}um'``.
+    aggregate
+        Visium HD: sum the bins into square pseudo-spots as wide as the patch the model reads
+        (:func:`stranker.io.aggregate_bins`; the table ``'square_{width:03d}um'`` and its squares are
+        added, or reused when present), so that the target is the expression of the tissue the patch
+        shows. ``False`` trains on every bin against the patch centred on it.
     **options
         Any field of :class:`stranker.model.Config` (``scales``, ``patch_px``, ``w_rank``, ``predict``, ...).
 
@@ -156,90 +162,130 @@ def fit(
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
                     need_image=image_features is None)
-    for sp in secs:
-        if sp.n_spots < 2:
-            raise InputError(f"Section {sp.name!r} has {sp.n_spots} spot(s); training needs spots with expression.")
-    gene_list = choose_genes(secs, genes, layer, n_top_genes)
-    y_secs = targets(secs, gene_list, layer, target_sum)
-    y = np.concatenate(y_secs)
-    mean, std = y.mean(0), y.std(0)
-    std[std < 1e-6] = 1.0
-
-    # inputs: patches (uint8, in memory) or precomputed features
-    feature_dim = None
-    mpps = [sp.microns_per_pixel for sp in secs]
-    if image_features is not None:
+    added: list[tuple[Any, str, str]] = []
+    if aggregate and image_features is None:
+        secs, added = bins_to_patches(secs, cfg)
+    try:
         for sp in secs:
-            if image_features not in sp.table.obsm:
-                raise InputError(f"`obsm[{image_features!r}]` not found in the table of section {sp.name!r}.")
-        x = np.concatenate([np.asarray(sp.table.obsm[image_features], dtype=np.float32)[sp.rows] for sp in secs])
-        if not np.isfinite(x).all():
-            raise InputError(f"`obsm[{image_features!r}]` has NaN or infinite values.")
-        feature_dim = x.shape[1]
-        images = torch.from_numpy(x)
-        patch_um = None
-    else:
-        for sp in secs:
-            check_inside(sp)
-        sizes = [patch_size_px(sp, None if cfg.patch_um else cfg.patch_px, cfg.patch_um) for sp in secs]
-        patch_um = (cfg.patch_um or (cfg.patch_px * mpps[0])) if all(m is not None for m in mpps) else None
-        if patch_um is not None and cfg.patch_um is None:
-            sizes = [patch_um / m for m in mpps]  # same tissue width on every section
-        readers = [PatchReader(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)]
-        n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
-        if stream is None:
-            stream = n_bytes > settings.max_patch_memory
-            if stream:
-                logger.info(f"Streaming the training patches ({n_bytes / 2**30:.1f} GiB > "
-                            f"sr.settings.max_patch_memory) with {settings.num_workers} worker(s).")
-        images = None if stream else torch.from_numpy(np.concatenate([r.read_all() for r in readers]))
-    pos = np.concatenate([section_positions(sp.centers) for sp in secs])
-    section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
-    tdata = TrainData(
-        images=images, expr=torch.from_numpy((y - mean) / std).float(), pos=torch.from_numpy(pos),
-        section=torch.from_numpy(section), read=SectionPatches(readers, section) if images is None else None,
-    )
-    torch.manual_seed(seed)
-    aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
-    t_train = time.perf_counter()
-    history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
-                    checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
-                    num_workers=settings.num_workers)
-    train_s = time.perf_counter() - t_train
+            if sp.n_spots < 2:
+                raise InputError(f"Section {sp.name!r} has {sp.n_spots} spot(s); training needs spots with expression.")
+        gene_list = choose_genes(secs, genes, layer, n_top_genes)
+        y_secs = targets(secs, gene_list, layer, target_sum)
+        y = np.concatenate(y_secs)
+        mean, std = y.mean(0), y.std(0)
+        std[std < 1e-6] = 1.0
 
-    # reference bank: gene-branch embeddings of the training spots (each section read in context)
-    with torch.no_grad():
-        keys = []
-        for s in range(len(secs)):
-            m = torch.from_numpy(section == s)
-            keys.append(aligner.gene(tdata.expr[m].to(dev), tdata.pos[m].to(dev)).float().cpu())
-        bank = {"keys": torch.cat(keys).numpy(), "values": y.astype(np.float32)}
-    meta = {
-        "genes_source": genes if isinstance(genes, str) or genes is None else "list",
-        "target": f"log1p(counts / total * {target_sum:g}) over all genes of the table",
-        "target_sum": target_sum, "layer": layer, "target_mean": mean.astype(np.float32),
-        "target_std": std.astype(np.float32), "history": history, "sections": [sp.name for sp in secs],
-        "n_spots": int(len(y)), "patch_um": patch_um,
-        "spot_diameter_px": float(np.median([sp.diameter for sp in secs])),
-        "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
-        if all(m is not None for m in mpps) else None, "patch_px": float(cfg.patch_px),
-        "weights_source": aligner.weights_source, "device": str(dev), "seed": seed, "feature_dim": feature_dim,
-        "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
-        "world_size": distributed.world_size(),
-    }
-    model = Model(aligner, cfg, gene_list, meta, bank)
+        # inputs: patches (uint8, in memory) or precomputed features
+        feature_dim = None
+        mpps = [sp.microns_per_pixel for sp in secs]
+        if image_features is not None:
+            for sp in secs:
+                if image_features not in sp.table.obsm:
+                    raise InputError(f"`obsm[{image_features!r}]` not found in the table of section {sp.name!r}.")
+            x = np.concatenate([np.asarray(sp.table.obsm[image_features], dtype=np.float32)[sp.rows] for sp in secs])
+            if not np.isfinite(x).all():
+                raise InputError(f"`obsm[{image_features!r}]` has NaN or infinite values.")
+            feature_dim = x.shape[1]
+            images = torch.from_numpy(x)
+            patch_um = None
+        else:
+            for sp in secs:
+                check_inside(sp)
+            sizes = [patch_size_px(sp, None if cfg.patch_um else cfg.patch_px, cfg.patch_um) for sp in secs]
+            patch_um = (cfg.patch_um or (cfg.patch_px * mpps[0])) if all(m is not None for m in mpps) else None
+            if patch_um is not None and cfg.patch_um is None:
+                sizes = [patch_um / m for m in mpps]  # same tissue width on every section
+            readers = [PatchReader(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)]
+            n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
+            if stream is None:
+                stream = n_bytes > settings.max_patch_memory
+                if stream:
+                    logger.info(f"Streaming the training patches ({n_bytes / 2**30:.1f} GiB > "
+                                f"sr.settings.max_patch_memory) with {settings.num_workers} worker(s).")
+            images = None if stream else torch.from_numpy(np.concatenate([r.read_all() for r in readers]))
+        pos = np.concatenate([section_positions(sp.centers) for sp in secs])
+        section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
+        tdata = TrainData(
+            images=images, expr=torch.from_numpy((y - mean) / std).float(), pos=torch.from_numpy(pos),
+            section=torch.from_numpy(section), read=SectionPatches(readers, section) if images is None else None,
+        )
+        torch.manual_seed(seed)
+        aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
+        t_train = time.perf_counter()
+        history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
+                        num_workers=settings.num_workers)
+        train_s = time.perf_counter() - t_train
 
-    if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
+        # reference bank: gene-branch embeddings of the training spots (each section read in context)
+        with torch.no_grad():
+            keys = []
+            for s in range(len(secs)):
+                m = torch.from_numpy(section == s)
+                keys.append(aligner.gene(tdata.expr[m].to(dev), tdata.pos[m].to(dev)).float().cpu())
+            bank = {"keys": torch.cat(keys).numpy(), "values": y.astype(np.float32)}
+        meta = {
+            "genes_source": genes if isinstance(genes, str) or genes is None else "list",
+            "target": f"log1p(counts / total * {target_sum:g}) over all genes of the table",
+            "target_sum": target_sum, "layer": layer, "target_mean": mean.astype(np.float32),
+            "target_std": std.astype(np.float32), "history": history, "sections": [sp.name for sp in secs],
+            "n_spots": int(len(y)), "patch_um": patch_um,
+            "spot_diameter_px": float(np.median([sp.diameter for sp in secs])),
+            "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
+            if all(m is not None for m in mpps) else None, "patch_px": float(cfg.patch_px),
+            "weights_source": aligner.weights_source, "device": str(dev), "seed": seed, "feature_dim": feature_dim,
+            "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
+            "world_size": distributed.world_size(),
+        }
+        model = Model(aligner, cfg, gene_list, meta, bank)
+
+        if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
+            return model
+        # in-sample outputs, computed for every section before anything is written
+        results = []
+        for s, sp in enumerate(secs):
+            feats = images[torch.from_numpy(section == s)].numpy() if image_features is not None else None
+            results.append(model.infer(sp, device=str(dev), features=feats))
+        meta["fit_seconds"] = time.perf_counter() - t_start
+        for sp, (emb, pred) in zip(secs, results, strict=True):
+            write_outputs(sp, model, emb, pred, key_added, in_sample=True)
         return model
-    # in-sample outputs, computed for every section before anything is written
-    results = []
-    for s, sp in enumerate(secs):
-        feats = images[torch.from_numpy(section == s)].numpy() if image_features is not None else None
-        results.append(model.infer(sp, device=str(dev), features=feats))
-    meta["fit_seconds"] = time.perf_counter() - t_start
-    for sp, (emb, pred) in zip(secs, results, strict=True):
-        write_outputs(sp, model, emb, pred, key_added, in_sample=True)
-    return model
+    except BaseException:
+        for sdata, tkey, skey in added:  # a failed fit leaves the data as it was
+            del sdata.tables[tkey], sdata.shapes[skey]
+        raise
+
+
+def bins_to_patches(secs: list[Spots], cfg: Any) -> tuple[list[Spots], list[tuple[Any, str, str]]]:
+    """Visium HD sections -> their bins summed into pseudo-spots as wide as the patch the model reads.
+
+    Returns the sections (others unchanged) and the (SpatialData, table, shapes) keys that were added.
+    """
+    import re
+
+    from ..io._bins import aggregate
+
+    out, added = [], []
+    for sp in secs:
+        m = re.fullmatch(r"square_(\d+)um", str(sp.keys.get("table_key") or ""))
+        mpp = secs[0].microns_per_pixel
+        if (m is None or sp.keys.get("kind") != "spatialdata" or mpp is None or sp.microns_per_pixel is None
+                or not {"array_row", "array_col"} <= set(sp.table.obs)):
+            out.append(sp)
+            continue
+        bin_um = int(m.group(1))
+        k = int(round((cfg.patch_um or cfg.patch_px * mpp) / bin_um))
+        if k < 2:  # the bins are about as wide as the patch already
+            out.append(sp)
+            continue
+        sdata, key = sp.source, f"square_{k * bin_um:03d}um"
+        if key in sdata.tables:
+            logger.info(f"Training on {key!r}, the {bin_um} µm bins already summed to the patch width.")
+        else:
+            key, skey = aggregate(sdata, sp, bin_um, k * bin_um)
+            added.append((sdata, key, skey))
+        out.append(as_spots(sdata, table_key=key, image_key=sp.keys.get("image_key"), need_image=True)[0])
+    return out, added
 
 
 class SectionPatches:
