@@ -27,7 +27,6 @@ import numpy as np
 import stranker as sr
 from stranker._spots import as_spots
 from stranker.pp._genes import lognorm
-from stranker.tl._evaluate import pearson_per_gene
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ["C5", "C2", "C3", "C4"]  # C5 first: that fold is the dev split

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._spots import InputError, Spots
 from .._predictions import modelled_genes, read_predictions
+from .._spots import InputError, Spots
 from ._utils import finish, measured, new_axes, sections
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._spots import InputError, Spots
 from .._predictions import read_predictions
+from .._spots import InputError, Spots
 from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
 
 

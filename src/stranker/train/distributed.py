@@ -211,9 +211,9 @@ class LossModule(nn.Module):
 
 def wrap(aligner: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the aligner's trainable parameters (the EMA teacher is frozen, so not synchronised)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     # buffers need no broadcast: batch-norm statistics are synchronised (identical on every process)
