@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def launch_command(argv: list[str], nproc: int) -> list[str]:
-    """The ``torchrun`` command that runs ``stranker`` with ``argv`` on ``nproc`` local processes."""
+    """Return the ``torchrun`` command that runs ``stranker`` with ``argv`` on ``nproc`` local processes."""
     rest, skip = [], False
     for a in argv:  # drop --nproc N / --nproc=N: the launched processes must not launch again
         if skip:

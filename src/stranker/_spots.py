@@ -52,7 +52,7 @@ class ImageHandle:
         return int(self.levels[0].shape[0])
 
     def level_for(self, factor: float) -> int:
-        """The coarsest level that still samples at least twice as finely as ``factor`` asks.
+        """Return the coarsest level that still samples at least twice as finely as ``factor`` asks.
 
         ``factor`` is the number of level-0 pixels per output pixel. Keeping 2x oversampling before
         an antialiased resize keeps the patch close to one read from level 0.

@@ -11,7 +11,7 @@ from ._spots import Spots
 
 
 def maybe_copy(data: Any, copy: bool) -> Any:
-    """``data`` itself, or a deep copy of it (each item of a list) when ``copy`` is true."""
+    """Return ``data`` itself, or a deep copy of it (each item of a list) when ``copy`` is true."""
     if not copy:
         return data
     if isinstance(data, list | tuple):

@@ -23,7 +23,7 @@ class HashMismatchError(InputError):
 
 
 def _registry() -> dict[str, dict[str, tuple[str, str]]]:
-    """section -> {'counts'|'spots'|'image': (upstream path, sha256)} from the packaged hash list."""
+    """Map section -> {'counts'|'spots'|'image': (upstream path, sha256)} from the packaged hash list."""
     reg: dict[str, dict[str, tuple[str, str]]] = {}
     text = files("stranker.datasets").joinpath("her2st_sha256.txt").read_text()
     for line in text.splitlines():
@@ -54,7 +54,7 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch(local_name: str, upstream: str, digest: str, data_dir: Path) -> Path:
-    """The verified local file: found in ``data_dir`` or downloaded there by pooch."""
+    """Return the verified local file: found in ``data_dir`` or downloaded there by pooch."""
     path = data_dir / local_name
     if path.exists():
         got = _sha256(path)

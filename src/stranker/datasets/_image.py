@@ -8,7 +8,7 @@ import numpy as np
 
 
 def multiscale(rgb: np.ndarray, scale_factors: list[int], **kwargs: Any) -> Any:
-    """A SpatialData multiscale image of a ``(c, y, x)`` array whose coarser levels are computed once.
+    """Return a SpatialData multiscale image of a ``(c, y, x)`` array whose coarser levels are computed once.
 
     Without this, every read of a coarse level recomputes it from full resolution through dask
     (seconds per patch on a her2st section instead of milliseconds).

@@ -54,7 +54,7 @@ def _lattice(n_spots: int, spacing: float) -> tuple[np.ndarray, int, int]:
 
 
 def _proportion_field(rng: np.random.Generator, h: int, w: int, k: int):
-    """A smooth field of program proportions: softmax of sums of random Gaussian bumps."""
+    """Return a smooth field of program proportions: softmax of sums of random Gaussian bumps."""
     n_bumps = 3
     size = float(max(h, w))
     cx = rng.uniform(0, w, (k, n_bumps))

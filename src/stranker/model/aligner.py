@@ -35,9 +35,11 @@ class Aligner(nn.Module):
 
     @property
     def weights_source(self) -> str:
+        """Where the student's backbone weights came from."""
         return self.student.weights_source
 
     def loss_terms(self) -> list[str]:
+        """Return the names of the loss terms with a positive weight."""
         c = self.cfg
         terms = [("regression", c.w_regression), ("clip", c.w_clip), ("rank", c.w_rank), ("distill", c.w_distill)]
         return [t for t, w in terms if w > 0]

@@ -6,7 +6,7 @@ import torch
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th (0..7) of the 8 flips/rotations of ``(..., h, w)`` images."""
+    """Return the k-th (0..7) of the 8 flips/rotations of ``(..., h, w)`` images."""
     if k >= 4:
         x = x.flip(-1)
     return torch.rot90(x, k % 4, dims=(-2, -1))

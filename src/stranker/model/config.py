@@ -56,12 +56,14 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as a plain dict (``scales`` as a list)."""
         d = asdict(self)
         d["scales"] = list(self.scales)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build a configuration from a dict, ignoring unknown keys."""
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         if "scales" in d:
@@ -98,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(method: str = "stranker", **overrides: Any) -> Config:
-    """The preset ``method`` with ``overrides`` (``None`` values are ignored)."""
+    """Return the preset ``method`` with ``overrides`` (``None`` values are ignored)."""
     if method not in PRESETS:
         raise ValueError(f"`method` must be one of {sorted(PRESETS)}, got {method!r}.")
     names = {f.name for f in fields(Config)}

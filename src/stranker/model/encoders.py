@@ -21,6 +21,7 @@ class ProjectionHead(nn.Module):
         self.norm = nn.LayerNorm(d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x`` to the output dimension."""
         p = self.proj(x)
         return self.norm(p + self.fc(p))
 
@@ -55,7 +56,7 @@ def cached_pretrained_file(name: str) -> str | None:
 
 
 def create_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> tuple[nn.Module, str]:
-    """A timm backbone without classifier, and where its weights came from.
+    """Return a timm backbone without classifier, and where its weights came from.
 
     ``weights`` (a local ``.pth``/``.pt``/``.bin``/``.safetensors`` state dict) wins; else timm's
     pretrained weights when they are already in its cache (never downloaded); else random init.
@@ -91,8 +92,11 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
 
 
 class ImageBranch(nn.Module):
-    """Backbone over the first ``cnn_scales`` scales (shared weights) + stain statistics of every
-    scale -> embedding and expression."""
+    """Image branch: a backbone and stain statistics -> embedding and expression.
+
+    Backbone over the first ``cnn_scales`` scales (shared weights) + stain statistics of every
+    scale -> embedding and expression.
+    """
 
     def __init__(
         self,
@@ -206,6 +210,7 @@ class GeneBranch(nn.Module):
         self.out = ProjectionHead(embed_dim, embed_dim, dropout)
 
     def forward(self, expr: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed expression ``(b, n_genes)``, in context when ``pos`` is given."""
         h = self.mlp(expr.float())
         if self.context is not None and pos is not None:
             h = self.context(h, pos)

@@ -40,7 +40,7 @@ def lognorm(mat: Any, target_sum: float = 1e4) -> np.ndarray:
 
 
 def section_counts(sp: Spots, layer: str | None) -> Any:
-    """Validated raw counts of one section."""
+    """Return the validated raw counts of one section."""
     mat = sp.expression(layer)
     check_counts(mat, f"{'X' if layer is None else f'layers[{layer!r}]'} of the table of section {sp.name!r}")
     return mat

@@ -25,12 +25,12 @@ from torch import nn
 
 
 def world_size() -> int:
-    """Processes in the default group (1 when not distributed)."""
+    """Return the number of processes in the default group (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
-    """This process's rank (0 when not distributed)."""
+    """Return this process's rank (0 when not distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 

@@ -73,7 +73,7 @@ class PlanSampler(torch.utils.data.Sampler):
 
 
 def patch_loader(data: TrainData, device: torch.device, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader over streamed patches whose batches follow ``loader.sampler.plan``.
+    """Return a DataLoader over streamed patches whose batches follow ``loader.sampler.plan``.
 
     Workers are started once (persistent) with the ``spawn`` method: zarr and dask keep threads
     whose locks a forked process could inherit held.
@@ -100,7 +100,7 @@ def batch_inputs(
 
 
 def chunks(data: TrainData, size: int = 256) -> Iterator[torch.Tensor]:
-    """Inputs of every training spot, ``size`` at a time (section by section when streamed)."""
+    """Yield the inputs of every training spot, ``size`` at a time (section by section when streamed)."""
     if not data.streamed:
         for i in range(0, len(data.images), size):
             yield data.images[i : i + size]
@@ -162,7 +162,7 @@ def _checkpoint_path(folder: str | Path) -> Path:
 
 
 def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> list[np.ndarray]:
-    """The epoch's batches (one section each); under ``ws`` processes, those with at least ``ws`` spots."""
+    """Return the epoch's batches (one section each); under ``ws`` processes, those with at least ``ws`` spots."""
     plan = batches(sec, batch_size, gen)
     return plan if ws == 1 else [b for b in plan if len(b) >= ws]
 
