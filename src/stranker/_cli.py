@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="stream training patches from disk (auto: when beyond sr.settings.max_patch_memory)")
     f.add_argument("--num-workers", type=int, default=None, help="processes that read streamed patches")
     f.add_argument("--nproc", type=int, default=1,
-                   help="training processes on this machine (re-runs itself under torchrun, DDP; one GPU each "
-                        "when CUDA is used, else gloo on CPU). For several machines run torchrun yourself: "
-                        "torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
-                        "-m stranker._cli fit ...")
+                   help="training processes on this machine (re-runs itself under torchrun, DDP; one GPU "
+                        "each when CUDA is used, else gloo on CPU). For several machines run torchrun "
+                        "yourself: torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d "
+                        "--rdzv-endpoint HOST:PORT -m stranker._cli fit ...")
     f.set_defaults(func=_fit)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)

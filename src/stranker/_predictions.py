@@ -34,7 +34,10 @@ def prediction_layer(sp: Spots, genes: list[str], pred: np.ndarray) -> tuple[Any
 
 
 def modelled_genes(sp: Spots, layer: str) -> list[str]:
-    """Genes with a prediction in ``layers[layer]``: those of the run record ``uns[layer]``, else the finite columns."""
+    """Genes with a prediction in ``layers[layer]``.
+
+    Those of the run record ``uns[layer]``, else the finite columns.
+    """
     _require(sp, layer)
     genes = (sp.table.uns.get(layer) or {}).get("genes")
     if genes is not None:
@@ -43,7 +46,10 @@ def modelled_genes(sp: Spots, layer: str) -> list[str]:
 
 
 def read_predictions(sp: Spots, layer: str, genes: Sequence[str]) -> np.ndarray:
-    """``(n_spots, len(genes))`` float32 predictions from a dense or sparse layer; a gene not predicted raises."""
+    """``(n_spots, len(genes))`` float32 predictions from a dense or sparse layer.
+
+    A gene not predicted raises.
+    """
     _require(sp, layer)
     genes = list(genes)
     known = (sp.table.uns.get(layer) or {}).get("genes")
@@ -54,8 +60,8 @@ def read_predictions(sp: Spots, layer: str, genes: Sequence[str]) -> np.ndarray:
     if not ok.all():
         bad = [g for g, good in zip(genes, ok, strict=True) if not good]
         raise InputError(
-            f"Layer {layer!r} of section {sp.name!r} has no prediction for {len(bad)} gene(s), e.g. {bad[:5]}: "
-            f"the model did not predict them. Modelled genes: `uns[{layer!r}]['genes']`."
+            f"Layer {layer!r} of section {sp.name!r} has no prediction for {len(bad)} gene(s), "
+            f"e.g. {bad[:5]}: the model did not predict them. Modelled genes: `uns[{layer!r}]['genes']`."
         )
     return mat
 
@@ -67,5 +73,6 @@ def _dense(mat: Any) -> np.ndarray:
 def _require(sp: Spots, layer: str) -> None:
     if layer not in sp.table.layers:
         raise InputError(
-            f"Layer {layer!r} not in the table of section {sp.name!r}: run `sr.tl.predict(model, data)` first."
+            f"Layer {layer!r} not in the table of section {sp.name!r}: "
+            "run `sr.tl.predict(model, data)` first."
         )

@@ -87,7 +87,8 @@ class _Settings:
         return (
             f"stranker settings: device={self.device!r}, seed={self.seed}, verbosity={self.verbosity}, "
             f"progress={self.progress}, num_workers={self.num_workers}, "
-            f"max_patch_memory={self.max_patch_memory}, max_dense_layer={self.max_dense_layer}, data_dir='{self.data_dir}'"
+            f"max_patch_memory={self.max_patch_memory}, max_dense_layer={self.max_dense_layer}, "
+            f"data_dir='{self.data_dir}'"
         )
 
 

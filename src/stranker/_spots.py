@@ -355,7 +355,10 @@ def _preferred_image(images: list[str]) -> str | None:
 
 
 def _image_mpp(sdata: Any, image_key: str | None) -> float | None:
-    """Resolution of an image as :func:`stranker.io.read_slide` records it (element, then SpatialData attrs)."""
+    """Resolution of an image as :func:`stranker.io.read_slide` records it.
+
+    Read from the element, then from the SpatialData attrs.
+    """
     if image_key is None:
         return None
     mpp = getattr(sdata.images[image_key], "attrs", {}).get(Keys.MPP)
@@ -394,16 +397,17 @@ def _from_spatialdata(
         raise InputError(f"shapes {shapes_key!r} not found in {where}; candidates: {list(sdata.shapes)}.")
     if shapes_key is not None and shapes_key not in spots_like:
         raise InputError(
-            f"Shapes {shapes_key!r} are neither circles with a `radius` column nor squares; stranker needs spots "
-            "as circles (Visium, ST) or square bins (Visium HD)."
+            f"Shapes {shapes_key!r} are neither circles with a `radius` column nor squares; "
+            "stranker needs spots as circles (Visium, ST) or square bins (Visium HD)."
         )
     if table_key is None:
         cands = [t for t in tables if shapes_key is None or shapes_key in _table_region(sdata.tables[t])[0]]
         cands = [t for t in cands if set(_table_region(sdata.tables[t])[0]) & set(spots_like)]
         if not cands and need_table:
             raise InputError(
-                f"{where} has no table that annotates circle or square shapes (tables: {tables}, such shapes: "
-                f"{spots_like}). Add one with `spatialdata.models.TableModel.parse(adata, region=..., ...)`."
+                f"{where} has no table that annotates circle or square shapes (tables: {tables}, "
+                f"such shapes: {spots_like}). "
+                "Add one with `spatialdata.models.TableModel.parse(adata, region=..., ...)`."
             )
         hd = [t for t in cands if _HD_TABLE.match(t)]
         if len(cands) > 1 and hd:
@@ -420,7 +424,9 @@ def _from_spatialdata(
     if table is not None:
         regions, region_key, instance_key = _table_region(table)
         shape_cands = [r for r in regions if r in spots_like]
-        shapes_key = _choose("shapes element annotated by the table", shape_cands, shapes_key, "shapes_key", where)
+        shapes_key = _choose(
+            "shapes element annotated by the table", shape_cands, shapes_key, "shapes_key", where
+        )
     elif spots_like:
         shapes_key = _choose("circle or square shapes element", spots_like, shapes_key, "shapes_key", where)
     else:
@@ -467,7 +473,9 @@ def _from_spatialdata(
         else:
             coordinate_system = _choose("shared coordinate system", shared, None, "coordinate_system", where)
     elif coordinate_system not in shared:
-        raise InputError(f"coordinate system {coordinate_system!r} not shared by image and shapes; shared: {shared}.")
+        raise InputError(
+            f"coordinate system {coordinate_system!r} not shared by image and shapes; shared: {shared}."
+        )
 
     image = _image_handle(sdata.images[image_key], image_key) if image_key is not None else None
 
@@ -491,12 +499,15 @@ def _from_spatialdata(
             rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == shapes_key)
         else:
             rows = np.arange(table.n_obs)
-        inst = table.obs[instance_key].to_numpy()[rows] if instance_key in table.obs else table.obs_names[rows]
+        inst = (
+            table.obs[instance_key].to_numpy()[rows] if instance_key in table.obs else table.obs_names[rows]
+        )
         pos = _index_positions(shape_index, inst)
         if (pos < 0).any():
             raise InputError(
-                f"{int((pos < 0).sum())} row(s) of table {table_key!r} point to instances missing from shapes "
-                f"{shapes_key!r} (e.g. {list(np.asarray(inst)[pos < 0][:3])}); the table and shapes disagree."
+                f"{int((pos < 0).sum())} row(s) of table {table_key!r} point to instances missing from "
+                f"shapes {shapes_key!r} (e.g. {list(np.asarray(inst)[pos < 0][:3])}); "
+                "the table and shapes disagree."
             )
         xy, diam = xy[pos], diam[pos]
     else:
@@ -603,8 +614,8 @@ def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Sp
             if res in images:
                 if sf_key not in scalef:
                     raise InputError(
-                        f"uns['spatial'][{lib!r}]['scalefactors'] lacks {sf_key!r}, needed to place spots on the "
-                        f"{res} image."
+                        f"uns['spatial'][{lib!r}]['scalefactors'] lacks {sf_key!r}, "
+                        f"needed to place spots on the {res} image."
                     )
                 img = np.asarray(images[res])
                 if img.ndim == 2:

@@ -45,7 +45,8 @@ def _full_sparse(values: Any, sp: Spots, existing: Any = None) -> Any:
         return values
     n = sp.table.n_obs
     place = sparse.csr_matrix(
-        (np.ones(len(sp.rows), dtype=values.dtype), (sp.rows, np.arange(len(sp.rows)))), shape=(n, len(sp.rows))
+        (np.ones(len(sp.rows), dtype=values.dtype), (sp.rows, np.arange(len(sp.rows)))),
+        shape=(n, len(sp.rows)),
     )
     out = place @ values
     if existing is not None and sparse.issparse(existing) and existing.shape == out.shape:

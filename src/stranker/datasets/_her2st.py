@@ -60,8 +60,9 @@ def _fetch(local_name: str, upstream: str, digest: str, data_dir: Path) -> Path:
         got = _sha256(path)
         if got != digest:
             raise HashMismatchError(
-                f"{path} fails its SHA-256 check (expected {digest}, got {got}): the file is damaged or not the "
-                f"published one. Delete it so that stranker downloads it again from {BASE_URL + upstream}."
+                f"{path} fails its SHA-256 check (expected {digest}, got {got}): "
+                "the file is damaged or not the published one. "
+                f"Delete it so that stranker downloads it again from {BASE_URL + upstream}."
             )
         return path
     import pooch
@@ -75,8 +76,9 @@ def _fetch(local_name: str, upstream: str, digest: str, data_dir: Path) -> Path:
         if isinstance(err, ValueError) and "does not match the known hash" in str(err):
             raise HashMismatchError(f"The download of {local_name} fails its SHA-256 check: {err}") from err
         raise InputError(
-            f"{local_name} is not in {data_dir} and could not be downloaded from {BASE_URL + upstream} ({err}). "
-            "To work offline, put the file there (or point STRANKER_DATA_DIR at a folder that has it)."
+            f"{local_name} is not in {data_dir} and could not be downloaded from {BASE_URL + upstream} "
+            f"({err}). To work offline, put the file there "
+            "(or point STRANKER_DATA_DIR at a folder that has it)."
         ) from err
     return Path(out)
 
@@ -111,7 +113,8 @@ def her2st(section: str | list[str], *, data_dir: str | Path | None = None) -> A
         raise InputError(f"Section {section!r} is not in the HER2+ dataset; sections: {sorted(reg)}.")
     if "image" not in reg[section]:
         raise InputError(
-            f"Section {section!r} has no full-resolution H&E image upstream; sections with images: {sections()}."
+            f"Section {section!r} has no full-resolution H&E image upstream; "
+            f"sections with images: {sections()}."
         )
     folder = Path(data_dir).expanduser() if data_dir is not None else settings.data_dir
     paths = {
@@ -139,7 +142,9 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
     spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
     keep = [s for s in counts.index if s in spots.index]
     if len(keep) < len(counts):
-        logger.info(f"her2st {section}: {len(counts) - len(keep)} spots of the count table are not under tissue.")
+        logger.info(
+            f"her2st {section}: {len(counts) - len(keep)} spots of the count table are not under tissue."
+        )
     counts, spots = counts.loc[keep], spots.loc[keep]
 
     # resolution from the array pitch: pixel = slope * array + offset
@@ -157,7 +162,9 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
     image = multiscale(np.moveaxis(rgb, -1, 0), [2, 2, 2], chunks=(3, 2048, 2048))
     ids = [f"{section}_{s}" for s in keep]
     xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
-    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), radius), index=pd.Index(ids, name="spot"))
+    shapes = ShapesModel.parse(
+        xy, geometry=0, radius=np.full(len(xy), radius), index=pd.Index(ids, name="spot")
+    )
 
     var_names = pd.Index(counts.columns.astype(str))
     x = sps.csr_matrix(counts.to_numpy(dtype=np.float32))

@@ -15,6 +15,6 @@ def multiscale(rgb: np.ndarray, scale_factors: list[int], **kwargs: Any) -> Any:
     """
     from spatialdata.models import Image2DModel
 
-    image = Image2DModel.parse(rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=scale_factors,
-                               **kwargs)
+    image = Image2DModel.parse(rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                               scale_factors=scale_factors, **kwargs)
     return image.map_over_datasets(lambda ds: ds.persist())

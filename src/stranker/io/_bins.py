@@ -53,9 +53,17 @@ def aggregate_bins(
 
 
 def aggregate(
-    sdata: Any, sp: Any, bin_size: int, size_um: float, min_fraction: float = 0.5, key_added: str | None = None
+    sdata: Any,
+    sp: Any,
+    bin_size: int,
+    size_um: float,
+    min_fraction: float = 0.5,
+    key_added: str | None = None,
 ) -> tuple[str, str]:
-    """Sum the bins of section ``sp`` (from ``sdata``) into pseudo-spots; returns the keys of the new table and shapes."""
+    """Sum the bins of section ``sp`` (from ``sdata``) into pseudo-spots.
+
+    Returns the keys of the new table and shapes.
+    """
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sps

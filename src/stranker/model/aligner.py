@@ -22,7 +22,8 @@ class Aligner(nn.Module):
         self.cfg = cfg
         self.student = ImageBranch(
             n_genes, backbone=cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained,
-            n_scales=len(cfg.scales), cnn_scales=cfg.cnn_scales, use_stain=cfg.use_stain, embed_dim=cfg.embed_dim, dropout=cfg.dropout,
+            n_scales=len(cfg.scales), cnn_scales=cfg.cnn_scales, use_stain=cfg.use_stain,
+            embed_dim=cfg.embed_dim, dropout=cfg.dropout,
             feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on,
         )
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -41,7 +42,9 @@ class Aligner(nn.Module):
     def loss_terms(self) -> list[str]:
         """Return the names of the loss terms with a positive weight."""
         c = self.cfg
-        terms = [("regression", c.w_regression), ("clip", c.w_clip), ("rank", c.w_rank), ("distill", c.w_distill)]
+        terms = [
+            ("regression", c.w_regression), ("clip", c.w_clip), ("rank", c.w_rank), ("distill", c.w_distill)
+        ]
         return [t for t, w in terms if w > 0]
 
     def training_losses(
@@ -94,7 +97,9 @@ class Aligner(nn.Module):
 
 
 @torch.no_grad()
-def retrieve(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+def retrieve(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 4096
+) -> torch.Tensor:
     """Inverse-distance weighted mean of ``values`` of the ``k`` keys nearest each query (cosine space).
 
     Processed in chunks of queries, so memory stays bounded for any number of spots.

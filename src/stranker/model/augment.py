@@ -24,7 +24,10 @@ def _rows(t: torch.Tensor, part: Part | None) -> torch.Tensor:
 
 
 def random_dihedral(x: torch.Tensor, gen: torch.Generator, part: Part | None = None) -> torch.Tensor:
-    """Each sample of ``(b, ..., h, w)`` gets its own random flip/rotation (8 groups, not a loop over spots)."""
+    """Each sample of ``(b, ..., h, w)`` gets its own random flip/rotation.
+
+    Done in 8 groups, not a loop over spots.
+    """
     ks = _rows(torch.randint(0, 8, (_n(x, part),), generator=gen, device="cpu"), part).to(x.device)
     out = torch.empty_like(x)
     for k in range(8):
@@ -34,8 +37,13 @@ def random_dihedral(x: torch.Tensor, gen: torch.Generator, part: Part | None = N
     return out
 
 
-def colour_jitter(x: torch.Tensor, gen: torch.Generator, strength: float, part: Part | None = None) -> torch.Tensor:
-    """Per-sample brightness, contrast, saturation and stain-channel jitter of ``(b, ..., 3, h, w)`` in [0, 1]."""
+def colour_jitter(
+    x: torch.Tensor, gen: torch.Generator, strength: float, part: Part | None = None
+) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation and stain-channel jitter of images in [0, 1].
+
+    ``x``: ``(b, ..., 3, h, w)``.
+    """
     b = _n(x, part)
     shape = (b,) + (1,) * (x.dim() - 1)
 
@@ -49,7 +57,8 @@ def colour_jitter(x: torch.Tensor, gen: torch.Generator, strength: float, part: 
     grey = x.mean(dim=-3, keepdim=True)
     x = (x - grey) * u(1 - 0.3 * s, 1 + 0.3 * s) + grey  # saturation
     ch_shape = (b,) + (1,) * (x.dim() - 4) + (3, 1, 1)
-    x = x * u(1 - 0.05 * s, 1 + 0.05 * s, ch_shape) + u(-0.03 * s, 0.03 * s, ch_shape)  # per-channel stain shift
+    # per-channel stain shift
+    x = x * u(1 - 0.05 * s, 1 + 0.05 * s, ch_shape) + u(-0.03 * s, 0.03 * s, ch_shape)
     return x.clamp(0, 1)
 
 

@@ -82,11 +82,17 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
         missing, unexpected = model.load_state_dict(state, strict=False)
         n_loaded = len(model.state_dict()) - len(missing)
         if n_loaded == 0:
-            raise ValueError(f"No tensor of {str(path)!r} matches backbone {name!r}; is it the right architecture?")
-        return model, f"file:{path.name} ({n_loaded} tensors, {len(missing)} missing, {len(unexpected)} unused)"
+            raise ValueError(
+                f"No tensor of {str(path)!r} matches backbone {name!r}; is it the right architecture?"
+            )
+        return model, (
+            f"file:{path.name} ({n_loaded} tensors, {len(missing)} missing, {len(unexpected)} unused)"
+        )
     cached = cached_pretrained_file(name) if pretrained else None
     if cached is not None:
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached})
+        model = timm.create_model(
+            name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached}
+        )
         return model, f"timm-cache:{Path(cached).name}"
     return timm.create_model(name, pretrained=False, num_classes=0), "random"
 
@@ -148,13 +154,18 @@ class ImageBranch(nn.Module):
         return stain_features(x.flatten(0, 1)).view(b, s * N_STAIN)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x``: ``(b, s, 3, h, w)`` images in [0, 1], or ``(b, d)`` features. Returns embedding, expression."""
+        """``x``: ``(b, s, 3, h, w)`` images in [0, 1], or ``(b, d)`` features.
+
+        Returns embedding, expression.
+        """
         parts = []
         if self.backbone is None:
             parts.append((x.float() - self.feat_mean) / self.feat_std)
         else:
             b = x.shape[0]
-            flat = ((x[:, : self.cnn_scales].flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(memory_format=torch.channels_last)
+            flat = ((x[:, : self.cnn_scales].flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(
+                memory_format=torch.channels_last
+            )
             parts.append(self.backbone(flat).float().view(b, -1))
         stain = None
         if self.use_stain:
@@ -184,7 +195,9 @@ class ImageBranch(nn.Module):
 class SpotContext(nn.Module):
     """Transformer over the spots of one section (spots as words) with learned 2-D positions."""
 
-    def __init__(self, dim: int, layers: int = 2, heads: int = 4, bins: int = 64, dropout: float = 0.1) -> None:
+    def __init__(
+        self, dim: int, layers: int = 2, heads: int = 4, bins: int = 64, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.bins = bins
         self.pos_x = nn.Embedding(bins, dim)
@@ -205,7 +218,9 @@ class GeneBranch(nn.Module):
     def __init__(self, n_genes: int, *, hidden: int = 512, embed_dim: int = 256, dropout: float = 0.1,
                  context: SpotContext | None = None) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(n_genes, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, embed_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_genes, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, embed_dim)
+        )
         self.context = context
         self.out = ProjectionHead(embed_dim, embed_dim, dropout)
 

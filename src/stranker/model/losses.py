@@ -13,7 +13,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def rank_consistency(img: torch.Tensor, ref: torch.Tensor, temperature: float = 0.1, mode: str = "listwise") -> torch.Tensor:
+def rank_consistency(
+    img: torch.Tensor, ref: torch.Tensor, temperature: float = 0.1, mode: str = "listwise"
+) -> torch.Tensor:
     """Cross-modal ranking consistency: image-image similarities must order spots as ``ref`` does.
 
     Parameters

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 # Ruifrok & Johnston H&E-DAB stain vectors (as in scikit-image's rgb2hed)
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
+)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED).float()
 N_BINS = 16
 N_STAIN = 3 + 3 + 3 + 3 + 9 + N_BINS + 1  # 38 per scale
@@ -45,6 +47,9 @@ def stain_features(x: torch.Tensor) -> torch.Tensor:
     hist = torch.zeros(b, N_BINS, device=x.device).scatter_add_(1, idx, torch.ones_like(grey)) / grey.shape[1]
     tissue = (grey < 0.8).float().mean(1, keepdim=True)
     return torch.cat(
-        [flat.mean(2), flat.std(2), hed.mean(2) * 10, hed.std(2) * 10, q.permute(1, 0, 2).reshape(b, 9) * 10, hist, tissue],
+        [
+            flat.mean(2), flat.std(2), hed.mean(2) * 10, hed.std(2) * 10,
+            q.permute(1, 0, 2).reshape(b, 9) * 10, hist, tissue,
+        ],
         dim=1,
     )
