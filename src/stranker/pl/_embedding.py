@@ -111,7 +111,9 @@ def embedding(
     """
     import scanpy as sc
 
-    a = embedding_anndata(data, key=key, layer=layer, table_key=table_key, library_id=library_id, bin_size=bin_size)
+    a = embedding_anndata(
+        data, key=key, layer=layer, table_key=table_key, library_id=library_id, bin_size=bin_size
+    )
     colors = [color] if isinstance(color, str) or color is None else list(color)
     unknown = [c for c in colors if c is not None and c not in a.obs and c not in a.var_names]
     if unknown:

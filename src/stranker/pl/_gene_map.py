@@ -168,7 +168,8 @@ def gene_map(
     if not genes:
         raise InputError("`genes` is empty: name at least one gene.")
     secs = sections(
-        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size
+        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+        library_id=library_id, bin_size=bin_size,
     )
     colormap = colormaps[cmap]
 

@@ -85,7 +85,9 @@ def embed_patches(
         model = backbone
         branch = model.aligner.teacher
         if branch.backbone is None:
-            raise InputError("This model was trained on precomputed features; it has no image backbone to embed with.")
+            raise InputError(
+                "This model was trained on precomputed features; it has no image backbone to embed with."
+            )
         net, name = branch.backbone, model.config.backbone
         mean, std = branch.pix_mean.cpu(), branch.pix_std.cpu()
         scale_list, image_size = list(model.config.scales), model.config.image_size
@@ -101,13 +103,17 @@ def embed_patches(
         std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     else:
         raise InputError(
-            f"`backbone` must be a timm model name, a fitted stranker.Model or a torch.nn.Module, got {type(backbone)}."
+            "`backbone` must be a timm model name, a fitted stranker.Model or a torch.nn.Module, "
+            f"got {type(backbone)}."
         )
     if batch_size < 1:
         raise InputError(f"`batch_size` must be at least 1, got {batch_size}.")
     key = key_added or f"X_{name}"
     data = maybe_copy(data, copy)
-    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size)
+    secs = as_spots(
+        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+        library_id=library_id, bin_size=bin_size,
+    )
     readers = []
     for sp in secs:
         check_inside(sp)
@@ -121,9 +127,13 @@ def embed_patches(
         for sp, reader in zip(secs, readers, strict=True):
             out = []
             for start in range(0, sp.n_spots, batch_size):
-                x = to_input(torch.from_numpy(reader.read(np.arange(start, min(start + batch_size, sp.n_spots)))), dev)
+                x = to_input(
+                    torch.from_numpy(reader.read(np.arange(start, min(start + batch_size, sp.n_spots)))), dev
+                )
                 b, s = x.shape[:2]
-                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                with torch.no_grad(), torch.autocast(
+                    dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"
+                ):
                     f = net(((x.flatten(0, 1) - mean) / std).contiguous())
                 out.append(f.float().reshape(b, -1).cpu().numpy())
             feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)

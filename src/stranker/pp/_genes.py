@@ -86,15 +86,21 @@ def normalize(
     if target_sum <= 0:
         raise InputError(f"`target_sum` must be positive, got {target_sum!r}.")
     data = maybe_copy(data, copy)
-    secs = unique_tables(as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False))
+    secs = unique_tables(
+        as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    )
     results = []
     for sp in secs:
         full = sp.table.X if layer is None else sp.table.layers.get(layer)
         if layer is not None and full is None:
-            raise InputError(f"Layer {layer!r} not in the table of section {sp.name!r}; layers: {list(sp.table.layers)}.")
+            raise InputError(
+                f"Layer {layer!r} not in the table of section {sp.name!r}; layers: {list(sp.table.layers)}."
+            )
         if full is None:
             raise InputError(f"The table of section {sp.name!r} has no `X`; pass `layer=` with raw counts.")
-        check_counts(full, f"{'X' if layer is None else f'layers[{layer!r}]'} of the table of section {sp.name!r}")
+        check_counts(
+            full, f"{'X' if layer is None else f'layers[{layer!r}]'} of the table of section {sp.name!r}"
+        )
         results.append(lognorm(full, target_sum))
     for sp, res in zip(secs, results, strict=True):
         sp.table.layers[key_added] = res
@@ -116,9 +122,12 @@ def resolve_genes(secs: list[Spots], genes: Sequence[str], on_missing: str = "ra
         lost = sorted(set().union(*missing.values()))
         detail = "; ".join(f"{k}: {len(v)} (e.g. {v[:3]})" for k, v in missing.items())
         if on_missing == "raise" or len(lost) == len(genes):
-            hint = "" if len(lost) == len(genes) else " Pass `on_missing='drop'` to model only the genes found everywhere."
+            hint = "" if len(lost) == len(genes) else (
+                " Pass `on_missing='drop'` to model only the genes found everywhere."
+            )
             raise InputError(
-                f"{len(lost)} of {len(genes)} requested genes are missing from some sections ({detail}).{hint}"
+                f"{len(lost)} of {len(genes)} requested genes are missing from some sections "
+                f"({detail}).{hint}"
                 + (" No genes in common." if len(lost) == len(genes) else "")
             )
         logger.warning(f"Dropping {len(lost)} of {len(genes)} genes missing from some sections ({detail}).")
@@ -134,13 +143,19 @@ def common_genes(secs: list[Spots]) -> list[str]:
         common &= set(sp.var_names)
     if not common:
         raise InputError(
-            "The sections have no genes in common: " + ", ".join(f"{sp.name} ({len(sp.var_names)} genes)" for sp in secs)
+            "The sections have no genes in common: "
+            + ", ".join(f"{sp.name} ({len(sp.var_names)} genes)" for sp in secs)
         )
     return [g for g in secs[0].var_names if g in common]
 
 
 def choose(
-    secs: list[Spots], flavor: str | Sequence[str], *, n_top: int, layer: str | None, on_missing: str = "raise"
+    secs: list[Spots],
+    flavor: str | Sequence[str],
+    *,
+    n_top: int,
+    layer: str | None,
+    on_missing: str = "raise",
 ) -> list[str]:
     """Genes chosen on ``secs`` (see :func:`select_genes`), without writing anything."""
     if isinstance(flavor, str):
@@ -170,7 +185,8 @@ def choose(
             keep = x.std(0) > 0
             a = a[:, keep].copy()
             sc.pp.highly_variable_genes(
-                a, flavor="seurat", n_top_genes=min(n, a.n_vars), batch_key="section" if len(secs) > 1 else None
+                a, flavor="seurat", n_top_genes=min(n, a.n_vars),
+                batch_key="section" if len(secs) > 1 else None,
             )
             var = a.var
             rank_col = "highly_variable_nbatches" if len(secs) > 1 else None

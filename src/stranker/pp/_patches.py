@@ -13,8 +13,13 @@ from .._spots import InputError, Spots, as_spots
 _TILE = 2048  # level pixels per side of the window read at once
 
 
-def patch_size_px(spots: Spots, size: float | None, size_um: float | None, default: float | None = None) -> float:
-    """Patch side in level-0 pixels from ``size`` (pixels) or ``size_um`` (micrometres), else ``default`` pixels."""
+def patch_size_px(
+    spots: Spots, size: float | None, size_um: float | None, default: float | None = None
+) -> float:
+    """Patch side in level-0 pixels.
+
+    From ``size`` (pixels) or ``size_um`` (micrometres), else ``default`` pixels.
+    """
     if size is None and size_um is None and default is not None:
         size = default
     if (size is None) == (size_um is None):
@@ -22,7 +27,8 @@ def patch_size_px(spots: Spots, size: float | None, size_um: float | None, defau
     if size_um is not None:
         if spots.microns_per_pixel is None:
             raise InputError(
-                f"Section {spots.name!r} has no known resolution, so `size_um` cannot be converted to pixels: "
+                f"Section {spots.name!r} has no known resolution, "
+                "so `size_um` cannot be converted to pixels: "
                 "pass `size=` in pixels, or set `table.uns['microns_per_pixel']`."
             )
         size = float(size_um) / spots.microns_per_pixel
@@ -48,8 +54,8 @@ def check_inside(spots: Spots, on_outside: str = "raise") -> np.ndarray:
         names = list(spots.obs_names[bad[:5]]) if spots.table is not None else list(bad[:5])
         msg = (
             f"{len(bad)} of {spots.n_spots} spots of section {spots.name!r} lie outside its image "
-            f"({w} x {h} px), e.g. {names}. Check the transformations between shapes and image, or drop those "
-            "spots from the table"
+            f"({w} x {h} px), e.g. {names}. "
+            "Check the transformations between shapes and image, or drop those spots from the table"
         )
         if on_outside == "raise":
             raise InputError(msg + "; `on_outside='pad'` keeps them as blank padded patches.")
@@ -202,8 +208,8 @@ def patches(
     single_scale = np.ndim(scales) == 0
     scale_list = [float(scales)] if single_scale else [float(s) for s in scales]  # type: ignore[arg-type]
     secs = as_spots(
-        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
-        need_table=False,
+        data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+        library_id=library_id, bin_size=bin_size, need_table=False,
     )
     results = []
     for sp in secs:

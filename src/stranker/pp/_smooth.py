@@ -20,7 +20,9 @@ def neighbour_weights(centers: np.ndarray, n_neighs: int = 6, include_self: bool
     n = len(centers)
     if n < 2:
         return sps.identity(n, format="csr", dtype=np.float32)
-    tmp = ad.AnnData(np.zeros((n, 1), dtype=np.float32), obsm={"spatial": np.asarray(centers, dtype=np.float64)})
+    tmp = ad.AnnData(
+        np.zeros((n, 1), dtype=np.float32), obsm={"spatial": np.asarray(centers, dtype=np.float64)}
+    )
     sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=min(n_neighs, n - 1))
     w = (tmp.obsp["spatial_connectivities"] > 0).astype(np.float32)
     if include_self:
@@ -77,7 +79,10 @@ def smooth(
     if n_neighs < 1:
         raise InputError(f"`n_neighs` must be at least 1, got {n_neighs}.")
     data = maybe_copy(data, copy)
-    secs = as_spots(data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    secs = as_spots(
+        data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
+        need_image=False,
+    )
     if layer is not None:
         for sp in secs:
             if layer not in sp.table.layers:
@@ -89,7 +94,9 @@ def smooth(
         x = x.toarray() if sps.issparse(x) else np.asarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise InputError(f"Layer {layer!r} of section {sp.name!r} has NaN or infinite values.")
-        results.append(np.asarray(neighbour_weights(sp.centers, n_neighs, include_self) @ x, dtype=np.float32))
+        results.append(
+            np.asarray(neighbour_weights(sp.centers, n_neighs, include_self) @ x, dtype=np.float32)
+        )
     for sp, res in zip(secs, results, strict=True):
         write_results(sp, layers={key_added: res})
     return data if copy else None

@@ -50,7 +50,9 @@ def split_sections(
     if n_groups < 2:
         raise InputError(f"Splitting needs at least 2 groups, got {n_groups}.")
     if isinstance(test_size, bool) or not isinstance(test_size, int | float | np.integer | np.floating):
-        raise InputError(f"`test_size` must be a fraction in (0, 1) or a number of groups, got {test_size!r}.")
+        raise InputError(
+            f"`test_size` must be a fraction in (0, 1) or a number of groups, got {test_size!r}."
+        )
     if isinstance(test_size, int | np.integer):
         if not 1 <= test_size < n_groups:
             raise InputError(f"`test_size` must be between 1 and {n_groups - 1} groups, got {test_size}.")
