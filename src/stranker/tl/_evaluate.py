@@ -46,7 +46,10 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
 def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, target_sum: float):
     idx = sp.table.var_names.get_indexer(genes)
     if (idx < 0).any():
-        raise InputError(f"Genes {[g for g, i in zip(genes, idx, strict=True) if i < 0][:5]} not in section {sp.name!r}.")
+        raise InputError(
+            f"Genes {[g for g, i in zip(genes, idx, strict=True) if i < 0][:5]} "
+            f"not in section {sp.name!r}."
+        )
     pred = read_predictions(sp, layer, genes)
     true = lognorm(section_counts(sp, counts_layer), target_sum)[:, idx]
     return pred, true
@@ -103,7 +106,8 @@ def evaluate(
         rec = secs[0].table.uns.get(key_added, {})
         if "genes" not in rec:
             raise InputError(
-                f"No `uns[{key_added!r}]['genes']` in section {secs[0].name!r}: pass `genes=` or run `sr.tl.predict`."
+                f"No `uns[{key_added!r}]['genes']` in section {secs[0].name!r}: "
+                "pass `genes=` or run `sr.tl.predict`."
             )
         genes = list(rec["genes"])
     genes = list(genes)
@@ -114,7 +118,9 @@ def evaluate(
         metrics = dict(public[secs[0].name])
         metrics["scope"] = "per gene across the spots of one section"
     else:
-        pooled = summarise(np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]), genes, n_heg)
+        pooled = summarise(
+            np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]), genes, n_heg
+        )
         keys = ("pcc_all", "pcc_heg", "pcc_median", "frac_positive", "mae", "mse")
         metrics = {k: float(np.mean([public[n][k] for n in public])) for k in keys}
         metrics.update(

@@ -40,7 +40,9 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     if genes is None:
         flags = [sp.table.var.get(Keys.SELECTED) for sp in secs]
         if all(f is not None for f in flags):
-            chosen = [list(sp.table.var_names[np.asarray(f, dtype=bool)]) for sp, f in zip(secs, flags, strict=True)]
+            chosen = [
+                list(sp.table.var_names[np.asarray(f, dtype=bool)]) for sp, f in zip(secs, flags, strict=True)
+            ]
             genes = [g for g in chosen[0] if all(g in set(c) for c in chosen[1:])]
             logger.info(f"Modelling the {len(genes)} genes marked in `var[{Keys.SELECTED!r}]`.")
         else:
@@ -160,15 +162,17 @@ def fit(
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
                       image_features=image_features, **options)
     dev = distributed.setup(resolve_device(device or settings.device))
-    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
-                    need_image=image_features is None)
+    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+                    library_id=library_id, bin_size=bin_size, need_image=image_features is None)
     added: list[tuple[Any, str, str]] = []
     if aggregate and image_features is None:
         secs, added = bins_to_patches(secs, cfg)
     try:
         for sp in secs:
             if sp.n_spots < 2:
-                raise InputError(f"Section {sp.name!r} has {sp.n_spots} spot(s); training needs spots with expression.")
+                raise InputError(
+                    f"Section {sp.name!r} has {sp.n_spots} spot(s); training needs spots with expression."
+                )
         gene_list = choose_genes(secs, genes, layer, n_top_genes)
         y_secs = targets(secs, gene_list, layer, target_sum)
         y = np.concatenate(y_secs)
@@ -181,8 +185,12 @@ def fit(
         if image_features is not None:
             for sp in secs:
                 if image_features not in sp.table.obsm:
-                    raise InputError(f"`obsm[{image_features!r}]` not found in the table of section {sp.name!r}.")
-            x = np.concatenate([np.asarray(sp.table.obsm[image_features], dtype=np.float32)[sp.rows] for sp in secs])
+                    raise InputError(
+                        f"`obsm[{image_features!r}]` not found in the table of section {sp.name!r}."
+                    )
+            x = np.concatenate(
+                [np.asarray(sp.table.obsm[image_features], dtype=np.float32)[sp.rows] for sp in secs]
+            )
             if not np.isfinite(x).all():
                 raise InputError(f"`obsm[{image_features!r}]` has NaN or infinite values.")
             feature_dim = x.shape[1]
@@ -192,10 +200,14 @@ def fit(
             for sp in secs:
                 check_inside(sp)
             sizes = [patch_size_px(sp, None if cfg.patch_um else cfg.patch_px, cfg.patch_um) for sp in secs]
-            patch_um = (cfg.patch_um or (cfg.patch_px * mpps[0])) if all(m is not None for m in mpps) else None
+            patch_um = (
+                (cfg.patch_um or (cfg.patch_px * mpps[0])) if all(m is not None for m in mpps) else None
+            )
             if patch_um is not None and cfg.patch_um is None:
                 sizes = [patch_um / m for m in mpps]  # same tissue width on every section
-            readers = [PatchReader(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)]
+            readers = [
+                PatchReader(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)
+            ]
             n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
             if stream is None:
                 stream = n_bytes > settings.max_patch_memory
@@ -207,7 +219,8 @@ def fit(
         section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
         tdata = TrainData(
             images=images, expr=torch.from_numpy((y - mean) / std).float(), pos=torch.from_numpy(pos),
-            section=torch.from_numpy(section), read=SectionPatches(readers, section) if images is None else None,
+            section=torch.from_numpy(section),
+            read=SectionPatches(readers, section) if images is None else None,
         )
         torch.manual_seed(seed)
         aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
@@ -233,7 +246,8 @@ def fit(
             "spot_diameter_px": float(np.median([sp.diameter for sp in secs])),
             "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
             if all(m is not None for m in mpps) else None, "patch_px": float(cfg.patch_px),
-            "weights_source": aligner.weights_source, "device": str(dev), "seed": seed, "feature_dim": feature_dim,
+            "weights_source": aligner.weights_source, "device": str(dev), "seed": seed,
+            "feature_dim": feature_dim,
             "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
             "world_size": distributed.world_size(),
         }
@@ -323,15 +337,19 @@ def write_outputs(
     full, layer_format = prediction_layer(sp, list(model.genes), pred)
     if layer_format == "sparse":
         logger.info(
-            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} genes; a dense "
-            f"layer would exceed sr.settings.max_dense_layer): genes not modelled read as 0, not NaN."
+            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
+            f"genes; a dense layer would exceed sr.settings.max_dense_layer): "
+            f"genes not modelled read as 0, not NaN."
         )
     params = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     record = {
         "params": {k: v for k, v in params.items() if v is not None},
         "genes": list(model.genes),
-        "history": {k: [h.get(k, np.nan) for h in model.history] for k in (model.history[0] if model.history else {})},
+        "history": {
+            k: [h.get(k, np.nan) for h in model.history]
+            for k in (model.history[0] if model.history else {})
+        },
         "target": model.meta["target"],
         "weights_source": model.meta["weights_source"],
         "device": model.meta["device"],

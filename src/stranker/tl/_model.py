@@ -31,7 +31,9 @@ class Model:
         Whether the weights come from a finished fit.
     """
 
-    def __init__(self, aligner: Any, config: Any, genes: list[str], meta: dict[str, Any], bank: dict[str, Any]):
+    def __init__(
+        self, aligner: Any, config: Any, genes: list[str], meta: dict[str, Any], bank: dict[str, Any]
+    ):
         self.aligner = aligner
         self.config = config
         self.genes = list(genes)
@@ -66,8 +68,8 @@ class Model:
         return PatchReader(sp, size, c.scales, c.image_size)
 
     def infer(
-        self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None, batch_size: int = 128,
-        features: np.ndarray | None = None,
+        self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None,
+        batch_size: int = 128, features: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches."""
         import torch
@@ -82,7 +84,8 @@ class Model:
             if features is None:
                 if c.image_features not in sp.table.obsm:
                     raise InputError(
-                        f"The model was trained on `obsm[{c.image_features!r}]`, missing from section {sp.name!r}."
+                        f"The model was trained on `obsm[{c.image_features!r}]`, "
+                        f"missing from section {sp.name!r}."
                     )
                 features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
             n = len(features)
@@ -101,7 +104,9 @@ class Model:
 
         starts = range(0, n, batch_size)
         use_amp = dev.type == "cuda"
-        for start in tqdm(starts, desc=f"predict {sp.name}", disable=not settings.show_progress() or n < 4 * batch_size):
+        for start in tqdm(
+            starts, desc=f"predict {sp.name}", disable=not settings.show_progress() or n < 4 * batch_size
+        ):
             sl = np.arange(start, min(start + batch_size, n))
             if c.image_features is not None:
                 x = torch.from_numpy(np.asarray(features[sl], dtype=np.float32))
@@ -170,11 +175,14 @@ class Model:
         path.mkdir(parents=True, exist_ok=True)
         meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
         torch.save(
-            {"state_dict": self.aligner.state_dict(), "bank": {k: torch.as_tensor(v) for k, v in self.bank.items()},
+            {"state_dict": self.aligner.state_dict(),
+             "bank": {k: torch.as_tensor(v) for k, v in self.bank.items()},
              "feature_dim": self.meta.get("feature_dim")},
             path / _FILE,
         )
-        (path / _META).write_text(json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta}))
+        (path / _META).write_text(
+            json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta})
+        )
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> Model:

@@ -98,7 +98,9 @@ def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, 
         raise InputError("Cannot tell the tile size for this slide: pass `tile_px=` (pixels of its image).")
     centres = tissue_grid(sp, float(tile_px))
     if len(centres) == 0:
-        raise InputError(f"No tissue found on the image of section {sp.name!r}; pass spots or check the image.")
+        raise InputError(
+            f"No tissue found on the image of section {sp.name!r}; pass spots or check the image."
+        )
     # order tiles block by block (the blocks the patch reader reads at once), so that consecutive
     # batches read neighbouring windows of the file instead of sweeping whole rows of the slide
     probe = Spots(name=sp.name, image=sp.image, centers=centres[:1], diameter=float(tile_px), table=None,
@@ -108,7 +110,8 @@ def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, 
     centres = centres[np.lexsort((centres[:, 0], centres[:, 1], bx, by))]
     logger.info(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
     tiled = Spots(name=sp.name, image=sp.image, centers=centres, diameter=float(tile_px), table=None,
-                  rows=np.arange(len(centres)), microns_per_pixel=sp.microns_per_pixel, source=sp.source, keys=sp.keys)
+                  rows=np.arange(len(centres)), microns_per_pixel=sp.microns_per_pixel, source=sp.source,
+                  keys=sp.keys)
     return tiled, float(tile_px)
 
 
@@ -175,8 +178,8 @@ def predict(
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
     need_image = model.config.image_features is None
-    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
-                    bin_size=bin_size, need_image=need_image, need_table=False)
+    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+                    library_id=library_id, bin_size=bin_size, need_image=need_image, need_table=False)
     plans = []
     for sp in secs:
         if sp.n_spots == 0:

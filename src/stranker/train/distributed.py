@@ -182,7 +182,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> Callable[[], None
 
                 setattr(parent, name, convert_sync_batchnorm(child))  # same parameter and buffer tensors
                 replaced.append((parent, name, child))
-            elif type(child).forward is plain:  # a norm layer with its own forward (e.g. norm+act) stays local
+            elif type(child).forward is plain:  # a norm with its own forward (e.g. norm+act) stays local
                 cls = type(child)
                 if cls not in _SYNC_TYPES:
                     _SYNC_TYPES[cls] = type("Sync" + cls.__name__, (_SyncBatchNorm, cls), {})
@@ -206,7 +206,9 @@ class LossModule(nn.Module):
         self.aligner = aligner
 
     def forward(self, strong, weak, expr, pos, local_weight: float):  # noqa: D102
-        return self.aligner.training_losses(strong, weak, expr, pos, gather=gather_rows, local_weight=local_weight)
+        return self.aligner.training_losses(
+            strong, weak, expr, pos, gather=gather_rows, local_weight=local_weight
+        )
 
 
 def wrap(aligner: nn.Module, device: torch.device) -> nn.Module:
@@ -218,7 +220,9 @@ def wrap(aligner: nn.Module, device: torch.device) -> nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     # buffers need no broadcast: batch-norm statistics are synchronised (identical on every process)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    no_sync = (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
     return DistributedDataParallel(LossModule(aligner), device_ids=ids, static_graph=True, **no_sync)
 
 

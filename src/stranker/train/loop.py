@@ -81,7 +81,8 @@ def patch_loader(data: TrainData, device: torch.device, num_workers: int = 0) ->
     return torch.utils.data.DataLoader(
         BatchPatches(data.read), sampler=PlanSampler(), batch_size=None, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None, multiprocessing_context="spawn" if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
     )
 
 
@@ -118,12 +119,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`device='cuda'` was requested but no CUDA device is available; use device='cpu' or 'auto'.")
+        raise ValueError(
+            "`device='cuda'` was requested but no CUDA device is available; use device='cpu' or 'auto'."
+        )
     return dev
 
 
 def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 ``(b, s, h, w, 3)`` -> float ``(b, s, 3, h, w)`` in [0, 1] on ``device``; features pass through."""
+    """uint8 ``(b, s, h, w, 3)`` -> float ``(b, s, 3, h, w)`` in [0, 1] on ``device``.
+
+    Features pass through.
+    """
     x = images.to(device, non_blocking=True)
     if x.dtype == torch.uint8:
         x = x.permute(0, 1, 4, 2, 3).float().div_(255.0)
@@ -143,7 +149,9 @@ def batches(section: np.ndarray, batch_size: int, gen: torch.Generator) -> list[
 
 
 @torch.no_grad()
-def set_input_statistics(aligner: Aligner, data: TrainData, device: torch.device, batch_size: int = 256) -> None:
+def set_input_statistics(
+    aligner: Aligner, data: TrainData, device: torch.device, batch_size: int = 256
+) -> None:
     """Standardisation of stain statistics (or precomputed features) from the training spots."""
     br = aligner.student
     if br.backbone is None:
@@ -162,7 +170,10 @@ def _checkpoint_path(folder: str | Path) -> Path:
 
 
 def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> list[np.ndarray]:
-    """Return the epoch's batches (one section each); under ``ws`` processes, those with at least ``ws`` spots."""
+    """Return the epoch's batches (one section each).
+
+    Under ``ws`` processes, those with at least ``ws`` spots.
+    """
     plan = batches(sec, batch_size, gen)
     return plan if ws == 1 else [b for b in plan if len(b) >= ws]
 
@@ -240,7 +251,9 @@ def train(
     from tqdm.auto import tqdm
 
     show = progress and rk == 0
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="fit", disable=not show, initial=start_epoch, total=cfg.epochs)
+    bar = tqdm(
+        range(start_epoch, cfg.epochs), desc="fit", disable=not show, initial=start_epoch, total=cfg.epochs
+    )
     try:
         for epoch in bar:
             aligner.train()
