@@ -83,7 +83,9 @@ def pool(stats: list[np.ndarray]) -> np.ndarray:
 
 
 def scores_from_stats(st: np.ndarray, heg: np.ndarray | None, heg_train: np.ndarray | None) -> dict:
-    """ACG, HEG (the test's 50 most expressed unless ``heg`` is given), HEG of the training sections, MAE, MSE."""
+    """ACG, HEG (the test's 50 most expressed unless ``heg`` is given), HEG of the training sections,
+    MAE, MSE.
+    """
     with np.errstate(invalid="ignore", divide="ignore"):
         r = st[5] / np.sqrt(st[3] * st[4])  # NaN for a constant prediction
     heg = np.argsort(-st[2])[:50] if heg is None else heg
@@ -120,7 +122,10 @@ def backbone_matrix(sdata, seed, size, out_px, name):
     net = create_backbone(name)[0].eval()  # cached pretrained weights when present, else random init
     p = sr.pp.patches(sdata, size=size, out_px=out_px)
     x = torch.from_numpy(p).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (
+        (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    )
     with torch.no_grad():
         return torch.cat([net(x[i : i + 64]).flatten(1) for i in range(0, len(x), 64)]).numpy()
 
@@ -188,7 +193,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="recompute rows that are already in the results")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for accuracy.json and accuracy_stats.npz")
+    ap.add_argument("--out", default=str(HERE / "results"),
+                    help="folder for accuracy.json and accuracy_stats.npz")
     args = ap.parse_args(argv)
     sr.settings.progress = False
     sr.settings.verbosity = 1
@@ -221,7 +227,8 @@ def main(argv=None):
                 rows = [r for r in rows if (r["method"], r["test"], r["seed"]) != (method, test, s)] + [row]
                 stats[_key(row)] = st.astype(np.float64)
                 done.add((method, test, s))
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
                 _save(jpath, spath, rows, stats, names)
     rows = rows + pooled_rows(rows, stats, names)
     print(table(rows))
@@ -293,8 +300,9 @@ def table(rows):
                 return f"{s[k].mean():.3f} ± {sd:.3f}"
 
             t = lambda k, s=s: "–" if k not in s or s[k].isna().all() else f"{s[k].mean():.0f}"  # noqa: E731
-            lines.append(f"| {label} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | {f('pcc_heg_train')} | "
-                         f"{s['mae'].mean():.3f} | {s['mse'].mean():.3f} | {t('fit_s')} | {t('predict_s')} |")
+            lines.append(f"| {label} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | "
+                         f"{f('pcc_heg_train')} | {s['mae'].mean():.3f} | {s['mse'].mean():.3f} | "
+                         f"{t('fit_s')} | {t('predict_s')} |")
     return "\n".join(lines)
 
 

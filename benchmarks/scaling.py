@@ -131,7 +131,9 @@ def worker(slide: str, model_dir: str, device: str) -> dict:
     )
     # what predict keeps (the outputs, with their obs and the tile circles) against what it needed
     # while running: the working memory, peak minus what is still held once freed memory is returned
-    meta_bytes = t.obs.memory_usage(deep=True).sum() + sdata.shapes["stranker_tiles"].memory_usage(deep=True).sum()
+    meta_bytes = (
+        t.obs.memory_usage(deep=True).sum() + sdata.shapes["stranker_tiles"].memory_usage(deep=True).sum()
+    )
     peak = rss_mb()
     after = rss_now_mb()
     return {

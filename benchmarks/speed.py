@@ -53,7 +53,8 @@ def _peak_mb(dev) -> float:
 def _config(a):
     from stranker.model import make_config
 
-    return make_config("stranker", backbone=a.backbone, batch_size=a.batch, image_size=a.image_size, epochs=a.epochs)
+    return make_config("stranker", backbone=a.backbone, batch_size=a.batch, image_size=a.image_size,
+                       epochs=a.epochs)
 
 
 def _images(n, size, seed=0):
@@ -64,7 +65,9 @@ def _images(n, size, seed=0):
 
 
 def bare_train(a, dev):
-    """Backbone forward + backward + AdamW on a linear head, as our loop runs it (AMP, channels_last on GPU)."""
+    """Backbone forward + backward + AdamW on a linear head, as our loop runs it
+    (AMP, channels_last on GPU).
+    """
     import torch
 
     from stranker.model.encoders import create_backbone
@@ -123,7 +126,9 @@ def _rate(step, per_step, iters, dev):
 
 
 def core_fit(a, dev):
-    """``stranker.train.train`` on in-memory patches of 4 sections; throughput of the epochs after the first."""
+    """``stranker.train.train`` on in-memory patches of 4 sections; throughput of the epochs after the
+    first.
+    """
     import torch
 
     from stranker.model import Aligner
@@ -193,7 +198,8 @@ def full_fit_predict(a, dev):
 
 PARTS = {
     "bare_train": bare_train, "bare_forward": bare_forward, "core_fit": core_fit,
-    "core_predict": lambda a, d: core_predict(a, d, False), "core_predict_tta": lambda a, d: core_predict(a, d, True),
+    "core_predict": lambda a, d: core_predict(a, d, False),
+    "core_predict_tta": lambda a, d: core_predict(a, d, True),
     "full": full_fit_predict,
 }
 
@@ -237,14 +243,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--image-size", type=int, default=112, help="pixels the backbone sees (default config: 112)")
+    ap.add_argument("--image-size", type=int, default=112,
+                    help="pixels the backbone sees (default config: 112)")
     ap.add_argument("--batch", type=int, default=32, help="training batch (default config: 32)")
     ap.add_argument("--predict-batch", type=int, default=128, help="inference batch (Model.infer's default)")
     ap.add_argument("--spots", type=int, default=768, help="training spots (and retrieval bank size)")
     ap.add_argument("--genes", type=int, default=785)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--smoke", action="store_true", help="seconds-long run with a tiny backbone, in one process (CI)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run with a tiny backbone, in one process (CI)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -253,8 +261,9 @@ def main(argv=None):
             "test_resnet", 32, 16, 32, 96, 20, 2, 2)
     if a.part:
         return print(json.dumps(run_part(a, a.part)))
-    sub = ["--device", a.device, "--backbone", a.backbone, "--image-size", str(a.image_size), "--batch", str(a.batch),
-           "--predict-batch", str(a.predict_batch), "--spots", str(a.spots), "--genes", str(a.genes),
+    sub = ["--device", a.device, "--backbone", a.backbone, "--image-size", str(a.image_size),
+           "--batch", str(a.batch), "--predict-batch", str(a.predict_batch),
+           "--spots", str(a.spots), "--genes", str(a.genes),
            "--epochs", str(a.epochs), "--iters", str(a.iters)]
     res = {}
     for part in PARTS:
@@ -270,8 +279,8 @@ def main(argv=None):
     if "skipped" not in res["full"]:
         eff["fit_full"] = res["full"]["fit_spots_per_s"] / bt
         eff["predict_full"] = res["full"]["predict_spots_per_s"] / bf
-    settings = {k: getattr(a, k) for k in ("backbone", "image_size", "batch", "predict_batch", "spots", "genes",
-                                           "epochs", "iters")}
+    settings = {k: getattr(a, k) for k in ("backbone", "image_size", "batch", "predict_batch", "spots",
+                                           "genes", "epochs", "iters")}
     report = {"machine": machine(a.device), "device": res["bare_train"]["device"], "settings": settings,
               "results": res, "efficiency": eff}
     out = Path(a.out)
@@ -289,7 +298,8 @@ def table(rep):
         ("bare backbone fwd+bwd", r["bare_train"]["spots_per_s"], "", r["bare_train"]["peak_mb"]),
         ("fit, core loop", r["core_fit"]["spots_per_s"], e["fit_core"], r["core_fit"]["peak_mb"]),
         ("bare backbone forward", r["bare_forward"]["spots_per_s"], "", r["bare_forward"]["peak_mb"]),
-        ("predict, core (no TTA)", r["core_predict"]["spots_per_s"], e["predict_core"], r["core_predict"]["peak_mb"]),
+        ("predict, core (no TTA)", r["core_predict"]["spots_per_s"], e["predict_core"],
+         r["core_predict"]["peak_mb"]),
         ("predict, core (8-view TTA)", r["core_predict_tta"]["spots_per_s"], e["predict_core_tta_per_view"],
          r["core_predict_tta"]["peak_mb"]),
     ]
@@ -302,7 +312,8 @@ def table(rep):
             ("Model.predict (8-view TTA)", f["predict_spots_per_s_tta"], "", f["peak_mb"]),
         ]
     s = rep["settings"]
-    lines = [f"{dev}, {s['backbone']} at {s['image_size']} px, batch {s['batch']} (predict {s['predict_batch']})",
+    lines = [f"{dev}, {s['backbone']} at {s['image_size']} px, batch {s['batch']} "
+             f"(predict {s['predict_batch']})",
              "", "| what | spots/s | efficiency | peak memory MiB |", "|---|---|---|---|"]
     for name, v, eff, mem in rows:
         lines.append(f"| {name} | {v:.1f} | {eff if eff == '' else f'{eff:.2f}'} | {mem:.0f} |")

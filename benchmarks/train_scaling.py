@@ -37,7 +37,8 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     n, n_sec, n_genes = args.spots, 4, 200
     data = TrainData(
-        images=torch.randint(0, 256, (n, 1, args.image_size, args.image_size, 3), generator=g, dtype=torch.uint8),
+        images=torch.randint(0, 256, (n, 1, args.image_size, args.image_size, 3), generator=g,
+                             dtype=torch.uint8),
         expr=torch.randn(n, n_genes, generator=g), pos=torch.rand(n, 2, generator=g),
         section=torch.from_numpy(np.repeat(np.arange(n_sec), n // n_sec + 1)[:n]),
     )
@@ -78,11 +79,12 @@ def main() -> None:
             part = Path(tmp) / "r.json"
             threads = args.threads
             env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-                       PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+                       PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"),
+                                                   os.environ.get("PYTHONPATH", "")]))
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}",
                    __file__, "--worker", "--backbone", args.backbone, "--image-size", str(args.image_size),
-                   "--spots", str(args.spots), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-                   "--device", args.device, "--out", str(part)]
+                   "--spots", str(args.spots), "--batch-size", str(args.batch_size),
+                   "--epochs", str(args.epochs), "--device", args.device, "--out", str(part)]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env=env)
             row = json.loads(part.read_text())
@@ -97,8 +99,8 @@ def main() -> None:
     import torch
 
     out = {
-        "settings": {k: getattr(args, k)
-                     for k in ("backbone", "image_size", "spots", "batch_size", "epochs", "device", "threads")},
+        "settings": {k: getattr(args, k) for k in ("backbone", "image_size", "spots", "batch_size", "epochs",
+                                                   "device", "threads")},
         "machine": {"cpu_count": cores, "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "runs": rows,
