@@ -73,7 +73,8 @@ def main(out: Path) -> None:
              if q.grad is not None]
     report["n_grads"] = len(diffs)
     report["grad_rel_diff"] = max(diffs)
-    report["grad_missing"] = sum(p.grad is None for p, q in zip(ddp_al.parameters(), ref.parameters(), strict=True)
+    report["grad_missing"] = sum(p.grad is None
+                                 for p, q in zip(ddp_al.parameters(), ref.parameters(), strict=True)
                                  if q.grad is not None)
 
     # 2. a whole fit: history, and identical students and EMA teachers on every process

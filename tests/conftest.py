@@ -23,7 +23,8 @@ def has_her2st(section: str = "C2") -> bool:
 
 
 needs_her2st = pytest.mark.skipif(
-    not has_her2st(), reason="her2st files (C2.jpg, C2.tsv.gz, C2_selection.tsv) not found in STRANKER_DATA_DIR"
+    not has_her2st(),
+    reason="her2st files (C2.jpg, C2.tsv.gz, C2_selection.tsv) not found in STRANKER_DATA_DIR",
 )
 
 
@@ -66,7 +67,9 @@ def make_sdata(
     img = np.full((3, h, w), 230, dtype=np.uint8)
     px = np.column_stack([rng.integers(20, w - 20, n), rng.integers(20, h - 20, n)]).astype(float)
     for i, (x, y) in enumerate(px.astype(int)):
-        img[:, y - 1 : y + 2, x - 1 : x + 2] = np.array([i * 10 % 256, 200, 50], dtype=np.uint8)[:, None, None]
+        img[:, y - 1 : y + 2, x - 1 : x + 2] = np.array(
+            [i * 10 % 256, 200, 50], dtype=np.uint8
+        )[:, None, None]
     glob = px * image_scale
     img_el = Image2DModel.parse(
         img, dims=("c", "y", "x"), c_coords=["r", "g", "b"],

@@ -1,4 +1,6 @@
-"""Smoke runs of the benchmark scripts (seconds, synthetic data): they run, write what they promise, resume."""
+"""Smoke runs of the benchmark scripts (seconds, synthetic data): they run, write what they promise,
+resume.
+"""
 
 import importlib.util
 import json
@@ -30,7 +32,8 @@ def test_accuracy_smoke_rows_pooled_and_resume(tmp_path):
     assert {r["method"] for r in folds} == methods
     assert len(folds) == len(methods) * 3  # three synthetic sections, one seed
     for r in folds:
-        assert set(r) >= {"method", "split", "test", "seed", "pcc_all", "pcc_heg", "mae", "mse", "fit_s", "predict_s"}
+        assert set(r) >= {"method", "split", "test", "seed", "pcc_all", "pcc_heg", "mae", "mse", "fit_s",
+                          "predict_s"}
     pooled = {r["method"]: r for r in saved["rows"] if r["test"] == "pooled"}
     assert set(pooled) == methods
     # colour statistics carry the synthetic programs: the ridge on them must find signal

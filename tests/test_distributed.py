@@ -1,4 +1,6 @@
-"""Distributed data-parallel training: 2 processes (torchrun, gloo, CPU) against 1 on the same global batch."""
+"""Distributed data-parallel training: 2 processes (torchrun, gloo, CPU) against 1 on the same global
+batch.
+"""
 
 import json
 import os
@@ -20,7 +22,8 @@ def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(WORKER), str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert res.returncode == 0, res.stderr[-4000:]
@@ -41,7 +44,8 @@ def _curve(history):
 def test_two_processes_match_one_and_resume_on_one(two_process_run):
     out, rep = two_process_run
     assert rep["world_size"] == 2
-    # gradients of one step: shares + gather-with-gradient + synced batch norm == the whole batch on one process
+    # gradients of one step: shares + gather-with-gradient + synced batch norm == the whole batch
+    # on one process
     assert rep["n_grads"] > 20 and rep["grad_missing"] == 0
     assert rep["grad_rel_diff"] < 1e-4, rep["grad_rel_diff"]
     # the EMA teacher (and the student) are identical on both processes after training

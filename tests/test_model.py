@@ -43,7 +43,9 @@ def test_retrieval_returns_exact_neighbours_and_is_chunk_invariant():
     out = retrieve(keys[:10], keys, values, k=1)
     torch.testing.assert_close(out, values[:10])
     q = torch.randn(37, 8, generator=g)
-    torch.testing.assert_close(retrieve(q, keys, values, k=7, chunk=5), retrieve(q, keys, values, k=7, chunk=4096))
+    torch.testing.assert_close(
+        retrieve(q, keys, values, k=7, chunk=5), retrieve(q, keys, values, k=7, chunk=4096)
+    )
 
 
 def test_stain_features_match_scikit_image():

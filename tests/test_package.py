@@ -16,10 +16,13 @@ def test_namespaces_and_version():
 def test_import_is_fast_and_lazy():
     code = (
         "import sys, time; t = time.perf_counter(); import stranker; dt = time.perf_counter() - t; "
-        "heavy = [m for m in ('torch', 'spatialdata', 'squidpy', 'scanpy', 'timm', 'anndata') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'spatialdata', 'squidpy', 'scanpy', 'timm', 'anndata') "
+        "if m in sys.modules]; "
         "print(dt); print(','.join(heavy))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     assert float(out[0]) < 2.0
     assert out[1] == "", f"heavy modules imported eagerly: {out[1]}"
 

@@ -6,7 +6,9 @@ from stranker._spots import InputError, as_spots
 from tests.conftest import make_sdata
 
 
-@pytest.mark.parametrize(("image_scale", "shapes_scale", "multiscale"), [(1, 1, False), (2.0, 0.5, False), (0.5, 3.0, True)])
+@pytest.mark.parametrize(
+    ("image_scale", "shapes_scale", "multiscale"), [(1, 1, False), (2.0, 0.5, False), (0.5, 3.0, True)]
+)
 def test_spot_centres_follow_transformations(image_scale, shapes_scale, multiscale):
     sdata, px = make_sdata(image_scale=image_scale, shapes_scale=shapes_scale, multiscale=multiscale)
     sp = as_spots(sdata)[0]

@@ -6,7 +6,8 @@ import pytest
 import stranker as sr
 from stranker._spots import InputError
 
-FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", genes="heg", n_top_genes=20)
+FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", genes="heg",
+            n_top_genes=20)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,9 @@ def test_streamed_fit_equals_in_memory_fit(on_disk, monkeypatch):
     streamed = sr.tl.fit(on_disk()[:2], seed=0, **FAST)
     assert streamed.meta["streamed"] is True
     # same batches, same reads, same random draws: the same model
-    assert [h["total"] for h in streamed.history] == pytest.approx([h["total"] for h in mem.history], rel=1e-6)
+    assert [h["total"] for h in streamed.history] == pytest.approx(
+        [h["total"] for h in mem.history], rel=1e-6
+    )
     test = on_disk()[2]
     np.testing.assert_allclose(streamed.predict(test), mem.predict(test), atol=1e-5)
 
@@ -59,7 +62,10 @@ def test_embed_patches_once_then_fit_on_the_features(on_disk):
     # the features are the frozen network on the spot patches (eval mode, ImageNet normalisation)
     p = sr.pp.patches(secs[0], size=64, out_px=32)[:5]
     x = torch.from_numpy(p).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
     with torch.no_grad():
         ref = net.eval()((x - mean) / std).numpy()
     np.testing.assert_allclose(t.obsm["X_test"][:5], ref, rtol=1e-4, atol=1e-5)
@@ -68,7 +74,9 @@ def test_embed_patches_once_then_fit_on_the_features(on_disk):
     assert np.isfinite(model.predict(secs[2])).all()
     # a timm name; a fitted model's own backbone; bad input
     copy = sr.pp.embed_patches(secs[2], "test_resnet", size=64, image_size=32, copy=True)
-    assert "X_test_resnet" in copy.tables["table"].obsm and "X_test_resnet" not in secs[2].tables["table"].obsm
+    assert (
+        "X_test_resnet" in copy.tables["table"].obsm and "X_test_resnet" not in secs[2].tables["table"].obsm
+    )
     with pytest.raises(InputError, match="trained on precomputed features"):
         sr.pp.embed_patches(secs[2], model)
     with pytest.raises(InputError, match="`backbone` must be"):

@@ -7,7 +7,8 @@ import stranker as sr
 from stranker._spots import InputError
 from stranker.pp._genes import lognorm
 
-FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40, genes="heg")
+FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40,
+            genes="heg")
 
 
 def _copy(secs):
@@ -115,7 +116,9 @@ def test_large_tables_get_a_sparse_layer_of_the_modelled_genes(fitted, monkeypat
     assert s.n_vars > len(model.genes)
     cols = s.var_names.get_indexer(model.genes)
     np.testing.assert_array_equal(s.layers["stranker"][:, cols].toarray(), d.layers["stranker"][:, cols])
-    assert sr.tl.evaluate(sparse_sd)["pcc_all"] == pytest.approx(sr.tl.evaluate(dense_sd)["pcc_all"], abs=1e-6)
+    assert sr.tl.evaluate(sparse_sd)["pcc_all"] == pytest.approx(
+        sr.tl.evaluate(dense_sd)["pcc_all"], abs=1e-6
+    )
     other = next(g for g in s.var_names if g not in model.genes)
     with pytest.raises(InputError, match="no prediction"):
         sr.tl.evaluate(sparse_sd, genes=[model.genes[0], other])
@@ -173,7 +176,9 @@ def test_interrupted_fit_resumes_to_the_same_result(synthetic_small, tmp_path, m
     monkeypatch.setattr(loop, "batches", real)
     resumed = sr.tl.fit(secs, seed=1, resume=True, **kw)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
-    np.testing.assert_allclose(resumed.predict(synthetic_small[3]), full.predict(synthetic_small[3]), atol=1e-5)
+    np.testing.assert_allclose(
+        resumed.predict(synthetic_small[3]), full.predict(synthetic_small[3]), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("method", ["bleep", "mclstexp", "rankbygene"])
@@ -271,7 +276,8 @@ def test_sparse_layer_of_one_library_keeps_the_rows_of_the_others():
     t = ad.AnnData(np.zeros((5, 4), dtype=np.float32))
 
     def lib(rows, vals):
-        sp = Spots(name="s", image=None, centers=np.zeros((len(rows), 2)), diameter=1.0, table=t, rows=np.array(rows))
+        sp = Spots(name="s", image=None, centers=np.zeros((len(rows), 2)), diameter=1.0, table=t,
+                   rows=np.array(rows))
         write_results(sp, layers={"p": sparse.csr_matrix(np.array(vals, dtype=np.float32))})
 
     lib([0, 2], [[1, 0, 2, 0], [3, 0, 4, 0]])

@@ -351,7 +351,8 @@ def test_fit_on_hd_bins_sums_them_to_the_patch_width(hd_dir):
     # a failed fit leaves the data as it was: no pseudo-spot table left behind
     fresh = _read_hd(hd_dir[0])
     with pytest.raises(InputError, match="NOT_A_GENE"):
-        sr.tl.fit(fresh, bin_size=8, genes=["NOT_A_GENE"], seed=0, **{k: v for k, v in FAST.items() if k != "genes"})
+        sr.tl.fit(fresh, bin_size=8, genes=["NOT_A_GENE"], seed=0,
+                  **{k: v for k, v in FAST.items() if k != "genes"})
     assert "square_032um" not in fresh.tables and "HD_square_032um" not in fresh.shapes
 
 
