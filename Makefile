@@ -50,7 +50,7 @@ docs: install-docs
 	@echo "docs: open docs/_build/html/index.html"
 
 lint: install-test
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks tutorials
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache docs/_build docs/generated docs/tutorials
