@@ -232,6 +232,8 @@ def main(argv=None):
                 _save(jpath, spath, rows, stats, names)
     rows = rows + pooled_rows(rows, stats, names)
     print(table(rows))
+    print()
+    print(fold_table(rows))
     return rows
 
 
@@ -285,6 +287,9 @@ def table(rows):
              "|---" * 10 + "|"]
     order = {m: i for i, m in enumerate(BASELINES + PRESETS)}
     for label, d in parts:
+        if label.startswith("LOSO, mean"):  # a seed counts once it has every common fold
+            n_folds = d.groupby(["method", "seed"])["test"].transform("nunique")
+            d = d[n_folds == len(common)]
         if d.empty:
             continue
         # average over folds within a seed first, then mean ± sd over seeds
@@ -303,6 +308,33 @@ def table(rows):
             lines.append(f"| {label} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | "
                          f"{f('pcc_heg_train')} | {s['mae'].mean():.3f} | {s['mse'].mean():.3f} | "
                          f"{t('fit_s')} | {t('predict_s')} |")
+    return "\n".join(lines)
+
+
+def fold_table(rows):
+    """Markdown table per held-out section: ACG and HEG (test), mean ± sd over seeds; best per row in bold."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df = df[(df["test"] != "pooled") & (df["method"] != "mean")]
+    order = [m for m in BASELINES + PRESETS if m in set(df["method"])]
+    tests = [t for t in SECTIONS if t in set(df["test"])] + sorted(set(df["test"]) - set(SECTIONS))
+    stats = df.groupby(["test", "method"])[["pcc_all", "pcc_heg"]].agg(["mean", "std", "count"])
+    lines = ["| held out | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
+    for t in tests:
+        for k, name in (("pcc_all", "ACG"), ("pcc_heg", "HEG")):
+            means = {m: stats.loc[(t, m), (k, "mean")] for m in order if (t, m) in stats.index}
+            best = max(means, key=means.get) if means else None
+            cells = []
+            for m in order:
+                if m not in means:
+                    cells.append("–")
+                    continue
+                sd = stats.loc[(t, m), (k, "std")]
+                n = int(stats.loc[(t, m), (k, "count")])
+                cell = f"{means[m]:.3f}" + (f" ± {sd:.3f}" if n > 1 else "") + f" ({n})"
+                cells.append(f"**{cell}**" if m == best else cell)
+            lines.append(f"| {t} {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -57,6 +57,23 @@ def test_pooled_statistics_equal_concatenation():
     np.testing.assert_allclose(st[7].sum() / st[0].sum(), np.mean((p - t) ** 2))
 
 
+def test_tables_count_a_seed_once_it_has_every_fold():
+    acc = _load("accuracy")
+
+    def row(method, test, seed, r):
+        return {"method": method, "split": "loso", "test": test, "dev": test == "C5", "seed": seed,
+                "pcc_all": r, "pcc_heg": r, "pcc_heg_train": r, "mae": 1.0, "mse": 1.0, "fit_s": 1.0,
+                "predict_s": 1.0}
+
+    rows = [row(m, t, 0, base + i / 100) for m, base in (("bleep", 0.1), ("stranker", 0.2))
+            for i, t in enumerate(("C5", "C2"))]
+    rows.append(row("stranker", "C5", 1, 0.9))  # seed 1 has only one fold so far
+    loso = next(ln for ln in acc.table(rows).splitlines() if ln.startswith("| LOSO, mean") and "stranker" in ln)
+    assert "| 0.205 ± 0.000 |" in loso  # seed 0 alone: (0.20 + 0.21) / 2, the partial seed left out
+    folds = acc.fold_table(rows)
+    assert "| C5 ACG | 0.100 (1) | **0.550 ± 0.495 (2)** |" in folds  # per fold, every seed that ran
+
+
 def test_speed_smoke(tmp_path):
     speed = _load("speed")
     rep = speed.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
