@@ -53,11 +53,11 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     h0, w0 = img.shape
     xs = np.arange(spacing / 2, w0, spacing)
     ys = np.arange(spacing / 2, h0, spacing)
-    gx, gy = np.meshgrid(xs, ys)
-    centres = np.column_stack([gx.ravel(), gy.ravel()])
-    iy = np.clip((centres[:, 1] / s).astype(int), 0, h - 1)
-    ix = np.clip((centres[:, 0] / s).astype(int), 0, w - 1)
-    return centres[frac[iy, ix] >= min_tissue]
+    iy = np.clip((ys / s).astype(int), 0, h - 1)
+    ix = np.clip((xs / s).astype(int), 0, w - 1)
+    # only the tiles on tissue are ever listed (the full grid is a boolean image, not a list of centres)
+    row, col = np.nonzero(frac[np.ix_(iy, ix)] >= min_tissue)
+    return np.column_stack([xs[col], ys[row]])
 
 
 def model_mpp(model: Any) -> float | None:
