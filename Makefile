@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export STRANKER_DATA_DIR ?= $(abspath ../shared/data/her2st)
 
-.PHONY: demo test install install-test install-docs bench docs lint clean
+.PHONY: demo test install install-test install-docs bench bench-ablations docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: install
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/train_scaling.py
+
+# What each part of the default adds: one seed of the ablation rows over the same folds (hours on 2 cores)
+bench-ablations: install
+	$(PY) benchmarks/accuracy.py --ablations --seeds 0
 
 # API pages from the docstrings, tutorials rendered from tutorials/*.py without running them; warnings fail
 docs: install-docs

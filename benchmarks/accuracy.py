@@ -33,6 +33,16 @@ SECTIONS = ["C5", "C2", "C3", "C4"]  # C5 first: that fold is the dev split
 DEV_TEST = "C5"
 BASELINES = ("mean", "ridge-stain", "ridge-backbone")
 PRESETS = ("bleep", "mclstexp", "rankbygene", "stranker")
+# `--ablations`: the default with one part taken out or one option put back, each against `stranker`
+ABLATIONS = {
+    "stnet": ("stnet", {}),  # regression only: no alignment terms, no retrieval
+    "stranker-no-clip": ("stranker", {"w_clip": 0.0}),
+    "stranker-no-rank": ("stranker", {"w_rank": 0.0}),
+    "stranker-no-distill": ("stranker", {"w_distill": 0.0}),
+    "stranker+context": ("stranker", {"spot_context": True}),
+    "stranker+stain": ("stranker", {"use_stain": True}),
+    "stranker+2scales": ("stranker", {"scales": (1.0, 2.0), "cnn_scales": 2}),
+}
 STATS = ("n", "mx", "my", "sxx", "syy", "sxy", "sae", "sse")
 SMOKE = dict(epochs=1, backbone="test_resnet", patch_px=64, image_size=32)
 
@@ -161,7 +171,8 @@ def run_one(method, train, test, genes, seed, opts):
         t1 = time.perf_counter()
         pred = ridge_predict(xtr, ytr, feat(test), pca=256 if method == "ridge-backbone" else None)
     else:
-        model = sr.tl.fit([_light(s) for s in train], genes=genes, method=method, seed=seed, **opts)
+        base, extra = ABLATIONS.get(method, (method, {}))
+        model = sr.tl.fit([_light(s) for s in train], genes=genes, method=base, seed=seed, **extra, **opts)
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         pred = model.predict(test)
@@ -189,6 +200,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(BASELINES + PRESETS))
+    ap.add_argument("--ablations", action="store_true",
+                    help="run the ablation rows (ABLATIONS) instead of the default methods")
     ap.add_argument("--tests", nargs="+", default=None, help="held-out sections (default: all, C5 first)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="recompute rows that are already in the results")
@@ -203,6 +216,8 @@ def main(argv=None):
         args.seeds = [0]
     if args.epochs is not None:
         opts["epochs"] = args.epochs
+    if args.ablations:
+        args.methods = list(ABLATIONS)
     data, genes, dev_test = load_sections(args)
     names = list(data)
     out = Path(args.out)
@@ -234,6 +249,9 @@ def main(argv=None):
     print(table(rows))
     print()
     print(fold_table(rows))
+    if any(r["method"] in ABLATIONS for r in rows):
+        print()
+        print(ablation_table(rows))
     return rows
 
 
@@ -276,6 +294,7 @@ def table(rows):
     import pandas as pd
 
     df = pd.DataFrame(rows)
+    df = df[df["method"].isin(BASELINES + PRESETS)]  # ablations have their own table
     folds = df[df["test"] != "pooled"]
     # compare like with like: only the held-out sections that every method has run on
     n_methods = folds["method"].nunique()
@@ -316,7 +335,7 @@ def fold_table(rows):
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    df = df[(df["test"] != "pooled") & (df["method"] != "mean")]
+    df = df[(df["test"] != "pooled") & df["method"].isin(BASELINES[1:] + PRESETS)]
     order = [m for m in BASELINES + PRESETS if m in set(df["method"])]
     tests = [t for t in SECTIONS if t in set(df["test"])] + sorted(set(df["test"]) - set(SECTIONS))
     stats = df.groupby(["test", "method"])[["pcc_all", "pcc_heg"]].agg(["mean", "std", "count"])
@@ -335,6 +354,38 @@ def fold_table(rows):
                 cell = f"{means[m]:.3f}" + (f" ± {sd:.3f}" if n > 1 else "") + f" ({n})"
                 cells.append(f"**{cell}**" if m == best else cell)
             lines.append(f"| {t} {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(rows):
+    """Markdown table of the ablations against ``stranker``: ACG / HEG (test) per held-out section, their
+    mean over the sections every ablation has run on, and the change from ``stranker`` on the same seeds."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df = df[(df["test"] != "pooled") & df["method"].isin(("stranker", *ABLATIONS))]
+    ran = df[df["method"] != "stranker"]
+    if ran.empty:
+        return ""
+    pairs = set(zip(ran["test"], ran["seed"], strict=True))  # compare on the folds and seeds the ablations ran
+    df = df[[(t, s) in pairs for t, s in zip(df["test"], df["seed"], strict=True)]]
+    n_methods = df["method"].nunique()
+    tests = [t for t in SECTIONS + sorted(set(df["test"]) - set(SECTIONS))
+             if t in set(df["test"]) and df[df["test"] == t]["method"].nunique() == n_methods]
+    df = df[df["test"].isin(tests)]
+    ref = df[df["method"] == "stranker"].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
+    lines = ["| method | " + " | ".join(tests) + f" | mean of {len(tests)} | change from stranker |",
+             "|---" * (len(tests) + 3) + "|"]
+    for method in ["stranker", *[m for m in ABLATIONS if m in set(df["method"])]]:
+        d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
+        if d.empty:
+            continue
+        per_test = d.groupby(level="test").mean()
+        cells = [f"{per_test.loc[t, 'pcc_all']:.3f} / {per_test.loc[t, 'pcc_heg']:.3f}" for t in tests]
+        diff = (d - ref.loc[d.index]).mean()
+        delta = "–" if method == "stranker" else f"{diff['pcc_all']:+.3f} / {diff['pcc_heg']:+.3f}"
+        lines.append(f"| {method} | " + " | ".join(cells)
+                     + f" | {d['pcc_all'].mean():.3f} / {d['pcc_heg'].mean():.3f} | {delta} |")
     return "\n".join(lines)
 
 

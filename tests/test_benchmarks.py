@@ -72,6 +72,14 @@ def test_tables_count_a_seed_once_it_has_every_fold():
     assert "| 0.205 ± 0.000 |" in loso  # seed 0 alone: (0.20 + 0.21) / 2, the partial seed left out
     folds = acc.fold_table(rows)
     assert "| C5 ACG | 0.100 (1) | **0.550 ± 0.495 (2)** |" in folds  # per fold, every seed that ran
+    # an ablation row, run on C5 only, neither enters the main tables nor shrinks their common folds
+    with_ablation = rows + [row("stranker-no-rank", "C5", 0, 0.15)]
+    assert acc.table(with_ablation) == acc.table(rows)
+    assert acc.fold_table(with_ablation) == folds
+    abl = acc.ablation_table(with_ablation).splitlines()
+    assert abl[0].startswith("| method | C5 | mean of 1 |")  # only the folds the ablation ran on
+    assert abl[2] == "| stranker | 0.200 / 0.200 | 0.200 / 0.200 | – |"  # seed 0 only: as the ablation
+    assert abl[3] == "| stranker-no-rank | 0.150 / 0.150 | 0.150 / 0.150 | -0.050 / -0.050 |"
 
 
 def test_speed_smoke(tmp_path):
