@@ -53,7 +53,11 @@ docs: install-docs
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 	@echo "docs: open docs/_build/html/index.html"
 
-lint: install-test
+$(VENV)/.installed-dev: $(VENV)/.installed-test
+	$(PIP) install --quiet $(TORCH_PIN) -e ".[test,dev]"
+	touch $@
+
+lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks tutorials
 
 clean:

@@ -367,7 +367,7 @@ def ablation_table(rows):
     ran = df[df["method"] != "stranker"]
     if ran.empty:
         return ""
-    pairs = set(zip(ran["test"], ran["seed"], strict=True))  # compare on the folds and seeds the ablations ran
+    pairs = set(zip(ran["test"], ran["seed"], strict=True))  # the folds and seeds the ablations ran
     df = df[[(t, s) in pairs for t, s in zip(df["test"], df["seed"], strict=True)]]
     n_methods = df["method"].nunique()
     tests = [t for t in SECTIONS + sorted(set(df["test"]) - set(SECTIONS))

@@ -68,7 +68,8 @@ def test_tables_count_a_seed_once_it_has_every_fold():
     rows = [row(m, t, 0, base + i / 100) for m, base in (("bleep", 0.1), ("stranker", 0.2))
             for i, t in enumerate(("C5", "C2"))]
     rows.append(row("stranker", "C5", 1, 0.9))  # seed 1 has only one fold so far
-    loso = next(ln for ln in acc.table(rows).splitlines() if ln.startswith("| LOSO, mean") and "stranker" in ln)
+    loso = next(ln for ln in acc.table(rows).splitlines()
+                if ln.startswith("| LOSO, mean") and "stranker" in ln)
     assert "| 0.205 ± 0.000 |" in loso  # seed 0 alone: (0.20 + 0.21) / 2, the partial seed left out
     folds = acc.fold_table(rows)
     assert "| C5 ACG | 0.100 (1) | **0.550 ± 0.495 (2)** |" in folds  # per fold, every seed that ran
