@@ -10,6 +10,7 @@ so that pooled Pearson r over all held-out spots is exact without keeping predic
     python benchmarks/accuracy.py                      # full grid (hours on 2 CPU cores)
     python benchmarks/accuracy.py --seeds 0 --tests C5 # the dev split, one seed
     python benchmarks/accuracy.py --smoke --out /tmp/a # seconds, synthetic data (what CI runs)
+    python benchmarks/accuracy.py --ablations --seeds 0 # the default with one part out or in
 """
 
 from __future__ import annotations
