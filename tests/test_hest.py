@@ -204,3 +204,100 @@ def test_datasets_hest_downloads_only_what_it_reads(hest_root, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refused)
     with pytest.raises(InputError, match="(?i)gated repository .*accept"):
         sr.datasets.hest("SYN0", root=tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/hest_bench.py
+# --------------------------------------------------------------------------------------------
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hest_bench.py"
+    spec = importlib.util.spec_from_file_location("bench_hest_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hest_bench_smoke_writes_every_column(tmp_path):
+    hb = _bench()
+    hb.main(["--smoke", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "hest_bench.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert res["backbone"] == "test_resnet" and "leaderboard" in res["protocol"]
+    task = res["tasks"]["SYN"]
+    assert task["n_folds"] == 2  # patients A (two samples) and B: one fold each
+    assert [f["test"] for f in task["folds"]] == [["SYN0", "SYN1"], ["SYN2"]]
+    assert set(task["columns"]) == {"leaderboard", "no_pca", "alpha_cv", "per_sample_r", "genes_train_only",
+                                    "stranker_heads"}
+    for c in task["columns"].values():
+        assert -1 <= c["pearson_mean"] <= 1 and len(c["mean_per_split"]) == 2
+    assert len(task["genes"]) == 50 and set(res["average"]) == set(task["columns"])
+
+
+def test_bench_folds_follow_split_files_or_patients(tmp_path):
+    hb = _bench()
+    metas = {"a": {"patient": "P1", "dataset_title": "D"}, "b": {"patient": "P1", "dataset_title": "D"},
+             "c": {"patient": None, "dataset_title": "D"}, "d": {"patient": "P1", "dataset_title": "E"}}
+    f = hb.folds(tmp_path, metas)
+    assert sorted(te for _, te in f) == [["a", "b"], ["c"], ["d"]]
+    assert all(set(tr) | set(te) == set(metas) and not set(tr) & set(te) for tr, te in f)
+    (tmp_path / "splits").mkdir()
+    for i, (tr, te) in enumerate([(["a", "b"], ["c"]), (["c"], ["a", "b"])]):
+        for name, ids in (("train", tr), ("test", te)):
+            rows = "\n".join(f"{s},patches/{s}.h5,adata/{s}.h5ad" for s in ids)
+            csv = f"sample_id,patches_path,expr_path\n{rows}\n"
+            (tmp_path / "splits" / f"{name}_{i}.csv").write_text(csv)
+    assert hb.folds(tmp_path, metas) == [(["a", "b"], ["c"]), (["c"], ["a", "b"])]
+
+
+def test_bench_scores_concatenated_and_per_sample():
+    """HEST's r is over the concatenated test split (HEST#127): a per-sample offset that the model gets
+    right raises it, while within each sample the prediction is noise."""
+    hb = _bench()
+    rng = np.random.default_rng(0)
+    sample = np.repeat(["s1", "s2"], 200)
+    offset = np.where(sample == "s1", 0.0, 5.0)[:, None]
+    y = offset + rng.normal(size=(400, 3))
+    pred = offset + rng.normal(size=(400, 3))
+    assert hb.pearson_genes(pred, y).min() > 0.8
+    assert np.abs(hb.per_sample_r(pred, y, sample)).max() < 0.2
+
+
+def test_bench_probe_is_hest_ridge():
+    """Standardise, PCA to 256, lsqr ridge without intercept, alpha = 100 / (256 * n_genes)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    hb = _bench()
+    rng = np.random.default_rng(1)
+    x, y, xt = rng.normal(size=(300, 400)), rng.normal(size=(300, 50)) + 2, rng.normal(size=(20, 400))
+    sc = StandardScaler().fit(x)
+    pca = PCA(256, random_state=1).fit(sc.transform(x))
+    reg = Ridge(alpha=100 / (256 * 50), solver="lsqr", fit_intercept=False, max_iter=1000).fit(
+        pca.transform(sc.transform(x)), y)
+    expected = reg.predict(pca.transform(sc.transform(xt)))
+    np.testing.assert_allclose(hb.probe(x, y, xt, seed=1), expected, atol=1e-6)
+    # without PCA (HEST#144's alternative) the ridge sees all 400 features
+    direct = Ridge(alpha=100 / (400 * 50), solver="lsqr", fit_intercept=False, max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(hb.probe(x, y, xt, pca=False), direct.predict(xt), atol=1e-6)
+
+
+def test_bench_genes_follow_hest_recipe():
+    import anndata as ad
+
+    hb = _bench()
+    rng = np.random.default_rng(2)
+    tables = []
+    for i in range(2):
+        x = rng.poisson(rng.uniform(0.5, 20, size=8), size=(100, 8)).astype(np.float32)
+        x[:, 0] = 0
+        if i:
+            x[:5, 0] = 50  # g0: in 5% of the spots of one table (below HEST's 10%), very variable
+        t = ad.AnnData(x)
+        t.var_names = ["g0", "BLANK_1", "NegControl", "g3", "g4", "g5", "g6", "g7"]
+        tables.append(t)
+    genes = hb.hest_genes(tables, k=3)
+    assert len(genes) == 3 and not {"g0", "BLANK_1", "NegControl"} & set(genes)
