@@ -64,11 +64,14 @@ def test_pixel_size_comes_from_the_metadata(hest_root, tmp_path):
     assert sp.diameter == pytest.approx(32.0)
 
 
-def test_unknown_id_lists_the_ids_present(hest_root):
+def test_unknown_id_lists_the_ids_present(hest_root, tmp_path):
     with pytest.raises(InputError, match=r"'TENX95' is not in .*\['SYN0', 'SYN1', 'SYN2'\]"):
         sr.io.read_hest(hest_root, "TENX95")
     with pytest.raises(FileNotFoundError):
         sr.io.read_hest(hest_root / "nope")
+    (tmp_path / "IDC").symlink_to(hest_root, target_is_directory=True)
+    with pytest.raises(InputError, match=r"folder of HEST-Bench tasks \['IDC'\]"):
+        sr.io.read_hest(tmp_path)
 
 
 def test_whole_folder_and_metadata_filter(hest_root):

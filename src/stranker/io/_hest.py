@@ -115,6 +115,10 @@ def read_hest(
         raise InputError(f"`image` must be 'auto', 'wsi' or 'patches', got {image!r}.")
     ids = hest_ids(root)
     if not ids:
+        tasks = sorted(d.name for d in root.iterdir() if d.is_dir() and hest_ids(d))
+        if tasks:
+            raise InputError(f"{root} is a folder of HEST-Bench tasks {tasks}: read one, e.g. "
+                             f"`sr.io.read_hest('{root / tasks[0]}')`.")
         raise InputError(
             f"{root} holds no HEST sample: expected st/{{id}}.h5ad (HEST-1k) or adata/{{id}}.h5ad "
             "(HEST-Bench). "
