@@ -5,7 +5,8 @@ Reads HEST-Bench task folders as HEST publishes them (``MahmoodLab/hest-bench``:
 folder in HEST-1k's layout (``st/``, ``wsis/``, ``metadata/``; folds are then one per patient and the 50
 genes HEST's recipe on all samples). For each task and fold:
 
-* features: a frozen backbone on HEST's patches (224 px at 0.5 µm/px, 112 µm) of the spots that have one;
+* features: a frozen backbone on HEST's own patches (``patches/{id}.h5``: 224 px at 0.5 µm/px, 112 µm) of
+  the spots that have one (for a HEST-1k folder without patch files: the same windows of the WSI);
 * target: ``log1p`` of the raw counts of the task's 50 genes (HEST's ``normalize=True``: no library-size
   scaling);
 * ``leaderboard``: StandardScaler + PCA(256) fitted on the training split, then
@@ -204,6 +205,40 @@ def alpha_by_cv(x_tr, y_tr, sample, seed: int) -> float | None:
     return float(ALPHAS[int(np.nanargmax(scores))])
 
 
+def embed(sdata, net, *, image_size: int, batch_size: int) -> None:
+    """Frozen features of HEST's own patches (``patches/{id}.h5``) into ``obsm[FEATURES]``.
+
+    The patches are fed as HEST feeds them (resized only when ``image_size`` is not 224, ImageNet
+    normalisation). A sample without a patch file (HEST-1k read from its WSI) gets the same 112 µm
+    windows from its image through :func:`stranker.pp.embed_patches`.
+    """
+    import torch
+
+    from stranker.io._hest import PATCH_UM
+
+    t = sdata.tables["table"]
+    path = t.uns["hest"].get("patches_file")
+    if path is None:
+        sr.pp.embed_patches(sdata, net, size_um=PATCH_UM, image_size=image_size, batch_size=batch_size,
+                            key_added=FEATURES)
+        return
+    rows = t.obs["hest_patch"].to_numpy()
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+    net = net.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            img, _, _ = sr.io.read_hest_patches(path, rows[start : start + batch_size])
+            x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255
+            if x.shape[-1] != image_size:
+                x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                                    antialias=True, align_corners=False)
+            out.append(net((x - mean) / std).reshape(len(x), -1).numpy())
+    t.obsm[FEATURES] = np.concatenate(out).astype(np.float32)
+
+
 def predict(model, test: list, genes: list[str]) -> np.ndarray:
     """The model's predictions of ``genes`` on the test sections, concatenated in their order."""
     p = model.predict(test)
@@ -216,7 +251,7 @@ def predict(model, test: list, genes: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def run_task(task_dir: Path, net, *, image_size: int, seed: int, full_fit: bool, fit_kw: dict,
              batch_size: int) -> dict:
-    from stranker.io._hest import PATCH_UM, hest_ids, hest_metadata
+    from stranker.io._hest import hest_ids, hest_metadata
 
     ids = hest_ids(task_dir)
     metas = {sid: hest_metadata(task_dir, sid) for sid in ids}
@@ -231,8 +266,7 @@ def run_task(task_dir: Path, net, *, image_size: int, seed: int, full_fit: bool,
              else hest_genes([secs[s].tables["table"] for s in used]))
     t0 = time.perf_counter()
     for sd in secs.values():
-        sr.pp.embed_patches(sd, net, size_um=PATCH_UM, image_size=image_size, batch_size=batch_size,
-                            key_added=FEATURES)
+        embed(sd, net, image_size=image_size, batch_size=batch_size)
     embed_s = time.perf_counter() - t0
     feats = {s: np.asarray(sd.tables["table"].obsm[FEATURES], dtype=np.float64) for s, sd in secs.items()}
 

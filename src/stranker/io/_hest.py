@@ -105,8 +105,9 @@ def read_hest(
     (circles, or squares for Xenium pseudo-spots, centred on ``obsm['spatial']``), table ``'table'``
     (HEST's counts in ``X``; ``uns['hest']`` the sample's metadata: organ, technology, patient,
     oncotree code, ...; ``uns['microns_per_pixel']`` the image's resolution, taken from the metadata's
-    ``pixel_size_um_estimated``; ``obs['hest_patch']`` the row of each spot in ``patches/{id}.h5``,
-    -1 for none) and, when ``tissue_seg/{id}_contours.geojson`` exists, polygons ``'tissue'``.
+    ``pixel_size_um_estimated``; ``obs['hest_patch']`` the row of each spot in ``patches/{id}.h5``
+    (``uns['hest']['patches_file']``), -1 for none) and, when ``tissue_seg/{id}_contours.geojson``
+    exists, polygons ``'tissue'``.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -238,7 +239,8 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
     adata.uns.pop("spatialdata_attrs", None)
     adata.uns[Keys.MPP] = float(image_mpp)
     adata.uns["section"] = sid
-    adata.uns["hest"] = _clean_meta({**meta, "id": sid, "image_source": source, "pixel_size_um": mpp})
+    adata.uns["hest"] = _clean_meta({**meta, "id": sid, "image_source": source, "pixel_size_um": mpp,
+                                     "patches_file": str(patch["path"]) if patch is not None else None})
     from spatialdata.models import TableModel
 
     sdata.shapes[Keys.SHAPES] = shapes
