@@ -150,6 +150,11 @@ def test_xenium_pseudo_spots_are_squares(tmp_path):
     assert s.shapes["spots"].geometry.iloc[0].geom_type == "Polygon"
     sp = as_spots(s)[0]
     assert sp.diameter == pytest.approx(100 / 3.125)
+    # Visium HD: HEST's 128 µm bins are squares too; their scalefactor is right and is used
+    _set_meta(tmp_path, "SYN0", st_technology="Visium HD")
+    s = sr.io.read_hest(tmp_path, "SYN0")
+    assert s.shapes["spots"].geometry.iloc[0].geom_type == "Polygon"
+    assert as_spots(s)[0].diameter == pytest.approx(32.0)
 
 
 def test_bad_patch_file_is_named(hest_root, tmp_path):

@@ -25,8 +25,11 @@ EXPR_DIRS = ("st", "adata")  # HEST-1k, HEST-Bench
 # HEST's patches: 224 x 224 px at 0.5 µm/px (112 µm), HESTData.dump_patches' defaults and HEST's README
 PATCH_MPP = 0.5
 PATCH_UM = 112.0
-# spot diameter (µm) by technology when the metadata does not say; Xenium pseudo-spots are squares
-_SPOT_UM = {"visium": 55.0, "st": 100.0, "xenium": 100.0}
+# spot diameter (µm) by technology when the metadata does not say. HEST pools Xenium transcripts into
+# 100 µm squares (its scalefactor says 55 µm: ignored) and Visium HD 16 µm bins into 128 µm squares
+_SPOT_UM = {"visium": 55.0, "spatial transcriptomics": 100.0, "st": 100.0, "xenium": 100.0,
+            "visium hd": 128.0}
+_SQUARES = ("xenium", "visium hd")
 _FILTER_ALIASES = {"technology": "st_technology"}
 
 
@@ -102,7 +105,8 @@ def read_hest(
     -------
     A :class:`spatialdata.SpatialData` for one id, a list for a list of ids, a dict ``{id: SpatialData}``
     for a whole folder. Each has image ``'he'`` (lazy; level-0 pixels in ``'global'``), spots ``'spots'``
-    (circles, or squares for Xenium pseudo-spots, centred on ``obsm['spatial']``), table ``'table'``
+    (circles, or squares for Xenium and Visium HD pseudo-spots, centred on ``obsm['spatial']``), table
+    ``'table'``
     (HEST's counts in ``X``; ``uns['hest']`` the sample's metadata: organ, technology, patient,
     oncotree code, ...; ``uns['microns_per_pixel']`` the image's resolution, taken from the metadata's
     ``pixel_size_um_estimated``; ``obs['hest_patch']`` the row of each spot in ``patches/{id}.h5``
@@ -224,7 +228,7 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
             f"HEST {sid}: the spot size is unknown (no 'spot_diameter' in its metadata, no "
             f"'spot_diameter_fullres' scalefactor, technology {meta.get('st_technology')!r})."
         )
-    shapes = _spot_shapes(xy, spot_um / mpp, adata.obs_names, square=tech == "xenium")
+    shapes = _spot_shapes(xy, spot_um / mpp, adata.obs_names, square=tech in _SQUARES)
 
     obs_patch = np.full(adata.n_obs, -1, dtype=np.int64)
     if patch is not None:
