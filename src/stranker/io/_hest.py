@@ -390,7 +390,18 @@ def _patch_mosaic(patch: dict[str, Any], mpp: float) -> Any:
                 out[ys - y0 : ye - y0, xs - x0 : xe - x0] = im[ys - py : ye - py, xs - px : xe - px, :3]
         return out
 
-    sdata = _as_sdata([_Level((3, h, w), read, f"{path.name}[mosaic]")], PATCH_MPP, Keys.IMAGE, str(path))
+    def coarse(f: int):
+        def read_f(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            win = read(y0 * f, y1 * f, x0 * f, x1 * f)
+            return win.reshape(y1 - y0, f, x1 - x0, f, 3).mean((1, 3)).round().astype(np.uint8)
+
+        return read_f
+
+    # levels 2x and 4x coarser (block means), so that patches fed smaller and tissue masks read less
+    levels = [_Level((3, h, w), read, f"{path.name}[mosaic]")]
+    levels += [_Level((3, h // f, w // f), coarse(f), f"{path.name}[mosaic/{f}]")
+               for f in (2, 4) if min(h, w) // f >= 64]
+    sdata = _as_sdata(levels, PATCH_MPP, Keys.IMAGE, str(path))
     m = np.array([[k, 0.0, origin[0] * k], [0.0, k, origin[1] * k], [0.0, 0.0, 1.0]])
     set_transformation(sdata.images[Keys.IMAGE], Affine(m, input_axes=("x", "y"), output_axes=("x", "y")),
                        to_coordinate_system="global", set_all=False)
