@@ -30,7 +30,7 @@ with ``--full-fit``, stranker trained end to end on the patches (``stranker_full
 
     python benchmarks/hest_bench.py --root hest-bench/ --backbone resnet50     # the leaderboard tasks found
     python benchmarks/hest_bench.py --root hest-bench/ --tasks IDC --full-fit   # one task, end-to-end fit too
-    python benchmarks/hest_bench.py --smoke --out /tmp/h                        # seconds, synthetic (CI)
+    python benchmarks/hest_bench.py --smoke --out /tmp/h                        # seconds, synthetic task (CI)
     python benchmarks/hest_bench.py --smoke --full-fit --out /tmp/h             # and the end-to-end column
 """
 
@@ -55,6 +55,10 @@ HERE = Path(__file__).resolve().parent
 # the README leaderboard's nine tasks, as HEST-Bench names their folders (ccRCC = CCRCC, LUAD = LUNG);
 # HCC is in the bench data but not on the leaderboard
 LEADERBOARD = ["IDC", "PRAD", "PAAD", "SKCM", "COAD", "READ", "CCRCC", "LUNG", "LYMPH_IDC"]
+# the leaderboard's own figures for HEST's baseline encoder (README "HEST-Benchmark results (08.30.24)"),
+# printed beside a resnet50 run so that the two can be read side by side
+PUBLISHED = {"resnet50": {"IDC": 0.4741, "PRAD": 0.3075, "PAAD": 0.3889, "SKCM": 0.4822, "COAD": 0.2528,
+                          "READ": 0.0812, "CCRCC": 0.2231, "LUNG": 0.4917, "LYMPH_IDC": 0.2322}}
 N_GENES = 50
 LATENT_DIM = 256
 ALPHAS = 10.0 ** np.arange(-2, 6)
@@ -322,13 +326,37 @@ def run_task(task_dir: Path, net, *, image_size: int, seed: int, full_fit: bool,
 def table(result: dict) -> str:
     """Markdown: one row per task, one column per protocol (mean Pearson r over folds)."""
     cols = [c for c in COLUMNS if any(c in t["columns"] for t in result["tasks"].values())]
-    lines = ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    pub = PUBLISHED.get(result["backbone"], {})
+    pub = pub if set(result["tasks"]) <= set(pub) else {}
+    head = cols + (["published"] if pub else [])
+    lines = ["| task | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, t in result["tasks"].items():
         cells = [f"{t['columns'][c]['pearson_mean']:.4f}" if c in t["columns"] else "" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells + ([f"{pub[name]:.4f}"] if pub else [])) + " |")
     avg = [f"{result['average'][c]:.4f}" if c in result["average"] else "" for c in cols]
+    if pub:
+        avg.append(f"{np.mean([pub[n] for n in result['tasks']]):.4f}")
     lines.append("| **average** | " + " | ".join(avg) + " |")
     return "\n".join(lines)
+
+
+def smoke_task(task: Path) -> Path:
+    """Three synthetic samples (patients A, A, B) laid out as a HEST-Bench task: adata/, patches/,
+    splits/ (one fold per patient), var_50genes.json; no WSIs, no metadata."""
+    sr.datasets.synthetic_hest(task, n_samples=3, n_spots=60, n_genes=60, patients=["A", "A", "B"])
+    (task / "st").rename(task / "adata")
+    shutil.rmtree(task / "wsis")
+    shutil.rmtree(task / "metadata")
+    (task / "splits").mkdir()
+    for i, (tr, te) in enumerate([(["SYN2"], ["SYN0", "SYN1"]), (["SYN0", "SYN1"], ["SYN2"])]):
+        for name, ids in (("train", tr), ("test", te)):
+            rows = "".join(f"{s},patches/{s}.h5,adata/{s}.h5ad\n" for s in ids)
+            (task / "splits" / f"{name}_{i}.csv").write_text("sample_id,patches_path,expr_path\n" + rows)
+    import anndata as ad
+
+    genes = hest_genes([ad.read_h5ad(task / "adata" / f"SYN{i}.h5ad") for i in range(3)])
+    (task / "var_50genes.json").write_text(json.dumps({"genes": genes}))
+    return task
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -359,9 +387,7 @@ def main(argv=None) -> dict:
     fit_kw: dict = {} if args.epochs is None else {"epochs": args.epochs}
     if args.smoke:
         root = Path(tempfile.mkdtemp(prefix="hest_bench_smoke_"))
-        sr.datasets.synthetic_hest(root / "SYN", n_samples=3, n_spots=60, n_genes=60,
-                                   patients=["A", "A", "B"])
-        task_dirs = [root / "SYN"]
+        task_dirs = [smoke_task(root / "SYN")]
         args.backbone, args.image_size, args.random_weights = "test_resnet", 32, True
         fit_kw = dict(SMOKE_FIT)
     else:

@@ -244,6 +244,28 @@ def test_hest_bench_smoke_writes_every_column(tmp_path):
     assert len(task["genes"]) == 50 and set(res["average"]) == set(task["columns"])
 
 
+def test_bench_table_sets_the_published_figures_beside():
+    hb = _bench()
+    res = {"backbone": "resnet50", "tasks": {"IDC": {"columns": {"leaderboard": {"pearson_mean": 0.5}}}},
+           "average": {"leaderboard": 0.5}}
+    assert hb.table(res).splitlines()[2] == "| IDC | 0.5000 | 0.4741 |"
+    res["backbone"] = "uni"
+    assert hb.table(res).splitlines()[2] == "| IDC | 0.5000 |"
+
+
+def test_read_a_hest_bench_task_folder(hest_root, tmp_path):
+    """HEST-Bench: adata/ instead of st/, no WSI, no metadata: pixel size from the patches' corners, the
+    image their mosaic, the spot size the scalefactor's."""
+    task = tmp_path / "IDC"
+    for d in ("st", "patches"):
+        shutil.copytree(hest_root / d, task / ("adata" if d == "st" else d))
+    s = sr.io.read_hest(task, "SYN1")
+    assert s.tables["table"].uns["hest"]["image_source"] == "patches"
+    assert s.tables["table"].uns["hest"]["pixel_size_um"] == pytest.approx(3.125, rel=0.04)
+    sp = as_spots(s)[0]
+    assert sp.microns_per_pixel == 0.5 and sp.diameter == pytest.approx(32 * 3.125 / 0.5, rel=0.04)
+
+
 def test_bench_folds_follow_split_files_or_patients(tmp_path):
     hb = _bench()
     metas = {"a": {"patient": "P1", "dataset_title": "D"}, "b": {"patient": "P1", "dataset_title": "D"},
