@@ -264,6 +264,11 @@ def test_read_a_hest_bench_task_folder(hest_root, tmp_path):
     assert s.tables["table"].uns["hest"]["pixel_size_um"] == pytest.approx(3.125, rel=0.04)
     sp = as_spots(s)[0]
     assert sp.microns_per_pixel == 0.5 and sp.diameter == pytest.approx(32 * 3.125 / 0.5, rel=0.04)
+    # with its WSI but still no metadata, the TIFF's own resolution wins over the patches' estimate
+    shutil.copytree(hest_root / "wsis", task / "wsis")
+    s = sr.io.read_hest(task, "SYN1")
+    assert s.tables["table"].uns["hest"]["pixel_size_um"] == pytest.approx(3.125)
+    assert as_spots(s)[0].microns_per_pixel == pytest.approx(3.125)
 
 
 def test_bench_folds_follow_split_files_or_patients(tmp_path):

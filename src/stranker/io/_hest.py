@@ -195,7 +195,13 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
             raise InputError(f"HEST {sid}: {wsi} does not exist; download it or pass `image='patches'`.")
         from ._slide import read_slide
 
-        sdata = read_slide(wsi, mpp=mpp)
+        if mpp_from.startswith("patch"):  # no metadata: the TIFF's resolution before the patches' estimate
+            try:
+                sdata, mpp_from = read_slide(wsi), "the TIFF"
+            except InputError:
+                sdata = read_slide(wsi, mpp=mpp)
+        else:
+            sdata = read_slide(wsi, mpp=mpp)
         mpp = float(sdata.attrs[Keys.MPP][Keys.IMAGE])
         image_mpp, source = mpp, "wsi"
     else:
