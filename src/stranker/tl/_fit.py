@@ -155,6 +155,7 @@ def fit(
 
     from ..model import Aligner, make_config
     from ..train import TrainData, distributed, resolve_device, train
+    from ..train.loop import kept_rng
     from ._model import Model
 
     t_start = time.perf_counter()
@@ -222,12 +223,13 @@ def fit(
             section=torch.from_numpy(section),
             read=SectionPatches(readers, section) if images is None else None,
         )
-        torch.manual_seed(seed)
-        aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
+        with kept_rng(dev):  # the caller's global random state is theirs again after the fit
+            torch.manual_seed(seed)
+            aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
         t_train = time.perf_counter()
         history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
-                        num_workers=settings.num_workers)
+                        identity={"genes": list(gene_list)}, num_workers=settings.num_workers)
         train_s = time.perf_counter() - t_train
 
         # reference bank: gene-branch embeddings of the training spots (each section read in context)
