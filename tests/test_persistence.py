@@ -24,8 +24,9 @@ def _train(folder, data=None, resume=False, identity=None, **cfg):
     from stranker.train import train
 
     al = tiny_aligner(**cfg)
+    kw = {} if identity is None else {"identity": identity}
     hist = train(al, tiny_data() if data is None else data, device=CPU, seed=0, checkpoint_dir=folder,
-                 resume=resume, progress=False, identity=identity)
+                 resume=resume, progress=False, **kw)
     return al, hist
 
 
@@ -80,7 +81,7 @@ def test_checkpoint_loads_without_pickle_and_leaves_only_itself(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, change, match):
     from stranker.train import TrainData
 
-    genes = {"genes": [f"G{i}" for i in range(6)]}
+    genes = {"genes": [f"G{i}" for i in range(6)]} if "identity" in change else None
     _train(tmp_path / "c", identity=genes)
     before = _snapshot(tmp_path / "c")
     data, change = tiny_data(), dict(change)
