@@ -320,4 +320,7 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
         if not done and aside and not path.exists():
             os.rename(aside.pop(0), path)  # put back what was there
         for old in aside:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # a link to the folder was moved aside, not the folder
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
