@@ -143,6 +143,23 @@ def test_a_fit_that_fails_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [(dict(checkpoint_every=0), "`checkpoint_every` must be at least 1"),
+     (dict(checkpoint_dir="file"), "is a file")],
+)
+def test_checkpoint_arguments_are_checked_before_training(tmp_path, kw, match):
+    from stranker.train import train
+
+    (tmp_path / "file").write_text("x")
+    kw = dict(dict(checkpoint_dir=tmp_path / "c"), **kw)
+    if kw["checkpoint_dir"] == "file":
+        kw["checkpoint_dir"] = tmp_path / "file"
+    with pytest.raises(ValueError, match=match):
+        train(tiny_aligner(), tiny_data(), device=CPU, progress=False, **kw)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_fit_restores_the_global_random_state(tmp_path, synthetic_small):
     from spatialdata import deepcopy
 
@@ -228,6 +245,14 @@ def test_a_hand_edited_model_json_is_refused(tmp_path, edit):
         info["config"]["patch_px"] = 112.0
     (tmp_path / "m" / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="edited or replaced after saving"):
+        sr.Model.load(tmp_path / "m")
+
+
+def test_a_truncated_model_file_is_refused_clearly(tmp_path):
+    _model().save(tmp_path / "m")
+    data = (tmp_path / "m" / "model.pt").read_bytes()
+    (tmp_path / "m" / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a stranker model"):
         sr.Model.load(tmp_path / "m")
 
 

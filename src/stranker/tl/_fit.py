@@ -154,7 +154,7 @@ def fit(
     import torch
 
     from ..model import Aligner, make_config
-    from ..train import TrainData, distributed, resolve_device, train
+    from ..train import TrainData, checkpoint, distributed, resolve_device, train
     from ..train.loop import kept_rng
     from ._model import Model
 
@@ -162,6 +162,7 @@ def fit(
     seed = settings.seed if seed is None else int(seed)
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
                       image_features=image_features, **options)
+    checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)  # before reading any data
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, bin_size=bin_size, need_image=image_features is None)

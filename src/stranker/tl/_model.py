@@ -238,6 +238,11 @@ class Model:
                 f"Refusing to load {path / _FILE}: it holds objects other than tensors and plain containers, "
                 f"which could run code when loaded; a model saved by stranker never does."
             ) from None
+        except (RuntimeError, EOFError) as err:
+            raise ValueError(
+                f"{path / _FILE} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}): it is "
+                f"truncated or not a stranker model. Save the model again."
+            ) from None
         stored = blob.get("meta_sha256") if isinstance(blob, dict) else None
         if stored is None:
             logger.warning(f"{path} was saved without a checksum (by an older stranker): {_META} cannot be "

@@ -39,6 +39,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely, or is of another fit than the one resuming it."""
 
 
+def check_arguments(checkpoint_dir: str | Path | None, checkpoint_every: int, resume: bool) -> None:
+    """Raise :class:`ValueError` for checkpoint arguments that cannot work (before any work is done)."""
+    if resume and checkpoint_dir is None:
+        raise ValueError("`resume=True` needs `checkpoint_dir=`.")
+    if int(checkpoint_every) < 1:
+        raise ValueError(f"`checkpoint_every` must be at least 1 (epochs), got {checkpoint_every}.")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"`checkpoint_dir` {checkpoint_dir} is a file; checkpoints are kept in a folder.")
+
+
 def data_fingerprint(data: Any) -> dict[str, Any]:
     """Return what identifies the training data ``data`` (a :class:`~stranker.train.TrainData`), cheaply.
 

@@ -215,8 +215,7 @@ def train(
     losses see the whole batch, rank 0 writes the checkpoints, and a checkpoint resumes on any
     number of processes. The history holds whole-batch values, the same on every process.
     """
-    if resume and checkpoint_dir is None:
-        raise ValueError("`resume=True` needs `checkpoint_dir=`.")
+    checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)
     writes = checkpoint_dir is not None and distributed.rank() == 0
     with kept_rng(device), checkpoint.lock(checkpoint_dir) if writes else contextlib.nullcontext():
         return _train(aligner, data, device, seed, checkpoint_dir, checkpoint_every, resume, progress,
