@@ -178,12 +178,14 @@ def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> li
 def kept_rng(device: torch.device | None = None) -> contextlib.AbstractContextManager:
     """Return a context after which torch's global random state is the caller's again.
 
-    Restores the CPU generator and, when CUDA is in use, those of every CUDA device.
+    Restores the CPU generator and, when ``device`` is a CUDA device, its generator (the one the
+    fit draws from; other GPUs are not touched, so no context is created on them).
     """
-    cuda = torch.cuda.is_available() and (
-        (device is not None and torch.device(device).type == "cuda") or torch.cuda.is_initialized()
-    )
-    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else [])
+    devices = []
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        index = torch.device(device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    return torch.random.fork_rng(devices=devices, device_type="cuda")
 
 
 def train(
