@@ -115,6 +115,16 @@ def test_resume_with_other_genes_is_refused_by_fit(tmp_path, synthetic_small):
     assert "stranker" not in secs[0].tables["table"].layers
 
 
+def test_a_checkpoint_of_patches_in_memory_resumes_streamed(tmp_path, synthetic_small):
+    from spatialdata import deepcopy
+
+    kw = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=10,
+              genes="heg", checkpoint_dir=str(tmp_path / "c"))
+    a = sr.tl.fit([deepcopy(synthetic_small[0])], stream=False, **kw)
+    b = sr.tl.fit([deepcopy(synthetic_small[0])], stream=True, resume=True, **kw)  # the same fit
+    assert b.history == a.history and torch.equal(_weights(b), _weights(a))
+
+
 def test_two_fits_cannot_share_a_checkpoint_folder(tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()

@@ -52,25 +52,27 @@ def check_arguments(checkpoint_dir: str | Path | None, checkpoint_every: int, re
 def data_fingerprint(data: Any) -> dict[str, Any]:
     """Return what identifies the training data ``data`` (a :class:`~stranker.train.TrainData`), cheaply.
 
-    Spots per section, input kind and shape, and a hash of a sample of rows (targets, positions and,
-    when held in memory, inputs) rounded to 4 decimals, so that float noise between machines does not
-    count as other data.
+    Spots per section, input kind and shape, and a hash of a sample of rows (targets and positions)
+    and of the first inputs, rounded to 4 decimals so that float noise between machines does not
+    count as other data. Streamed and in-memory patches of the same data give the same fingerprint.
     """
     n = len(data.expr)
     rows = torch.from_numpy(np.unique(np.linspace(0, max(n - 1, 0), min(n, 256)).round().astype(np.int64)))
     h = hashlib.sha256()
     for t in (data.expr, data.pos, data.section):
         h.update(np.round(t[rows].double().numpy(), 4).tobytes())
-    if data.images is None:
-        inputs = "streamed patches"
+    first = np.flatnonzero(data.section.numpy() == int(data.section[0]))[:8] if n else np.zeros(0, int)
+    if data.streamed:  # the same patches as in memory, read for the spots of one section
+        sample = torch.from_numpy(np.ascontiguousarray(data.read(first)))
     else:
-        inputs = f"{str(data.images.dtype).removeprefix('torch.')} {list(data.images.shape[1:])}"
-        sample = data.images[rows[:16]]
-        h.update(sample.numpy().tobytes() if sample.dtype == torch.uint8 else
-                 np.round(sample.double().numpy(), 4).tobytes())
+        sample = data.images[torch.from_numpy(first)]
+    h.update(sample.numpy().tobytes() if sample.dtype == torch.uint8 else
+             np.round(sample.double().numpy(), 4).tobytes())
     return {
         "spots_per_section": np.bincount(data.section.numpy()).tolist() if n else [],
-        "n_targets": int(data.expr.shape[1]), "inputs": inputs, "sample_sha256": h.hexdigest(),
+        "n_targets": int(data.expr.shape[1]),
+        "inputs": f"{str(sample.dtype).removeprefix('torch.')} {list(sample.shape[1:])}",
+        "sample_sha256": h.hexdigest(),
     }
 
 
