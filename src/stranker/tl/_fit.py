@@ -117,6 +117,8 @@ def fit(
     checkpoint_dir, checkpoint_every, resume
         Save the full training state every ``checkpoint_every`` epochs; ``resume=True`` continues
         an interrupted fit from the last checkpoint to the same result (on any number of processes).
+        A checkpoint of other data, genes or settings is refused, naming what differs
+        (``resume=False`` starts afresh); one fit at a time may use a ``checkpoint_dir``.
     stream
         ``False`` reads every training patch into memory first; ``True`` streams them from the
         (lazy) images, batch by batch, in ``sr.settings.num_workers`` DataLoader workers;
