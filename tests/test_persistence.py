@@ -215,6 +215,8 @@ def test_a_save_that_fails_leaves_the_saved_model(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
         new.save(tmp_path / "m", overwrite=True)
+    with pytest.raises(OSError, match="No space"):
+        new.save(tmp_path / "x" / "y" / "m")
     monkeypatch.setattr(torch, "save", real)
     assert _snapshot(tmp_path / "m") == before
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary folder left

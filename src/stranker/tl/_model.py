@@ -189,9 +189,10 @@ class Model:
 
         path = Path(path)
         check_target(path, overwrite)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
         text = json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta}).encode()
+        made = [p for p in path.parents if not p.exists()]  # folders this creates, deepest first
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.saving-"))
         try:
             (tmp / _META).write_bytes(text)
@@ -203,8 +204,12 @@ class Model:
                 tmp / _FILE,
             )
             _move_into_place(tmp, path, overwrite)
-        finally:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for p in made:  # a failed save leaves no new folder behind
+                if p.exists() and not any(p.iterdir()):
+                    p.rmdir()
+            raise
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> Model:
