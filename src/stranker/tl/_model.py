@@ -187,6 +187,8 @@ class Model:
 
         import torch
 
+        from ..train.checkpoint import sync
+
         path = Path(path)
         check_target(path, overwrite)
         meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
@@ -203,6 +205,8 @@ class Model:
                  "meta_sha256": hashlib.sha256(text).hexdigest()},
                 tmp / _FILE,
             )
+            for f in (_META, _FILE):
+                sync(tmp / f)
             _move_into_place(tmp, path, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

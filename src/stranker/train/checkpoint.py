@@ -155,10 +155,17 @@ def save(path: Path, state: dict[str, Any]) -> None:
     os.close(fd)
     try:
         torch.save({**state, "format": FORMAT}, tmp)
+        sync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync(path: str | Path) -> None:
+    """Flush file ``path`` to the disk (before it is renamed into place: whole after a power cut too)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def plain_scheduler_state(state: dict[str, Any]) -> dict[str, Any]:
