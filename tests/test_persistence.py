@@ -300,7 +300,7 @@ def test_two_saves_to_one_path_give_one_whole_model(tmp_path, monkeypatch):
     real, fired = os.rename, []
 
     def racing(src, dst):
-        if not fired and Path(dst) == tmp_path / "m":
+        if not fired and Path(dst).resolve() == (tmp_path / "m").resolve():
             fired.append(True)
             b.save(tmp_path / "m", overwrite=True)
         return real(src, dst)
@@ -342,3 +342,11 @@ def test_fit_command_refuses_a_count_below_one(tmp_path, capsys, monkeypatch, fl
         _cli(["fit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "m"), *flag], capsys, monkeypatch)
     assert ex.value.code == 2
     assert f"{flag[0]}: must be at least" in capsys.readouterr().err
+
+
+def test_saving_through_a_link_replaces_the_folder_it_points_to(tmp_path):
+    _model(("A", "B", "C")).save(tmp_path / "m")
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    _model(("X", "Y", "Z"), seed=1).save(tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and sr.Model.load(tmp_path / "m").genes == ["X", "Y", "Z"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "m"]

@@ -189,7 +189,7 @@ class Model:
 
         from ..train.checkpoint import sync
 
-        path = Path(path)
+        path = Path(path).resolve()  # a link to a model folder: the folder it points to is replaced
         check_target(path, overwrite)
         meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
         text = json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta}).encode()

@@ -9,6 +9,7 @@ are the same either way.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -240,6 +241,9 @@ def _train(
     if resume and ckpt.exists():  # read and checked before any work
         state = checkpoint.load(ckpt)
         checkpoint.check_same_fit(ckpt, state["identity"], fit_id)
+    elif resume and rk == 0:
+        log = logging.getLogger("stranker")
+        log.info(f"`resume=True`: no checkpoint in {checkpoint_dir}; training afresh.")
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
