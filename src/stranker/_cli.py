@@ -77,9 +77,25 @@ def _compact_png(fig, path, colors: int = 200, dpi: int = 70) -> None:
     pal.save(path, optimize=True)
 
 
+def _at_least(low: int):
+    """Return an argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
 def _fit(args: argparse.Namespace) -> int:
     import os
 
+    from stranker.tl._model import check_target
+
+    check_target(args.out, args.overwrite)  # before the fit, not after it
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         import subprocess
 
@@ -145,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
                    help="stream training patches from disk (auto: when beyond sr.settings.max_patch_memory)")
-    f.add_argument("--num-workers", type=int, default=None, help="processes that read streamed patches")
-    f.add_argument("--nproc", type=int, default=1,
+    f.add_argument("--num-workers", type=_at_least(0), default=None,
+                   help="processes that read streamed patches")
+    f.add_argument("--nproc", type=_at_least(1), default=1,
                    help="training processes on this machine (re-runs itself under torchrun, DDP; one GPU "
                         "each when CUDA is used, else gloo on CPU). For several machines run torchrun "
                         "yourself: torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d "

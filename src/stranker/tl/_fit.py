@@ -117,6 +117,8 @@ def fit(
     checkpoint_dir, checkpoint_every, resume
         Save the full training state every ``checkpoint_every`` epochs; ``resume=True`` continues
         an interrupted fit from the last checkpoint to the same result (on any number of processes).
+        A checkpoint of other data, genes or settings is refused, naming what differs
+        (``resume=False`` starts afresh); one fit at a time may use a ``checkpoint_dir``.
     stream
         ``False`` reads every training patch into memory first; ``True`` streams them from the
         (lazy) images, batch by batch, in ``sr.settings.num_workers`` DataLoader workers;
@@ -154,13 +156,15 @@ def fit(
     import torch
 
     from ..model import Aligner, make_config
-    from ..train import TrainData, distributed, resolve_device, train
+    from ..train import TrainData, checkpoint, distributed, resolve_device, train
+    from ..train.loop import kept_rng
     from ._model import Model
 
     t_start = time.perf_counter()
     seed = settings.seed if seed is None else int(seed)
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
                       image_features=image_features, **options)
+    checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)  # before reading any data
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, bin_size=bin_size, need_image=image_features is None)
@@ -222,12 +226,13 @@ def fit(
             section=torch.from_numpy(section),
             read=SectionPatches(readers, section) if images is None else None,
         )
-        torch.manual_seed(seed)
-        aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
+        with kept_rng(dev):  # the caller's global random state is theirs again after the fit
+            torch.manual_seed(seed)
+            aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
         t_train = time.perf_counter()
         history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
-                        num_workers=settings.num_workers)
+                        identity={"genes": list(gene_list)}, num_workers=settings.num_workers)
         train_s = time.perf_counter() - t_train
 
         # reference bank: gene-branch embeddings of the training spots (each section read in context)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .._settings import settings
+from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from ..pp._patches import PatchReader, check_inside, patch_size_px
 
@@ -166,27 +166,61 @@ class Model:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Save weights, configuration, genes, target scaling and reference bank into folder ``path``."""
+        """Save weights, configuration, genes, target scaling and reference bank into folder ``path``.
+
+        The folder is written whole: both files go into a temporary folder beside ``path``, which is
+        then renamed to ``path``, so ``path`` holds the old model or the new one, never a mix (also
+        when two processes save there at once). ``path`` must be absent, an empty folder, or (with
+        ``overwrite=True``) a folder holding a saved model and nothing else. ``model.pt`` stores a
+        checksum of ``model.json``; :meth:`load` refuses a pair that does not match.
+
+        Parameters
+        ----------
+        path
+            Folder to save into.
+        overwrite
+            Replace a model saved there before.
+        """
+        import hashlib
+        import shutil
+        import tempfile
+
         import torch
 
-        path = Path(path)
-        if (path / _FILE).exists() and not overwrite:
-            raise FileExistsError(f"{path / _FILE} exists; pass `overwrite=True` to replace it.")
-        path.mkdir(parents=True, exist_ok=True)
+        from ..train.checkpoint import sync
+
+        path = Path(path).resolve()  # a link to a model folder: the folder it points to is replaced
+        check_target(path, overwrite)
         meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
-        torch.save(
-            {"state_dict": self.aligner.state_dict(),
-             "bank": {k: torch.as_tensor(v) for k, v in self.bank.items()},
-             "feature_dim": self.meta.get("feature_dim")},
-            path / _FILE,
-        )
-        (path / _META).write_text(
-            json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta})
-        )
+        text = json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta}).encode()
+        made = [p for p in path.parents if not p.exists()]  # folders this creates, deepest first
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.saving-"))
+        try:
+            (tmp / _META).write_bytes(text)
+            torch.save(
+                {"state_dict": self.aligner.state_dict(),
+                 "bank": {k: torch.as_tensor(v) for k, v in self.bank.items()},
+                 "feature_dim": self.meta.get("feature_dim"),
+                 "meta_sha256": hashlib.sha256(text).hexdigest()},
+                tmp / _FILE,
+            )
+            for f in (_META, _FILE):
+                sync(tmp / f)
+            _move_into_place(tmp, path, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for p in made:  # a failed save leaves no new folder behind
+                if p.exists() and not any(p.iterdir()):
+                    p.rmdir()
+            raise
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> Model:
         """Load a model saved with :meth:`save`.
+
+        Nothing in the files can run code (the weights are read with ``weights_only=True``), and a
+        ``model.json`` changed after saving (its checksum, stored with the weights, differs) is refused.
 
         Parameters
         ----------
@@ -195,6 +229,9 @@ class Model:
         device
             Where to put the weights (default CPU; moved on use).
         """
+        import hashlib
+        import pickle
+
         import torch
 
         from ..model import Aligner, Config
@@ -202,11 +239,33 @@ class Model:
         path = Path(path)
         if not (path / _FILE).exists() or not (path / _META).exists():
             raise FileNotFoundError(f"{path} does not hold a saved stranker model ({_FILE} and {_META}).")
-        info = json.loads((path / _META).read_text())
+        text = (path / _META).read_bytes()
+        try:
+            blob = torch.load(path / _FILE, map_location=device or "cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"Refusing to load {path / _FILE}: it holds objects other than tensors and plain containers, "
+                f"which could run code when loaded; a model saved by stranker never does."
+            ) from None
+        except (RuntimeError, EOFError) as err:
+            raise ValueError(
+                f"{path / _FILE} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}): it is "
+                f"truncated or not a stranker model. Save the model again."
+            ) from None
+        stored = blob.get("meta_sha256") if isinstance(blob, dict) else None
+        if stored is None:
+            logger.warning(f"{path} was saved without a checksum (by an older stranker): {_META} cannot be "
+                           f"checked against the weights. Save it again to add one.")
+        elif stored != hashlib.sha256(text).hexdigest():
+            raise ValueError(
+                f"{path / _META} does not match the weights in {path / _FILE} (its checksum differs): it was "
+                f"edited or replaced after saving, so its genes, patch size or scaling may not be those the "
+                f"weights were trained with. Restore the saved file, or fit and save the model again."
+            )
+        info = json.loads(text)
         cfg = Config.from_dict(info["config"])
         cfg.pretrained = False  # the weights come from the file
         cfg.weights = None
-        blob = torch.load(path / _FILE, map_location=device or "cpu", weights_only=True)
         al = Aligner(cfg, len(info["genes"]), feature_dim=blob.get("feature_dim"))
         al.load_state_dict(blob["state_dict"])
         al.eval()
@@ -215,3 +274,67 @@ class Model:
             meta[k] = np.asarray(meta[k], dtype=np.float32)
         bank = {k: v.cpu().numpy() for k, v in blob["bank"].items()}
         return cls(al, cfg, info["genes"], meta, bank)
+
+
+def check_target(path: str | Path, overwrite: bool) -> None:
+    """Raise :class:`FileExistsError` unless a model may be saved into folder ``path``.
+
+    It may when ``path`` is absent or an empty folder, or, with ``overwrite``, a folder that holds a
+    saved model and nothing else (a folder with other files is never replaced).
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder; choose another path for the model.")
+    names = sorted(p.name for p in path.iterdir())
+    other = [n for n in names if n not in (_FILE, _META)]
+    if other:
+        listed = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise FileExistsError(
+            f"{path} holds files that are not a saved stranker model ({listed}); a model is saved into a new "
+            f"or empty folder, or over a saved model with `overwrite=True`. Choose another path."
+        )
+    if names and not overwrite:
+        raise FileExistsError(
+            f"{path} holds a saved model ({', '.join(names)}); pass `overwrite=True` "
+            f"(`stranker fit --overwrite`) to replace it."
+        )
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the written folder ``tmp`` to ``path``, first moving a model saved there aside (then deleted).
+
+    On failure, the model that was at ``path`` is put back.
+    """
+    import os
+    import shutil
+    import uuid
+
+    aside: list[Path] = []
+    done = False
+    try:
+        for _ in range(100):
+            try:
+                os.rename(tmp, path)  # atomic; succeeds when path is absent or an empty folder
+                done = True
+                return
+            except OSError:
+                if not path.exists() and not path.is_symlink():
+                    raise  # not a clash with what is there: e.g. permissions
+                check_target(path, overwrite)  # it may have changed since (another process saved)
+                old = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:12]}")
+                try:
+                    os.rename(path, old)
+                except FileNotFoundError:  # another process moved it first
+                    continue
+                aside.append(old)
+        raise OSError(f"Could not move the saved model into {path}: other processes keep saving there.")
+    finally:
+        if not done and aside and not path.exists():
+            os.rename(aside.pop(0), path)  # put back what was there
+        for old in aside:
+            if old.is_symlink():  # a link to the folder was moved aside, not the folder
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)

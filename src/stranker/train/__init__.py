@@ -1,6 +1,6 @@
 """Training: the loop (torch only)."""
 
-from . import distributed
+from . import checkpoint, distributed
 from .loop import TrainData, resolve_device, train
 
-__all__ = ["TrainData", "distributed", "resolve_device", "train"]
+__all__ = ["TrainData", "checkpoint", "distributed", "resolve_device", "train"]

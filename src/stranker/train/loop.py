@@ -8,6 +8,8 @@ are the same either way.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ import torch
 
 from ..model.aligner import Aligner
 from ..model.augment import augment
-from . import distributed
+from . import checkpoint, distributed
 
 
 @dataclass
@@ -165,10 +167,6 @@ def set_input_statistics(
     aligner.teacher.load_state_dict(br.state_dict())
 
 
-def _checkpoint_path(folder: str | Path) -> Path:
-    return Path(folder) / "last.pt"
-
-
 def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> list[np.ndarray]:
     """Return the epoch's batches (one section each).
 
@@ -176,6 +174,19 @@ def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> li
     """
     plan = batches(sec, batch_size, gen)
     return plan if ws == 1 else [b for b in plan if len(b) >= ws]
+
+
+def kept_rng(device: torch.device | None = None) -> contextlib.AbstractContextManager:
+    """Return a context after which torch's global random state is the caller's again.
+
+    Restores the CPU generator and, when ``device`` is a CUDA device, its generator (the one the
+    fit draws from; other GPUs are not touched, so no context is created on them).
+    """
+    devices = []
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        index = torch.device(device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    return torch.random.fork_rng(devices=devices, device_type="cuda")
 
 
 def train(
@@ -188,23 +199,52 @@ def train(
     checkpoint_every: int = 1,
     resume: bool = False,
     progress: bool = True,
-    extra_state: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
     num_workers: int = 0,
 ) -> list[dict[str, float]]:
     """Train ``aligner`` in place; returns the per-epoch history of every loss term.
 
     With ``checkpoint_dir`` the whole state (weights, teacher, optimiser, schedule, random
-    generators, history) is saved every ``checkpoint_every`` epochs; ``resume=True`` continues from
-    the last checkpoint and reaches the same result as an uninterrupted run. Streamed inputs
-    (``data.read``) are read by ``num_workers`` DataLoader workers (0: in this process).
+    generators, history) is saved every ``checkpoint_every`` epochs (see
+    :mod:`stranker.train.checkpoint`; one fit at a time per folder); ``resume=True`` continues from
+    the last checkpoint and reaches the same result as an uninterrupted run. The checkpoint records
+    the training configuration, a fingerprint of ``data`` and ``identity`` (plain values, e.g. the
+    genes); resuming from one whose record differs raises, naming what differs. Streamed inputs
+    (``data.read``) are read by ``num_workers`` DataLoader workers (0: in this process). torch's
+    global random state is seeded for the fit and restored to the caller's on return.
 
     Under ``torchrun`` (process group initialised, see :mod:`stranker.train.distributed`) every
     process runs this with the same arguments: each trains on its share of every batch, the
     losses see the whole batch, rank 0 writes the checkpoints, and a checkpoint resumes on any
     number of processes. The history holds whole-batch values, the same on every process.
     """
+    checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)
+    writes = checkpoint_dir is not None and distributed.rank() == 0
+    with kept_rng(device), checkpoint.lock(checkpoint_dir) if writes else contextlib.nullcontext():
+        return _train(aligner, data, device, seed, checkpoint_dir, checkpoint_every, resume, progress,
+                      identity, num_workers)
+
+
+def _train(
+    aligner: Aligner, data: TrainData, device: torch.device, seed: int, checkpoint_dir: str | Path | None,
+    checkpoint_every: int, resume: bool, progress: bool, identity: dict[str, Any] | None, num_workers: int,
+) -> list[dict[str, float]]:
     cfg = aligner.cfg
     ws, rk = distributed.world_size(), distributed.rank()
+    sec = data.section.numpy()
+    steps_per_epoch = len(_plan(sec, cfg.batch_size, torch.Generator().manual_seed(0), ws))
+    ckpt, fit_id, state = None, None, None
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir) / checkpoint.CHECKPOINT
+        fit_id = {"config": checkpoint.training_config(cfg), "data": checkpoint.data_fingerprint(data),
+                  "steps_per_epoch": steps_per_epoch, **(identity or {})}
+    if resume and ckpt.exists():  # read and checked before any work
+        state = checkpoint.load(ckpt)
+        checkpoint.check_same_fit(ckpt, state["identity"], fit_id)
+    elif resume and rk == 0:
+        log = logging.getLogger("stranker")
+        log.info(f"`resume=True`: no checkpoint in {checkpoint_dir}; training afresh.")
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     aligner.to(device)
@@ -212,9 +252,6 @@ def train(
         aligner.student.to(memory_format=torch.channels_last)
         aligner.teacher.to(memory_format=torch.channels_last)
     set_input_statistics(aligner, data, device)
-
-    sec = data.section.numpy()
-    steps_per_epoch = len(_plan(sec, cfg.batch_size, torch.Generator().manual_seed(0), ws))
     params = [p for n, p in aligner.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -222,20 +259,15 @@ def train(
     )
     history: list[dict[str, float]] = []
     start_epoch, step = 0, 0
-    ckpt = _checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume:
-        if ckpt is None:
-            raise ValueError("`resume=True` needs `checkpoint_dir=`.")
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            aligner.load_state_dict(state["aligner"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            history, start_epoch, step = state["history"], state["epoch"], state["step"]
+    if state is not None:
+        aligner.load_state_dict(state["aligner"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history, start_epoch, step = state["history"], state["epoch"], state["step"]
 
     use_amp = device.type == "cuda"
     pos_all = data.pos.to(device)
@@ -298,7 +330,13 @@ def train(
                 raise FloatingPointError(f"The loss became {rec['total']} at epoch {epoch + 1}; lower `lr`.")
             if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
                 if rk == 0:
-                    _save(ckpt, aligner, opt, sched, gen, device, history, epoch + 1, step, cfg, extra_state)
+                    checkpoint.save(ckpt, {
+                        "aligner": aligner.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": checkpoint.plain_scheduler_state(sched.state_dict()),
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "history": history, "epoch": epoch + 1, "step": step, "identity": fit_id,
+                    })
                 distributed.barrier()
     finally:
         if undo_sync is not None:
@@ -307,18 +345,3 @@ def train(
     aligner.eval()
     return history
 
-
-def _save(ckpt: Path, aligner, opt, sched, gen, device, history, epoch, step, cfg, extra_state) -> None:
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_suffix(".tmp")
-    torch.save(
-        {
-            "aligner": aligner.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "history": history, "epoch": epoch, "step": step, "config": cfg.to_dict(),
-            **(extra_state or {}),
-        },
-        tmp,
-    )
-    tmp.replace(ckpt)
