@@ -6,8 +6,8 @@ import pytest
 import stranker as sr
 from stranker._spots import InputError
 
-FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", genes="heg",
-            n_top_genes=20)
+FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+            genes="heg", n_top_genes=20)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,17 @@ from .encoders import GeneBranch, ImageBranch, SpotContext
 class Aligner(nn.Module):
     """Everything trainable of a stranker model (pure torch: it never sees AnnData)."""
 
-    def __init__(self, cfg: Config, n_genes: int, feature_dim: int | None = None) -> None:
+    def __init__(
+        self, cfg: Config, n_genes: int, feature_dim: int | None = None, download: bool = False
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = ImageBranch(
             n_genes, backbone=cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained,
             n_scales=len(cfg.scales), cnn_scales=cfg.cnn_scales, use_stain=cfg.use_stain,
             embed_dim=cfg.embed_dim, dropout=cfg.dropout,
-            feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on,
+            feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on, freeze=cfg.freeze,
+            download=download,
         )
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         context = (

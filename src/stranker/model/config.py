@@ -12,9 +12,10 @@ class Config:
 
     method: str = "stranker"
     # image branch
-    backbone: str = "resnet18"
+    backbone: str = "resnet18"  # timm name, 'hf-hub:ORG/NAME' or a registry name ('uni', ...)
     weights: str | None = None  # local checkpoint file
-    pretrained: bool = True  # use timm's cached pretrained weights when present (never downloads)
+    pretrained: bool = True  # pretrained weights (file, cache or download), else an error; False: random
+    freeze: bool | str | None = None  # True, False, 'last:N'; None: frozen for registry foundation models
     image_features: str | None = None  # obsm key of precomputed features instead of pixels
     patch_px: float = 224.0  # patch side at scale 1, full-resolution pixels
     patch_um: float | None = None  # or in micrometres
