@@ -110,6 +110,14 @@ def lookup(name: str) -> Backbone | None:
     return REGISTRY.get(_key(name))
 
 
+def named(name: str, download: bool = False) -> Backbone | None:
+    """Return the entry of a registry name or of an ``hf-hub:`` id (sizes from its config), else ``None``."""
+    entry = lookup(name)
+    if entry is None and isinstance(name, str) and hub_repo(name) is not None:
+        entry = resolve(name, download)
+    return entry
+
+
 # ------------------------------------------------------------------------------ the Hugging Face cache
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")

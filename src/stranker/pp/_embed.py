@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,7 +86,7 @@ def embed_patches(
     import torch
     from tqdm.auto import tqdm
 
-    from ..model.backbones import create_backbone, lookup
+    from ..model.backbones import create_backbone, named
     from ..train.loop import resolve_device, to_input
 
     dev = resolve_device(device or settings.device)
@@ -106,7 +107,7 @@ def embed_patches(
         net, source = create_backbone(backbone, weights, pretrained, settings.allow_download)
         if source == "random":
             logger.warning(f"Embedding with a randomly initialised {backbone!r} (pretrained=False).")
-        name, spec = backbone, lookup(backbone)
+        name, spec = backbone, named(backbone)
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
@@ -143,6 +144,7 @@ def embed_patches(
     was_training = net.training
     param = next(iter(net.parameters()), None)
     home = param.device if param is not None else None  # the user's module goes back where it was
+    norm = {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()]}
     net = net.to(dev).eval()
     mean, std = mean.to(dev), std.to(dev)
     results = []
@@ -155,9 +157,9 @@ def embed_patches(
                     torch.from_numpy(reader.read(np.arange(start, min(start + batch_size, sp.n_spots)))), dev
                 )
                 b, s = x.shape[:2]
-                with torch.no_grad(), torch.autocast(
-                    dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"
-                ):
+                amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                       else contextlib.nullcontext())  # bf16 on GPU
+                with torch.no_grad(), amp:
                     f = net(((x.flatten(0, 1) - mean) / std).contiguous())
                 out.append(f.float().reshape(b, -1).cpu().numpy())
             feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -176,7 +178,7 @@ def embed_patches(
             "patch_um": None if mpp is None else float(reader.size * mpp),
             "microns_per_pixel": mpp, "image_size": int(reader.out_px),
             "scales": [float(s) for s in reader.scales],
-            "mean": [float(v) for v in mean.flatten().cpu()], "std": [float(v) for v in std.flatten().cpu()],
+            **norm,
         }
         write_results(sp, obsm={key: feats}, uns={key: {k: v for k, v in record.items() if v is not None}})
     return data if copy else None

@@ -13,7 +13,7 @@ from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
-from ..model.backbones import find_weights, lookup, resolve
+from ..model.backbones import find_weights, named, resolve
 from ..pp._genes import choose, lognorm, resolve_genes, section_counts
 from ..pp._patches import PatchReader, check_inside, patch_size_px
 
@@ -22,7 +22,7 @@ def backbone_defaults(cfg: Any, options: dict[str, Any], mpps: list[float | None
     """Apply a named backbone's input size and physical patch size, where the user did not choose them."""
     from dataclasses import replace
 
-    spec = lookup(cfg.backbone)
+    spec = named(cfg.backbone)
     if spec is None:
         return cfg
     changes: dict[str, Any] = {}
