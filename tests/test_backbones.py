@@ -3,7 +3,6 @@
 import json
 import logging
 
-import numpy as np
 import pytest
 
 import stranker as sr
@@ -155,7 +154,8 @@ def test_weights_file_must_fill_the_backbone(tmp_path, log):
     import torch
 
     state = timm.create_model("test_resnet", pretrained=False, num_classes=0).state_dict()
-    torch.save({"conv1.0.weight": state["conv1.0.weight"], "other.weight": torch.zeros(3)}, tmp_path / "few.pth")
+    few = {"conv1.0.weight": state["conv1.0.weight"], "other.weight": torch.zeros(3)}
+    torch.save(few, tmp_path / "few.pth")
     with pytest.raises(ValueError, match=r"fills only .*missing: .*unexpected: other\.weight"):
         bb.create_backbone("test_resnet", weights=str(tmp_path / "few.pth"))
     del state["layer4.0.conv1.weight"]
