@@ -80,6 +80,11 @@ def test_backbones_table():
             "densenet121"} <= set(t.index)
     assert t.loc["uni", "repo"] == "MahmoodLab/UNI" and t.loc["virchow2", "feature_dim"] == 2560
     assert not t.loc["phikon", "gated"] and t.loc["uni", "gated"]  # an open model needs no licence click
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "backbones.md").read_text()
+    for name, row in t.iterrows():  # the documented table is the registry
+        assert f"| `{name}` | {row['repo']}" in doc, name
 
 
 def test_hf_hub_model_loads_offline_from_the_cache(hub_cache):
