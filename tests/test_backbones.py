@@ -3,6 +3,7 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 
 import stranker as sr
@@ -123,7 +124,7 @@ def test_fit_never_trains_on_random_weights_unless_asked(section, log, hub_cache
     assert "weights='random'" in repr(model)
 
 
-def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, monkeypatch, log):
+def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, monkeypatch, log, tmp_path):
     # a registry entry: its input size and physical patch size are the defaults; frozen by default
     import torch
 
@@ -139,6 +140,12 @@ def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, m
     for a, b in zip(student.backbone.state_dict().values(), hub_cache.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b)  # untouched by training
     torch.testing.assert_close(student.pix_mean.flatten(), torch.tensor(MEAN))
+    assert model.aligner.teacher.backbone is student.backbone  # a frozen foundation model is held once
+    # a saved model holds the backbone: it loads without the cache
+    model.save(tmp_path / "m")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    again = sr.Model.load(tmp_path / "m")
+    np.testing.assert_allclose(again.predict(section), model.predict(section), rtol=1e-5, atol=1e-5)
 
 
 def test_embed_patches_then_fit_records_where_features_came_from(section, hub_cache):
