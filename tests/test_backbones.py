@@ -187,6 +187,10 @@ def test_freeze_last_blocks_only():
     assert full.frozen and not full.backbone.training  # its batch-norm statistics stay too
     with pytest.raises(ValueError, match="'last:N'"):
         ImageBranch(4, backbone="test_resnet", pretrained=False, freeze="some")
+    from stranker.model import make_config
+
+    with pytest.raises(ValueError, match="`freeze` must be"):  # checked before any work in fit
+        make_config(freeze="last")
 
 
 def test_embed_patches_leaves_the_users_module_where_it_was(section):

@@ -268,6 +268,9 @@ def fit(
         aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim, download=settings.allow_download)
         provenance = dict(secs[0].table.uns.get(image_features) or {}) if image_features is not None else {}
         source = provenance.get("weights_source") if image_features is not None else aligner.weights_source
+        if aligner.student.frozen:
+            logger.info(f"The backbone {cfg.backbone!r} is frozen: stranker trains its heads on it "
+                        "(freeze=False fine-tunes it, freeze='last:N' its last N blocks).")
         if source == "random":
             logger.warning(
                 f"Training on a randomly initialised backbone ({provenance.get('backbone', cfg.backbone)!r}, "
