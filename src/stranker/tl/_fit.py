@@ -266,7 +266,10 @@ def fit(
         )
         torch.manual_seed(seed)
         aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim, download=settings.allow_download)
-        provenance = dict(secs[0].table.uns.get(image_features) or {}) if image_features is not None else {}
+        record = secs[0].table.uns.get(image_features) if image_features is not None else None
+        provenance = {  # where the features came from (sr.pp.embed_patches), as plain JSON values
+            k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in record.items()
+        } if isinstance(record, dict) else {}
         source = provenance.get("weights_source") if image_features is not None else aligner.weights_source
         if aligner.student.frozen:
             logger.info(f"The backbone {cfg.backbone!r} is frozen: stranker trains its heads on it "
