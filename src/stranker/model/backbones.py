@@ -176,7 +176,8 @@ def hub_file(repo: str, filenames: tuple[str, ...], download: bool, *, what: str
     if not download or hub_offline():
         why = "HF_HUB_OFFLINE is set" if hub_offline() else "downloads are off (sr.settings.allow_download)"
         raise WeightsNotFoundError(
-            f"The {what} of Hugging Face repository {repo!r} are not in the cache and {why}. "
+            f"The {what} of Hugging Face repository {repo!r} {'are' if what.endswith('s') else 'is'} not "
+            f"in the cache and {why}. "
             + _remedy(repo, gated)
         )
     for fname in filenames:
