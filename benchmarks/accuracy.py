@@ -11,6 +11,10 @@ so that pooled Pearson r over all held-out spots is exact without keeping predic
     python benchmarks/accuracy.py --seeds 0 --tests C5 # the dev split, one seed
     python benchmarks/accuracy.py --smoke --out /tmp/a # seconds, synthetic data (what CI runs)
     python benchmarks/accuracy.py --ablations --seeds 0 # the default with one part out or in
+    python benchmarks/accuracy.py --backbone uni        # rows on a pretrained backbone ("stranker@uni")
+
+Without ``--backbone`` the rows use a randomly initialised ResNet-18 (``pretrained=False``: no weights
+offline); with it, pretrained weights (cache or download) or an error saying how to get them.
 """
 
 from __future__ import annotations
@@ -123,14 +127,18 @@ def stain_matrix(sdata, size, out_px, scales=(1.0, 2.0)):
     return torch.cat([stain_features(x[:, i]) for i in range(x.shape[1])], 1).numpy()
 
 
-def backbone_matrix(sdata, seed, size, out_px, name):
-    """Frozen backbone features (HEST protocol; random init here, no pretrained weights offline)."""
+def backbone_matrix(sdata, seed, size, out_px, name, pretrained=True):
+    """Frozen backbone features (HEST protocol; random init unless a pretrained backbone is asked)."""
     import torch
 
-    from stranker.model.encoders import create_backbone
+    from stranker.model.backbones import create_backbone, named
 
     torch.manual_seed(seed)
-    net = create_backbone(name)[0].eval()  # cached pretrained weights when present, else random init
+    if pretrained and named(name) is not None:  # a foundation model: its normalisation and physical size
+        light = _light(sdata)
+        sr.pp.embed_patches(light, name, key_added="X_bench")
+        return np.asarray(light.tables["table"].obsm["X_bench"])
+    net = create_backbone(name, pretrained=pretrained, download=sr.settings.allow_download)[0].eval()
     p = sr.pp.patches(sdata, size=size, out_px=out_px)
     x = torch.from_numpy(p).permute(0, 3, 1, 2).float() / 255
     x = (
@@ -166,7 +174,8 @@ def run_one(method, train, test, genes, seed, opts):
         if method == "ridge-stain":
             feat = lambda s: stain_matrix(s, size, out_px)  # noqa: E731
         else:
-            feat = lambda s: backbone_matrix(s, seed, size, out_px, opts.get("backbone", "resnet18"))  # noqa: E731
+            feat = lambda s: backbone_matrix(s, seed, size, out_px, opts.get("backbone", "resnet18"),  # noqa: E731
+                                             opts.get("pretrained", True))
         xtr = np.concatenate([feat(s) for s in train])
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -207,12 +216,16 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="recompute rows that are already in the results")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
+    ap.add_argument("--backbone", default=None,
+                    help="pretrained backbone of the rows, e.g. uni (rows named METHOD@BACKBONE); "
+                         "default: random-init ResNet-18")
     ap.add_argument("--out", default=str(HERE / "results"),
                     help="folder for accuracy.json and accuracy_stats.npz")
     args = ap.parse_args(argv)
     sr.settings.progress = False
     sr.settings.verbosity = 1
     opts = dict(SMOKE) if args.smoke else {}
+    opts.update({"backbone": args.backbone} if args.backbone else {"pretrained": False})
     if args.smoke and args.seeds == [0, 1, 2]:
         args.seeds = [0]
     if args.epochs is not None:
@@ -233,16 +246,17 @@ def main(argv=None):
             train = [data[s] for s in names if s != test]
             for method in args.methods:
                 s = 0 if method == "mean" else seed
-                if (method, test, s) in done and not args.force:
+                label = f"{method}@{args.backbone}" if args.backbone and method != "mean" else method
+                if (label, test, s) in done and not args.force:
                     continue
                 pred, ytr, fit_s, pred_s = run_one(method, train, data[test], genes, s, opts)
                 st = suff_stats(pred, truth(data[test], genes))
-                row = {"method": method, "split": "loso", "test": test, "dev": test == dev_test, "seed": s,
+                row = {"method": label, "split": "loso", "test": test, "dev": test == dev_test, "seed": s,
                        **scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
                        "fit_s": round(fit_s, 2), "predict_s": round(pred_s, 2), "opts": opts}
-                rows = [r for r in rows if (r["method"], r["test"], r["seed"]) != (method, test, s)] + [row]
+                rows = [r for r in rows if (r["method"], r["test"], r["seed"]) != (label, test, s)] + [row]
                 stats[_key(row)] = st.astype(np.float64)
-                done.add((method, test, s))
+                done.add((label, test, s))
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
                 _save(jpath, spath, rows, stats, names)
@@ -295,7 +309,7 @@ def table(rows):
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    df = df[df["method"].isin(BASELINES + PRESETS)]  # ablations have their own table
+    df = df[df["method"].str.split("@").str[0].isin(BASELINES + PRESETS)]  # ablations have their own table
     folds = df[df["test"] != "pooled"]
     # compare like with like: only the held-out sections that every method has run on
     n_methods = folds["method"].nunique()
@@ -314,7 +328,7 @@ def table(rows):
             continue
         # average over folds within a seed first, then mean ± sd over seeds
         per_seed = d.groupby(["method", "seed"]).mean(numeric_only=True)
-        for method in sorted(d["method"].unique(), key=lambda m: order.get(m, 99)):
+        for method in sorted(d["method"].unique(), key=lambda m: (order.get(m.split("@")[0], 99), m)):
             s = per_seed.loc[method]
             n = int((d["method"] == method).sum())
 

@@ -35,6 +35,7 @@ FIT = dict(
     patch_px=32,
     image_size=8,
     backbone="test_resnet",
+    pretrained=False,
     n_top_genes=50,
     genes="heg",
     tta=False,

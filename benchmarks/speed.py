@@ -54,7 +54,7 @@ def _config(a):
     from stranker.model import make_config
 
     return make_config("stranker", backbone=a.backbone, batch_size=a.batch, image_size=a.image_size,
-                       epochs=a.epochs)
+                       epochs=a.epochs, pretrained=False)  # speed does not depend on the weights
 
 
 def _images(n, size, seed=0):
@@ -70,10 +70,10 @@ def bare_train(a, dev):
     """
     import torch
 
-    from stranker.model.encoders import create_backbone
+    from stranker.model.backbones import create_backbone
     from stranker.train.loop import to_input
 
-    net, _ = create_backbone(a.backbone)
+    net, _ = create_backbone(a.backbone, pretrained=False)
     net = net.to(dev)
     head = torch.nn.LazyLinear(a.genes).to(dev)
     if dev.type == "cuda":
@@ -99,10 +99,10 @@ def bare_train(a, dev):
 def bare_forward(a, dev):
     import torch
 
-    from stranker.model.encoders import create_backbone
+    from stranker.model.backbones import create_backbone
     from stranker.train.loop import to_input
 
-    net = create_backbone(a.backbone)[0].to(dev).eval()
+    net = create_backbone(a.backbone, pretrained=False)[0].to(dev).eval()
     x8 = _images(a.predict_batch, a.image_size)
     amp = dev.type == "cuda"
 
@@ -178,7 +178,8 @@ def full_fit_predict(a, dev):
     secs = sr.datasets.synthetic(4, n, n_genes=a.genes, patch_px=a.image_size, seed=0)
     t0 = time.perf_counter()
     model = sr.tl.fit(secs[:3], genes="hvg", n_top_genes=a.genes, backbone=a.backbone, batch_size=a.batch,
-                      epochs=a.epochs, patch_px=a.image_size, image_size=a.image_size, device=str(dev))
+                      epochs=a.epochs, patch_px=a.image_size, image_size=a.image_size, device=str(dev),
+                      pretrained=False)
     fit_s = time.perf_counter() - t0
     hist = model.meta["history"]
     epoch_s = float(np.median([h["seconds"] for h in hist[1:]] or [hist[0]["seconds"]]))

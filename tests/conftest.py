@@ -11,6 +11,7 @@ if "STRANKER_DATA_DIR" not in os.environ and SHARED_HER2ST.exists():
     os.environ["STRANKER_DATA_DIR"] = str(SHARED_HER2ST)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("STRANKER_ALLOW_DOWNLOAD", "0")  # tests never download weights
 
 
 def her2st_dir() -> Path:
@@ -103,8 +104,8 @@ def synthetic_small():
 
 
 # slide-level tasks (tests/test_slides.py, tests/test_survival.py): one quick fit, one embedded cohort
-SLIDE_FIT = dict(epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40,
-                 genes="heg")
+SLIDE_FIT = dict(epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet",
+                 pretrained=False, n_top_genes=40, genes="heg")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import pytest
 import stranker as sr
 
 FAST = dict(
-    epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=30, genes="heg"
+    epochs=3, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+    n_top_genes=30, genes="heg"
 )
 
 

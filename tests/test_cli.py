@@ -30,12 +30,32 @@ def test_fit_command_on_a_zarr_store(tmp_path):
     secs[0].write(tmp_path / "s.zarr")
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "m"),
-         "--genes", "heg", "--epochs", "1", "--backbone", "test_resnet"],
+         "--genes", "heg", "--epochs", "1", "--backbone", "test_resnet", "--no-pretrained"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     model = sr.Model.load(tmp_path / "m")
     assert len(model.genes) == 20
+    assert "WARNING" in out.stderr and "randomly initialised" in out.stderr  # random weights are said
+
+
+def test_fit_command_without_weights_says_how_to_get_them(tmp_path):
+    # offline, pretrained weights asked for (the default) and not cached: one clear error, no model
+    import stranker as sr
+
+    secs = sr.datasets.synthetic(n_sections=1, n_spots=40, n_genes=20, seed=1)
+    secs[0].write(tmp_path / "s.zarr")
+    out = subprocess.run(
+        [sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "m"),
+         "--genes", "heg", "--epochs", "1", "--backbone", "test_resnet"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache")},
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "stranker: error:" in out.stderr and "timm/test_resnet.r160_in1k" in out.stderr
+    assert "huggingface-cli login" in out.stderr and "`weights=`" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "m").exists()
 
 
 def test_fit_command_launches_two_processes(tmp_path):
@@ -48,7 +68,7 @@ def test_fit_command_launches_two_processes(tmp_path):
         s.write(paths[-1])
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "fit", *paths, "--out", str(tmp_path / "m"), "--genes", "heg",
-         "--epochs", "2", "--backbone", "test_resnet", "--nproc", "2"],
+         "--epochs", "2", "--backbone", "test_resnet", "--no-pretrained", "--nproc", "2"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -14,7 +14,8 @@ from stranker.pp._genes import lognorm  # noqa: E402
 from stranker.tl._evaluate import pearson_per_gene  # noqa: E402
 
 FAST = dict(
-    epochs=2, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=20, genes="heg"
+    epochs=2, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+    n_top_genes=20, genes="heg"
 )
 TISSUE = np.array([90, 30, 120], dtype=np.uint8)  # dark purple disc under every spot
 RADIUS, RING = 12.0, 26.0  # spot radius and tissue-disc radius, level-0 pixels

@@ -6,8 +6,8 @@ import pytest
 import stranker as sr
 from stranker._spots import InputError
 
-FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", genes="heg",
-            n_top_genes=20)
+FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+            genes="heg", n_top_genes=20)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_embed_patches_once_then_fit_on_the_features(on_disk):
     assert model.meta["feature_dim"] == net.num_features and model.meta["weights_source"] == "features"
     assert np.isfinite(model.predict(secs[2])).all()
     # a timm name; a fitted model's own backbone; bad input
-    copy = sr.pp.embed_patches(secs[2], "test_resnet", size=64, image_size=32, copy=True)
+    copy = sr.pp.embed_patches(secs[2], "test_resnet", pretrained=False, size=64, image_size=32, copy=True)
     assert (
         "X_test_resnet" in copy.tables["table"].obsm and "X_test_resnet" not in secs[2].tables["table"].obsm
     )

@@ -7,8 +7,8 @@ import stranker as sr
 from stranker._spots import InputError
 from stranker.pp._genes import lognorm
 
-FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40,
-            genes="heg")
+FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+            n_top_genes=40, genes="heg")
 
 
 def _copy(secs):

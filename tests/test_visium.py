@@ -16,6 +16,7 @@ FAST = dict(
     patch_px=64,
     image_size=32,
     backbone="test_resnet",
+    pretrained=False,
     n_top_genes=20,
     genes="heg",
     tta=False,

@@ -28,7 +28,7 @@ import stranker as sr
 
 SMALL = os.environ.get("STRANKER_TUTORIAL_SMALL") == "1"
 if SMALL:
-    N_SPOTS, N_GENES, FIT = 100, 20, dict(epochs=2, backbone="test_resnet", image_size=32)
+    N_SPOTS, N_GENES, FIT = 100, 20, dict(epochs=2, backbone="test_resnet", pretrained=False, image_size=32)
 else:
     N_SPOTS, N_GENES, FIT = 300, 100, dict(epochs=8, backbone="resnet18", image_size=64)
 

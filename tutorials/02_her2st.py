@@ -35,7 +35,7 @@ import stranker as sr
 
 SMALL = os.environ.get("STRANKER_TUTORIAL_SMALL") == "1"
 if SMALL:
-    FIT = dict(genes="heg", n_top_genes=30, epochs=1, backbone="test_resnet", image_size=64)
+    FIT = dict(genes="heg", n_top_genes=30, epochs=1, backbone="test_resnet", pretrained=False, image_size=64)
 else:
     FIT = dict(genes="hvg", n_top_genes=1000)  # the defaults: resnet18, 12 epochs
 

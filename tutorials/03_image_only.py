@@ -33,7 +33,8 @@ import stranker as sr
 
 SMALL = os.environ.get("STRANKER_TUTORIAL_SMALL") == "1"
 if SMALL:
-    N_SPOTS, FIT = 100, dict(genes="heg", n_top_genes=20, epochs=2, backbone="test_resnet", image_size=32)
+    N_SPOTS, FIT = 100, dict(genes="heg", n_top_genes=20, epochs=2, backbone="test_resnet", pretrained=False,
+                             image_size=32)
 else:
     N_SPOTS, FIT = 300, dict(genes="hvg", n_top_genes=100, epochs=8, backbone="resnet18", image_size=64)
 

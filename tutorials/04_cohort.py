@@ -38,7 +38,8 @@ SMALL = os.environ.get("STRANKER_TUTORIAL_SMALL") == "1"
 if SMALL:
     matplotlib.use("Agg")
     sr.settings.progress = False
-    fit_options = dict(epochs=2, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=40)
+    fit_options = dict(epochs=2, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+                       n_top_genes=40)
     sections = sr.datasets.synthetic(n_sections=3, n_spots=100, seed=0)
     cohort_options = dict(n_slides=30, size_px=256)
     cv, mil_epochs = 3, 60

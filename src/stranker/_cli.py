@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
     genes = sr.pp.select_genes(train, flavor="hvg", n_top=args.n_genes)
     print(f"  {len(secs)} sections x {args.n_spots} spots, {len(genes)} genes chosen on the training set")
     model = sr.tl.fit(train, genes=genes, epochs=args.epochs, seed=args.seed, patch_px=64, image_size=64,
-                      backbone=args.backbone)
+                      backbone=args.backbone, pretrained=args.pretrained)
     sr.tl.predict(model, test)
     m = sr.tl.evaluate(test)
     from stranker.pp._genes import lognorm
@@ -119,6 +119,7 @@ def _fit(args: argparse.Namespace) -> int:
         genes = genes[0]
     model = sr.tl.fit(
         data if len(data) > 1 else data[0], genes=genes, method=args.method, backbone=args.backbone,
+        weights=args.weights, pretrained=args.pretrained, freeze=_freeze(args.freeze),
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, layer=args.layer,
         stream={"auto": None, "yes": True, "no": False}[args.stream],
@@ -127,6 +128,11 @@ def _fit(args: argparse.Namespace) -> int:
         model.save(args.out, overwrite=args.overwrite)
         print(f"model saved to {args.out}: {model}")
     return 0
+
+
+def _freeze(value: str | None) -> bool | str | None:
+    """``--freeze`` yes/no/last:N (or absent: the backbone's default)."""
+    return {"yes": True, "no": False, None: None}.get(value, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n-spots", type=int, default=200)
     d.add_argument("--n-genes", type=int, default=100)
     d.add_argument("--backbone", default="resnet18")
+    d.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="pretrained backbone weights (default: random, the demo runs offline)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=None,
                    help="folder for the model and the gene-map PNG (default: the PNG only, here)")
@@ -150,7 +158,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="gene names, a .txt file of names, 'hvg' or 'heg'")
     f.add_argument("--method", default="stranker",
                    choices=["stranker", "stnet", "bleep", "mclstexp", "rankbygene"])
-    f.add_argument("--backbone", default=None)
+    f.add_argument("--backbone", default=None,
+                   help="timm name, hf-hub:ORG/NAME or a named foundation model: uni, uni2-h, h-optimus-0, "
+                        "h-optimus-1, virchow2, gigapath, phikon, resnet50, densenet121 (default resnet18)")
+    f.add_argument("--weights", default=None, help="local state dict of the backbone")
+    f.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="pretrained weights: --weights, the Hugging Face cache or a download; an error "
+                        "if none (--no-pretrained: random initialisation)")
+    f.add_argument("--freeze", default=None,
+                   help="yes (train the heads only), no (fine-tune), last:N (its last N blocks); default: "
+                        "frozen for named foundation models")
     f.add_argument("--epochs", type=int, default=None)
     f.add_argument("--batch-size", type=int, default=None)
     f.add_argument("--device", default=None)

@@ -41,6 +41,11 @@ class _Settings:
         HD tables of hundreds of thousands of bins by all genes. Default 2 GiB.
     data_dir
         Cache folder of downloaded datasets: ``$STRANKER_DATA_DIR`` when set, else the user cache.
+    allow_download
+        Download missing pretrained backbone weights from the Hugging Face hub into its cache
+        (default ``True``; ``$STRANKER_ALLOW_DOWNLOAD=0`` sets ``False``). ``HF_HUB_OFFLINE=1`` forbids
+        downloads whatever this says. Without the weights, a fit or embedding that asked for them
+        raises an error naming the repository and how to get them; it never falls back to random weights.
     """
 
     def __init__(self) -> None:
@@ -52,6 +57,9 @@ class _Settings:
         self.max_dense_layer = 2 * 1024**3
         self._verbosity = 2
         self._data_dir: Path | None = None
+        self.allow_download = os.environ.get("STRANKER_ALLOW_DOWNLOAD", "1").strip().lower() not in (
+            "0", "false", "no", "off"
+        )
 
     @property
     def verbosity(self) -> int:
@@ -88,7 +96,7 @@ class _Settings:
             f"stranker settings: device={self.device!r}, seed={self.seed}, verbosity={self.verbosity}, "
             f"progress={self.progress}, num_workers={self.num_workers}, "
             f"max_patch_memory={self.max_patch_memory}, max_dense_layer={self.max_dense_layer}, "
-            f"data_dir='{self.data_dir}'"
+            f"data_dir='{self.data_dir}', allow_download={self.allow_download}"
         )
 
 

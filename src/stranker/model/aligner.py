@@ -17,16 +17,21 @@ from .encoders import GeneBranch, ImageBranch, SpotContext
 class Aligner(nn.Module):
     """Everything trainable of a stranker model (pure torch: it never sees AnnData)."""
 
-    def __init__(self, cfg: Config, n_genes: int, feature_dim: int | None = None) -> None:
+    def __init__(
+        self, cfg: Config, n_genes: int, feature_dim: int | None = None, download: bool = False
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = ImageBranch(
             n_genes, backbone=cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained,
             n_scales=len(cfg.scales), cnn_scales=cfg.cnn_scales, use_stain=cfg.use_stain,
             embed_dim=cfg.embed_dim, dropout=cfg.dropout,
-            feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on,
+            feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on, freeze=cfg.freeze,
+            download=download,
         )
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        # a wholly frozen backbone is shared by student and teacher (a foundation model held once)
+        shared = {id(self.student.backbone): self.student.backbone} if self.student.frozen else {}
+        self.teacher = copy.deepcopy(self.student, memo=shared).requires_grad_(False)
         context = (
             SpotContext(cfg.embed_dim, cfg.context_layers, cfg.context_heads, cfg.position_bins, cfg.dropout)
             if cfg.spot_context else None
@@ -88,8 +93,9 @@ class Aligner(nn.Module):
     def update_teacher(self, step: int) -> None:
         """EMA of the student's weights (decay ramps up over the first steps)."""
         d = min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        s_params = list(self.student.parameters())
-        t_params = list(self.teacher.parameters())
+        pairs = [(t, s) for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True)
+                 if t is not s]  # a shared frozen backbone stays exactly as it is
+        t_params, s_params = [t for t, _ in pairs], [s for _, s in pairs]
         torch._foreach_mul_(t_params, d)
         torch._foreach_add_(t_params, s_params, alpha=1 - d)
         for tb, sb in zip(self.teacher.buffers(), self.student.buffers(), strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -12,9 +13,10 @@ class Config:
 
     method: str = "stranker"
     # image branch
-    backbone: str = "resnet18"
+    backbone: str = "resnet18"  # timm name, 'hf-hub:ORG/NAME' or a registry name ('uni', ...)
     weights: str | None = None  # local checkpoint file
-    pretrained: bool = True  # use timm's cached pretrained weights when present (never downloads)
+    pretrained: bool = True  # pretrained weights (file, cache or download), else an error; False: random
+    freeze: bool | str | None = None  # True, False, 'last:N'; None: frozen for registry foundation models
     image_features: str | None = None  # obsm key of precomputed features instead of pixels
     patch_px: float = 224.0  # patch side at scale 1, full-resolution pixels
     patch_um: float | None = None  # or in micrometres
@@ -117,6 +119,8 @@ def make_config(method: str = "stranker", **overrides: Any) -> Config:
         raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
     if not 0 <= cfg.blend <= 1:
         raise ValueError(f"`blend` must be in [0, 1], got {cfg.blend}.")
+    if cfg.freeze not in (None, True, False) and not re.fullmatch(r"last:\d+", str(cfg.freeze)):
+        raise ValueError(f"`freeze` must be True, False or 'last:N' (N blocks trained), got {cfg.freeze!r}.")
     for k in ("epochs", "batch_size", "image_size", "embed_dim", "top_k"):
         if getattr(cfg, k) < 1:
             raise ValueError(f"`{k}` must be at least 1, got {getattr(cfg, k)}.")

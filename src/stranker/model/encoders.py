@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from .augment import dihedral
+from .backbones import apply_freeze, create_backbone, lookup
 from .stain import N_STAIN, stain_features
 
 
@@ -26,82 +25,12 @@ class ProjectionHead(nn.Module):
         return self.norm(p + self.fc(p))
 
 
-def cached_pretrained_file(name: str) -> str | None:
-    """Path of timm's pretrained weights for ``name`` if already in the Hugging Face or torch hub cache."""
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:
-        return None
-    if cfg is None:
-        return None
-    hub_id = getattr(cfg, "hf_hub_id", None)
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for fname in ("open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"):
-            try:
-                path = try_to_load_from_cache(hub_id.split("@")[0], fname)
-            except Exception:
-                path = None
-            if isinstance(path, str) and Path(path).is_file():
-                return path
-    url = getattr(cfg, "url", None)
-    if url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-        if path.is_file():
-            return str(path)
-    return None
-
-
-def create_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> tuple[nn.Module, str]:
-    """Return a timm backbone without classifier, and where its weights came from.
-
-    ``weights`` (a local ``.pth``/``.pt``/``.bin``/``.safetensors`` state dict) wins; else timm's
-    pretrained weights when they are already in its cache (never downloaded); else random init.
-    """
-    import timm
-
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        raise ValueError(f"Unknown timm backbone {name!r}; see `timm.list_models()` (e.g. 'resnet18').")
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"`weights` file {str(path)!r} does not exist.")
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                    state = state[key]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        n_loaded = len(model.state_dict()) - len(missing)
-        if n_loaded == 0:
-            raise ValueError(
-                f"No tensor of {str(path)!r} matches backbone {name!r}; is it the right architecture?"
-            )
-        return model, (
-            f"file:{path.name} ({n_loaded} tensors, {len(missing)} missing, {len(unexpected)} unused)"
-        )
-    cached = cached_pretrained_file(name) if pretrained else None
-    if cached is not None:
-        model = timm.create_model(
-            name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached}
-        )
-        return model, f"timm-cache:{Path(cached).name}"
-    return timm.create_model(name, pretrained=False, num_classes=0), "random"
-
-
 class ImageBranch(nn.Module):
     """Image branch: a backbone and stain statistics -> embedding and expression.
 
     Backbone over the first ``cnn_scales`` scales (shared weights) + stain statistics of every
-    scale -> embedding and expression.
+    scale -> embedding and expression. ``freeze``: ``True``, ``False``, ``'last:N'`` or ``None`` (frozen
+    for the foundation models of the registry); ``download``: fetch weights missing from the cache.
     """
 
     def __init__(
@@ -119,6 +48,8 @@ class ImageBranch(nn.Module):
         feature_dim: int | None = None,
         probe_only: bool = False,
         head_on: str = "embedding",
+        freeze: bool | str | None = None,
+        download: bool = False,
     ) -> None:
         super().__init__()
         self.n_scales = n_scales
@@ -129,7 +60,11 @@ class ImageBranch(nn.Module):
             raise ValueError(f"`head_on` must be 'embedding' or 'features', got {head_on!r}.")
         self.head_on = head_on
         if feature_dim is None:
-            self.backbone, self.weights_source = create_backbone(backbone, weights, pretrained)
+            self.backbone, self.weights_source = create_backbone(backbone, weights, pretrained, download)
+            if freeze is None:  # foundation models of the registry stay frozen unless asked
+                spec = lookup(backbone)
+                freeze = spec is not None and spec.frozen
+            self.frozen = apply_freeze(self.backbone, freeze)
             cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
             mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
             std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
@@ -137,7 +72,7 @@ class ImageBranch(nn.Module):
             self.register_buffer("pix_std", std.view(1, 3, 1, 1))
             d_img = self.backbone.num_features * self.cnn_scales
         else:
-            self.backbone, self.weights_source = None, "features"
+            self.backbone, self.weights_source, self.frozen = None, "features", False
             d_img = feature_dim
         d_stain = N_STAIN * n_scales if self.use_stain else 0
         self.register_buffer("stain_mean", torch.zeros(d_stain))
@@ -147,6 +82,13 @@ class ImageBranch(nn.Module):
         self.proj = ProjectionHead(d_img + d_stain, embed_dim, dropout)
         d_head = d_img + d_stain if head_on == "features" else embed_dim + d_stain
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_head, n_genes))
+
+    def train(self, mode: bool = True) -> ImageBranch:
+        """Set training mode; a wholly frozen backbone stays in eval mode (its norm statistics too)."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
 
     def stain(self, x: torch.Tensor) -> torch.Tensor:
         """Raw stain statistics of ``(b, s, 3, h, w)`` images in [0, 1] -> ``(b, s * 38)``."""
@@ -166,7 +108,8 @@ class ImageBranch(nn.Module):
             flat = ((x[:, : self.cnn_scales].flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(
                 memory_format=torch.channels_last
             )
-            parts.append(self.backbone(flat).float().view(b, -1))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                parts.append(self.backbone(flat).float().view(b, -1))
         stain = None
         if self.use_stain:
             stain = ((self.stain(x) - self.stain_mean) / self.stain_std).clamp(-6, 6)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .._settings import settings
+from .._settings import logger, settings
 from .._spots import InputError, as_spots
 from .._write import maybe_copy, write_results
 from ._patches import PatchReader, check_inside, patch_size_px
@@ -18,10 +19,11 @@ def embed_patches(
     backbone: Any = "resnet18",
     *,
     weights: str | None = None,
+    pretrained: bool = True,
     size: float | None = None,
     size_um: float | None = None,
     scales: float | Sequence[float] = 1.0,
-    image_size: int = 112,
+    image_size: int | None = None,
     batch_size: int = 128,
     device: str | None = None,
     key_added: str | None = None,
@@ -43,17 +45,23 @@ def embed_patches(
     data
         SpatialData, AnnData in squidpy layout, or a list of either.
     backbone
-        A timm model name (weights from ``weights``, else timm's cache, else random), a fitted
-        :class:`stranker.Model` (its teacher's backbone, patch size and input size), or a
-        ``torch.nn.Module`` mapping ``(b, 3, h, w)`` ImageNet-normalised images to ``(b, d)``.
+        A named foundation model (``'uni'``, ``'h-optimus-0'``, ... :func:`stranker.tl.backbones`),
+        ``'hf-hub:ORG/NAME'`` or a timm model name; a fitted :class:`stranker.Model` (its teacher's
+        backbone, patch size and input size); or a ``torch.nn.Module`` mapping ``(b, 3, h, w)``
+        ImageNet-normalised images to ``(b, d)`` (left on its device and in its mode afterwards).
     weights
-        Local checkpoint file of a timm backbone.
+        Local state dict of the backbone. Without it: the Hugging Face cache, else a download when
+        ``sr.settings.allow_download``; else an error saying how to get the weights.
+    pretrained
+        ``False``: random weights (a warning says so).
     size, size_um
-        Patch side in level-0 pixels (default 224), or in micrometres; ignored for a Model.
+        Patch side in level-0 pixels, or in micrometres; ignored for a Model. Default: the physical
+        size a named model was trained at (e.g. 112 µm: 224 px at 0.5 µm/px), else 224 px.
     scales
         One multiplier of the patch side or several; features of the scales are concatenated.
     image_size
-        Side in pixels the patches are resized to before the backbone; ignored for a Model.
+        Side in pixels the patches are resized to before the backbone; ignored for a Model. Default:
+        a named model's input size, else 112.
     batch_size
         Spots per forward pass.
     device
@@ -71,16 +79,19 @@ def embed_patches(
     Returns
     -------
     ``None``, or the copy when ``copy=True``. Writes ``obsm[key_added]``: float32 ``(n_spots, d)``
-    features (``d`` = backbone features times the number of scales).
+    features (``d`` = backbone features times the number of scales), and ``uns[key_added]``: where
+    they came from (``backbone``, ``weights_source``, ``patch_px``, ``patch_um``, ``microns_per_pixel``,
+    ``image_size``, ``scales``, ``mean``, ``std``).
     """
     import torch
+    from tqdm.auto import tqdm
 
-    from ..model.encoders import create_backbone
+    from ..model.backbones import create_backbone, named
     from ..train.loop import resolve_device, to_input
 
     dev = resolve_device(device or settings.device)
     scale_list = [float(scales)] if np.ndim(scales) == 0 else [float(s) for s in scales]  # type: ignore[arg-type]
-    model = None
+    model, spec, source = None, None, "module"
     if type(backbone).__name__ == "Model" and hasattr(backbone, "aligner"):
         model = backbone
         branch = model.aligner.teacher
@@ -89,11 +100,14 @@ def embed_patches(
                 "This model was trained on precomputed features; it has no image backbone to embed with."
             )
         net, name = branch.backbone, model.config.backbone
+        source = f"model:{model.meta.get('weights_source')}"
         mean, std = branch.pix_mean.cpu(), branch.pix_std.cpu()
         scale_list, image_size = list(model.config.scales), model.config.image_size
     elif isinstance(backbone, str):
-        net, _ = create_backbone(backbone, weights)
-        name = backbone
+        net, source = create_backbone(backbone, weights, pretrained, settings.allow_download)
+        if source == "random":
+            logger.warning(f"Embedding with a randomly initialised {backbone!r} (pretrained=False).")
+        name, spec = backbone, named(backbone)
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
@@ -108,32 +122,44 @@ def embed_patches(
         )
     if batch_size < 1:
         raise InputError(f"`batch_size` must be at least 1, got {batch_size}.")
-    key = key_added or f"X_{name}"
+    if image_size is None:
+        image_size = spec.input_px if spec is not None else 112
+    key = key_added or f"X_{name.split(':')[-1].split('/')[-1]}"
     data = maybe_copy(data, copy)
     secs = as_spots(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
         library_id=library_id, bin_size=bin_size,
     )
+    if size is None and size_um is None and spec is not None and spec.patch_um is not None:
+        if all(sp.microns_per_pixel is not None for sp in secs):
+            size_um = spec.patch_um
+        else:
+            logger.warning(f"{spec.name!r} was trained at {spec.mpp} µm/px, but a section has no known "
+                           "µm/px: its patches are 224 px wide. Pass `size=` or `size_um=`.")
     readers = []
     for sp in secs:
         check_inside(sp)
         readers.append(model._reader(sp) if model is not None
                        else PatchReader(sp, patch_size_px(sp, size, size_um, 224), scale_list, image_size))
     was_training = net.training
+    param = next(iter(net.parameters()), None)
+    home = param.device if param is not None else None  # the user's module goes back where it was
+    norm = {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()]}
     net = net.to(dev).eval()
     mean, std = mean.to(dev), std.to(dev)
     results = []
     try:
         for sp, reader in zip(secs, readers, strict=True):
             out = []
-            for start in range(0, sp.n_spots, batch_size):
+            for start in tqdm(range(0, sp.n_spots, batch_size), desc=f"embed {sp.name}",
+                              disable=not settings.show_progress() or sp.n_spots < 4 * batch_size):
                 x = to_input(
                     torch.from_numpy(reader.read(np.arange(start, min(start + batch_size, sp.n_spots)))), dev
                 )
                 b, s = x.shape[:2]
-                with torch.no_grad(), torch.autocast(
-                    dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"
-                ):
+                amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                       else contextlib.nullcontext())  # bf16 on GPU
+                with torch.no_grad(), amp:
                     f = net(((x.flatten(0, 1) - mean) / std).contiguous())
                 out.append(f.float().reshape(b, -1).cpu().numpy())
             feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -142,6 +168,17 @@ def embed_patches(
             results.append(feats.astype(np.float32))
     finally:
         net.train(was_training)
-    for sp, feats in zip(secs, results, strict=True):
-        write_results(sp, obsm={key: feats})
+        if home is not None:
+            net.to(home)
+    for sp, feats, reader in zip(secs, results, readers, strict=True):
+        mpp = sp.microns_per_pixel
+        record = {
+            "backbone": name,
+            "weights_source": source, "patch_px": float(reader.size),
+            "patch_um": None if mpp is None else float(reader.size * mpp),
+            "microns_per_pixel": mpp, "image_size": int(reader.out_px),
+            "scales": [float(s) for s in reader.scales],
+            **norm,
+        }
+        write_results(sp, obsm={key: feats}, uns={key: {k: v for k, v in record.items() if v is not None}})
     return data if copy else None

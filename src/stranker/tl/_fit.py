@@ -13,8 +13,34 @@ from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
+from ..model.backbones import find_weights, named, resolve
 from ..pp._genes import choose, lognorm, resolve_genes, section_counts
 from ..pp._patches import PatchReader, check_inside, patch_size_px
+
+
+def backbone_defaults(cfg: Any, options: dict[str, Any], mpps: list[float | None]) -> Any:
+    """Apply a named backbone's input size and physical patch size, where the user did not choose them."""
+    from dataclasses import replace
+
+    spec = named(cfg.backbone)
+    if spec is None:
+        return cfg
+    changes: dict[str, Any] = {}
+    if "image_size" not in options:
+        changes["image_size"] = spec.input_px
+    if "patch_px" not in options and "patch_um" not in options and spec.patch_um is not None:
+        if all(m is not None for m in mpps):
+            changes["patch_um"] = spec.patch_um
+        else:
+            logger.warning(
+                f"{spec.name!r} was trained on {spec.input_px} px patches at {spec.mpp} µm/px, but a section "
+                f"has no known µm/px: its patches are {cfg.patch_px:g} px wide. Set "
+                "`table.uns['microns_per_pixel']` or pass `patch_px=` / `patch_um=`."
+            )
+    size = changes.get("image_size", cfg.image_size)
+    if size != spec.input_px and spec.arch.startswith("vit") and not spec.kwargs.get("dynamic_img_size"):
+        raise InputError(f"{spec.name!r} takes {spec.input_px} px images only; got `image_size={size}`.")
+    return replace(cfg, **changes)
 
 
 def section_positions(centers: np.ndarray) -> np.ndarray:
@@ -63,6 +89,8 @@ def fit(
     method: str = "stranker",
     backbone: str | None = None,
     weights: str | None = None,
+    pretrained: bool = True,
+    freeze: bool | str | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
     device: str | None = None,
@@ -100,10 +128,19 @@ def fit(
     method
         ``'stranker'`` (default), or a published recipe: ``'bleep'``, ``'mclstexp'``, ``'rankbygene'``.
     backbone
-        timm model name (default ``'resnet18'``).
+        A named foundation model (``'uni'``, ``'uni2-h'``, ``'h-optimus-0'``, ``'virchow2'``, ...; see
+        :func:`stranker.tl.backbones`), ``'hf-hub:ORG/NAME'`` or any timm model name (default
+        ``'resnet18'``). A named model also sets the defaults of ``image_size`` and of the patch's
+        physical size (``patch_um``, e.g. 224 px at 0.5 µm/px) to those it was trained at.
     weights
-        Local checkpoint of the backbone. Without it, timm's cached pretrained weights are used when
-        present, else random initialisation (recorded in ``uns``).
+        Local state dict of the backbone (``.safetensors``, ``.pth``). Without it the pretrained weights
+        come from the Hugging Face cache, else are downloaded (``sr.settings.allow_download``, not under
+        ``HF_HUB_OFFLINE``); if they cannot be had, an error says how to get them.
+    pretrained
+        ``False`` trains from random initialisation (a warning says so); the only way to get it.
+    freeze
+        ``True`` trains the heads on a frozen backbone, ``False`` fine-tunes it, ``'last:N'`` its last N
+        blocks; default: frozen for the foundation models of the registry, fine-tuned otherwise.
     epochs, batch_size
         Training length and spots per batch (each batch holds spots of one section).
     device
@@ -163,11 +200,16 @@ def fit(
     t_start = time.perf_counter()
     seed = settings.seed if seed is None else int(seed)
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
-                      image_features=image_features, **options)
+                      image_features=image_features, pretrained=pretrained, freeze=freeze, **options)
     checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)  # before reading any data
+    if image_features is None:  # an unknown backbone or missing weights fail before any work
+        spec = resolve(cfg.backbone, settings.allow_download)
+        find_weights(spec, cfg.weights, cfg.pretrained, settings.allow_download)
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, bin_size=bin_size, need_image=image_features is None)
+    if image_features is None:
+        cfg = backbone_defaults(cfg, options, [sp.microns_per_pixel for sp in secs])
     added: list[tuple[Any, str, str]] = []
     if aggregate and image_features is None:
         secs, added = bins_to_patches(secs, cfg)
@@ -228,7 +270,20 @@ def fit(
         )
         with kept_rng(dev):  # the caller's global random state is theirs again after the fit
             torch.manual_seed(seed)
-            aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim)
+            aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim, download=settings.allow_download)
+        record = secs[0].table.uns.get(image_features) if image_features is not None else None
+        provenance = {  # where the features came from (sr.pp.embed_patches), as plain JSON values
+            k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in record.items()
+        } if isinstance(record, dict) else {}
+        source = provenance.get("weights_source") if image_features is not None else aligner.weights_source
+        if aligner.student.frozen:
+            logger.info(f"The backbone {cfg.backbone!r} is frozen: stranker trains its heads on it "
+                        "(freeze=False fine-tunes it, freeze='last:N' its last N blocks).")
+        if source == "random":
+            logger.warning(
+                f"Training on a randomly initialised backbone ({provenance.get('backbone', cfg.backbone)!r}, "
+                "asked with pretrained=False): expect much lower accuracy than with pretrained weights."
+            )
         t_train = time.perf_counter()
         history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
@@ -252,7 +307,7 @@ def fit(
             "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
             if all(m is not None for m in mpps) else None, "patch_px": float(cfg.patch_px),
             "weights_source": aligner.weights_source, "device": str(dev), "seed": seed,
-            "feature_dim": feature_dim,
+            "feature_dim": feature_dim, "features": provenance or None,
             "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
             "world_size": distributed.world_size(),
         }

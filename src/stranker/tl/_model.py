@@ -45,7 +45,8 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"stranker.Model(method={c.method!r}, backbone={c.backbone!r}, genes={len(self.genes)}, "
+            f"stranker.Model(method={c.method!r}, backbone={c.backbone!r}, "
+            f"weights={self.meta.get('weights_source', '?')!r}, genes={len(self.genes)}, "
             f"scales={list(c.scales)}, trained on {self.meta.get('n_spots', '?')} spots of "
             f"{len(self.meta.get('sections', []))} section(s))"
         )
