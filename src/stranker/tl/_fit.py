@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._predictions import prediction_layer
+from .._predictions import genes_in_table, prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
@@ -335,6 +335,7 @@ def write_outputs(
 ) -> None:
     """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
     full, layer_format = prediction_layer(sp, list(model.genes), pred)
+    written, absent = genes_in_table(sp, model.genes)
     if layer_format == "sparse":
         logger.info(
             f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
@@ -345,7 +346,8 @@ def write_outputs(
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     record = {
         "params": {k: v for k, v in params.items() if v is not None},
-        "genes": list(model.genes),
+        "genes": written,  # the genes with a prediction in the layer
+        "genes_absent": absent,  # modelled genes the table has no column for: not written
         "history": {
             k: [h.get(k, np.nan) for h in model.history]
             for k in (model.history[0] if model.history else {})

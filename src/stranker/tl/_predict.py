@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._predictions import genes_in_table
 from .._settings import logger
 from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
 from .._write import write_results
@@ -173,7 +174,9 @@ def predict(
     ``None``. On sections with spots and a table, writes ``obsm['X_{key_added}']``,
     ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer of the modelled genes
     beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
-    ``resampling``: slide and model µm/px, their ratio ``factor``, the pyramid level read).
+    ``genes``: the genes written, to pass on, e.g. to ``sq.gr.spatial_autocorr``; ``genes_absent``:
+    modelled genes the table lacks, not written, with a warning; ``resampling``: slide and model
+    µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
@@ -191,6 +194,8 @@ def predict(
             if need_image:
                 check_inside(sp)
             kind = "spots"
+            if sp.table is not None:
+                _check_genes(sp, model, key_added)
         info = resampling(sp, model) if need_image else None
         if info and info["factor"] and abs(info["factor"] - 1) > 0.01:
             logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
@@ -226,6 +231,24 @@ def predict(
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+
+
+def _check_genes(sp: Spots, model: Any, key_added: str) -> None:
+    """Warn about modelled genes the table lacks (they are not written); refuse when it has none."""
+    present, absent = genes_in_table(sp, model.genes)
+    if not present:
+        raise InputError(
+            f"The table of section {sp.name!r} has none of the model's {len(model.genes)} genes "
+            f"(e.g. {list(model.genes[:3])}; the table has e.g. {list(sp.var_names[:3])}): "
+            "are the genes named the same way (symbols or Ensembl ids) in both?"
+        )
+    if absent:
+        logger.warning(
+            f"{len(absent)} of the model's {len(model.genes)} genes are not in the table of section "
+            f"{sp.name!r} and get no prediction there: {absent[:20]}{' ...' if len(absent) > 20 else ''}. "
+            f"The genes written are `uns[{key_added!r}]['genes']`; the absent ones "
+            f"`uns[{key_added!r}]['genes_absent']`."
+        )
 
 
 def _record(sp: Spots, key_added: str, info: dict[str, Any] | None) -> None:
