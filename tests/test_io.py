@@ -270,3 +270,20 @@ def test_predict_on_a_slide_at_another_resolution(model_and_section, tmp_path, m
     pw = _match(np.asarray(tn.obsm["spatial"]) * mpp, np.asarray(tw.obsm["spatial"]) * mpp / 2)
     r_wrong = _r(np.asarray(tn.X)[pw[:, 0]], np.asarray(tw.X)[pw[:, 1]])
     assert r_wrong < r - 0.05, (r, r_wrong)
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [lambda a: a.astype(np.uint16) * 257, lambda a: a.astype(np.float32) / 255,
+     lambda a: a.astype(np.float32)],
+    ids=["uint16", "float01", "float0255"],
+)
+def test_slides_of_any_dtype_read_as_their_uint8_values(tmp_path, convert):
+    # one conversion for every reader: a 16-bit or float TIFF reads like its 8-bit original, and a
+    # window of a 0-255 float slide holding only values <= 1 stays dark
+    img = tissue_image(256, 320)
+    img[:32, :32] = [0, 1, 1]
+    write_tiff(tmp_path / "a.tif", convert(img), mpp=0.5, levels=1)
+    sp = as_spots(sr.io.read_slide(tmp_path / "a.tif"), need_table=False)[0]
+    np.testing.assert_array_equal(sp.image.read(0, 0, 256, 0, 320), img)
+    np.testing.assert_array_equal(sp.image.read(0, 0, 32, 0, 32), img[:32, :32])

@@ -117,3 +117,49 @@ def test_border_spots_are_padded():
     p = sr.pp.patches(sdata, size=100)
     assert p.shape == (12, 100, 100, 3)
     assert (p == 255).any()  # spots within 20 px of the border get white padding
+
+
+def _replace_image(sdata, img):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    tr = get_transformation(sdata.images["he"], get_all=True)
+    sdata.images["he"] = Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                                            transformations=tr)
+    return sdata
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda a: a.astype(np.uint16) * 257,  # 16-bit: used to clip to white
+        lambda a: a.astype(np.uint32) * 16843009,  # 32-bit: 255 * 16843009 == 2**32 - 1
+        lambda a: a.astype(np.float32) / 255,  # float 0-1
+        lambda a: a.astype(np.float64),  # float 0-255
+    ],
+    ids=["uint16", "uint32", "float01", "float0255"],
+)
+def test_images_of_any_dtype_read_as_their_uint8_values(convert):
+    sdata, _ = make_sdata()
+    img = np.asarray(sdata.images["he"].data)
+    img[:, :40, :40] = np.array([0, 1, 1], dtype=np.uint8)[:, None, None]  # a near-black corner
+    sdata = _replace_image(sdata, img)
+    ref = sr.pp.patches(sdata, size=16)
+    other = _replace_image(make_sdata()[0], convert(img))
+    np.testing.assert_array_equal(sr.pp.patches(other, size=16), ref)
+    # a window that holds only values <= 1 of a 0-255 float image is dark, not white
+    sp = as_spots(other)[0]
+    np.testing.assert_array_equal(sp.image.read(0, 0, 40, 0, 40), img[:, :40, :40].transpose(1, 2, 0))
+
+
+def test_to_uint8_scales_by_the_dtype_range():
+    from stranker._pixels import float_range, to_uint8
+
+    assert to_uint8(np.array([0, 257 * 100, 65535], dtype=np.uint16)).tolist() == [0, 100, 255]
+    assert to_uint8(np.array([-5, 0, 32767], dtype=np.int16)).tolist() == [0, 0, 255]
+    assert to_uint8(np.array([False, True])).tolist() == [0, 255]
+    assert to_uint8(np.array([0.0, 0.5, 1.0, np.nan]), 1.0).tolist() == [0, 128, 255, 0]
+    assert to_uint8(np.array([0.0, 1.0, 255.0]), 255.0).tolist() == [0, 1, 255]
+    assert float_range(np.array([0.0, 0.9])) == 1.0 and float_range(np.array([0.0, 3.0])) == 255.0
+    with pytest.raises(ValueError, match="float_max"):
+        to_uint8(np.zeros(3, dtype=np.float32))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._constants import Keys
+from ._pixels import float_range, to_uint8
 
 
 class InputError(ValueError):
@@ -41,6 +42,7 @@ class ImageHandle:
     levels: list[Any]
     scales: list[float]
     name: str = "image"
+    float_max: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,6 +65,18 @@ class ImageHandle:
                 best = i
         return best
 
+    def to_rgb(self, win: Any) -> np.ndarray:
+        """Convert a ``(c, y, x)`` window of any level to ``(y, x, 3)`` uint8.
+
+        Integer images are scaled by their dtype's range; a float image is 0–1 or 0–255 as decided
+        once for the whole image (from its coarsest level, unless ``float_max`` was given).
+        """
+        win = np.asarray(win.compute() if hasattr(win, "compute") else win)
+        if np.issubdtype(win.dtype, np.floating) and self.float_max is None:
+            coarsest = self.levels[int(np.argmax(self.scales))]
+            self.float_max = float_range(coarsest.compute() if hasattr(coarsest, "compute") else coarsest)
+        return _to_uint8_rgb(win, self.name, self.float_max)
+
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int, pad_value: int = 255) -> np.ndarray:
         """Read the window ``[y0:y1, x0:x1]`` of a level as ``(y, x, c)`` uint8, padding outside."""
         arr = self.levels[level]
@@ -71,14 +85,12 @@ class ImageHandle:
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
         if cy1 <= cy0 or cx1 <= cx0:
             return out
-        win = arr[:, cy0:cy1, cx0:cx1]
-        win = np.asarray(win.compute() if hasattr(win, "compute") else win)
-        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = _to_uint8_rgb(win, self.name)
+        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self.to_rgb(arr[:, cy0:cy1, cx0:cx1])
         return out
 
 
-def _to_uint8_rgb(win: np.ndarray, name: str) -> np.ndarray:
-    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8."""
+def _to_uint8_rgb(win: np.ndarray, name: str, float_max: float | None = None) -> np.ndarray:
+    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8 (:func:`stranker._pixels.to_uint8`)."""
     c = win.shape[0]
     if c == 4:
         win = win[:3]
@@ -86,11 +98,10 @@ def _to_uint8_rgb(win: np.ndarray, name: str) -> np.ndarray:
         win = np.repeat(win, 3, axis=0)
     elif c != 3:
         raise InputError(f"Image {name!r} has {c} channels; stranker expects an RGB H&E image (3 channels).")
-    if win.dtype != np.uint8:
-        win = win.astype(np.float32)
-        if np.issubdtype(win.dtype, np.floating) and win.size and np.nanmax(win) <= 1.0 + 1e-6:
-            win = win * 255.0
-        win = np.clip(np.nan_to_num(win), 0, 255).astype(np.uint8)
+    try:
+        win = to_uint8(win, float_max)
+    except TypeError as e:
+        raise InputError(f"Image {name!r}: {e}") from e
     return np.moveaxis(win, 0, -1)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._pixels import float_range, to_uint8
 from .._settings import logger
 from .._spots import InputError
 
@@ -198,6 +199,8 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
     store = zarr.open(s.aszarr(), mode="r")
     arrays = [store[k] for k in sorted(store.keys(), key=int)] if hasattr(store, "keys") else [store]
     fmt = "OME-TIFF" if tif.is_ome else ("SVS" if tif.is_svs else ("NDPI" if tif.is_ndpi else "TIFF"))
+    # a float image is 0-1 or 0-255 for all its levels alike: decided once, on its coarsest level
+    float_max = float_range(arrays[-1][...]) if np.issubdtype(s.dtype, np.floating) else None
     levels = []
     for i, (lv, arr) in enumerate(zip(s.levels, arrays, strict=True)):
         axes = lv.axes
@@ -213,12 +216,12 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
         shape = tuple(lv.shape[j] for j in range(len(axes)) if j not in squeeze)
         h, w, c = shape[order[0]], shape[order[1]], (shape[order[2]] if len(shape) == 3 else 1)
         levels.append(
-            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), lv.dtype), f"{path.name}[{i}]")
+            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), float_max), f"{path.name}[{i}]")
         )
     return levels, _tiff_mpp(tif, s), fmt
 
 
-def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, dtype: Any):
+def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, float_max: float | None):
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         key: list[Any] = [slice(None)] * ndim
         kept = [j for j in range(ndim) if j not in squeeze]
@@ -230,17 +233,9 @@ def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int
         if win.ndim == 2:
             win = win[..., None]
         win = np.transpose(win, order)
-        return _as_uint8(win, dtype)
+        return to_uint8(win, float_max)
 
     return read
-
-
-def _as_uint8(win: np.ndarray, dtype: Any) -> np.ndarray:
-    if win.dtype == np.uint8:
-        return win
-    if np.issubdtype(win.dtype, np.integer):
-        return (win.astype(np.float32) * (255.0 / np.iinfo(win.dtype).max)).astype(np.uint8)
-    return np.clip(np.nan_to_num(win.astype(np.float32)) * 255.0, 0, 255).astype(np.uint8)
 
 
 def _tiff_mpp(tif: Any, s: Any) -> float | None:

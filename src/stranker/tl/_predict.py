@@ -9,7 +9,7 @@ import numpy as np
 from .._constants import Keys
 from .._predictions import genes_in_table
 from .._settings import logger
-from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
+from .._spots import InputError, Spots, as_spots
 from .._write import write_results
 from ..pp._patches import _TILE, check_inside
 from ._fit import write_outputs
@@ -43,7 +43,7 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     arr = img.levels[level][:, ::stride, ::stride]
     s = img.scales[level] * stride
     _, h, w = arr.shape
-    rgb = _to_uint8_rgb(np.asarray(arr.compute() if hasattr(arr, "compute") else arr), img.name)
+    rgb = img.to_rgb(arr)
     mx, mn = rgb.max(-1), rgb.min(-1)
     sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)  # HSV saturation, in float32
     del rgb, mx, mn
