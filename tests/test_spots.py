@@ -163,3 +163,43 @@ def test_to_uint8_scales_by_the_dtype_range():
     assert float_range(np.array([0.0, 0.9])) == 1.0 and float_range(np.array([0.0, 3.0])) == 255.0
     with pytest.raises(ValueError, match="float_max"):
         to_uint8(np.zeros(3, dtype=np.float32))
+
+
+def _two_libraries():
+    """One AnnData holding two libraries (spots 0-5 on image A, 6-11 on image B), squidpy layout."""
+    sdata, px = make_sdata()
+    table = sdata.tables["table"].copy()
+    img = np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1)
+    table.obsm["spatial"] = px.copy()
+    sf = {"tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 0.1, "spot_diameter_fullres": 16.0}
+    table.uns["spatial"] = {"A": {"images": {"hires": img}, "scalefactors": sf},
+                            "B": {"images": {"hires": 255 - img}, "scalefactors": sf}}
+    table.obs["sample"] = ["A"] * 6 + ["B"] * 6
+    return table
+
+
+def test_several_libraries_without_a_key_are_refused():
+    # without obs['library_id'] every row used to be paired with the chosen library's image
+    table = _two_libraries()
+    before = table.copy()
+    with pytest.raises(InputError, match="library_key="):
+        sr.pp.patches(table, size=9, library_id="A")
+    with pytest.raises(InputError, match="not a column"):
+        sr.pp.patches(table, size=9, library_id="A", library_key="batch")
+    assert table.obs.equals(before.obs) and set(table.uns) == set(before.uns)
+
+
+def test_library_key_picks_each_library_s_rows():
+    table = _two_libraries()
+    a = as_spots(table, library_id="A", library_key="sample")[0]
+    b = as_spots(table, library_id="B", library_key="sample")[0]
+    np.testing.assert_array_equal(a.rows, np.arange(6))
+    np.testing.assert_array_equal(b.rows, np.arange(6, 12))
+    pa = sr.pp.patches(table, size=9, library_id="A", library_key="sample")
+    pb = sr.pp.patches(table, size=9, library_id="B", library_key="sample")
+    assert len(pa) == len(pb) == 6
+    np.testing.assert_array_equal(pa[:, 4, 4, 1], 200)  # each spot read on its own library's image
+    np.testing.assert_array_equal(pb[:, 4, 4, 1], 55)
+    # the default key of a multi-library AnnData stays obs['library_id']
+    table.obs["library_id"] = table.obs["sample"]
+    np.testing.assert_array_equal(as_spots(table, library_id="B")[0].rows, np.arange(6, 12))

@@ -199,6 +199,7 @@ def as_spots(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     coordinate_system: str | None = None,
     bin_size: int | None = None,
     need_image: bool = True,
@@ -214,6 +215,9 @@ def as_spots(
         Elements of a SpatialData; detected when there is exactly one candidate.
     library_id
         Library of an AnnData's ``uns['spatial']``; detected when there is one.
+    library_key
+        Column of an AnnData's ``obs`` that holds each spot's library (squidpy's ``library_key``);
+        default ``'library_id'`` when the AnnData holds several libraries.
     coordinate_system
         Coordinate system that links image and spots; detected when one is shared (or when the
         shared ones place the spots on the same image pixels).
@@ -245,7 +249,7 @@ def as_spots(
                 need_table=need_table,
             )
         elif kind == "anndata":
-            sp = _from_anndata(item, library_id=library_id, need_image=need_image)
+            sp = _from_anndata(item, library_id=library_id, library_key=library_key, need_image=need_image)
         else:
             raise InputError(
                 f"Item {i} is a {type(item).__name__}; stranker takes a SpatialData, an AnnData in "
@@ -592,7 +596,41 @@ def _index_positions(index: Any, values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # AnnData, squidpy layout
 # --------------------------------------------------------------------------------------------
-def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Spots:
+def _library_rows(adata: Any, lib: str | None, libs: list[str], library_key: str | None) -> np.ndarray:
+    """Rows of ``adata`` that belong to library ``lib``: by ``obs[library_key]`` (squidpy's ``library_key``).
+
+    Without a key, ``obs['library_id']`` is used when the AnnData holds several libraries; with several
+    libraries and no such column, which row belongs to which image is unknown: refuse.
+    """
+    if library_key is None and len(libs) > 1:
+        if "library_id" not in adata.obs:
+            raise InputError(
+                f"The AnnData holds {len(libs)} libraries in uns['spatial'] ({libs[:5]}) and no "
+                "obs['library_id']: say which obs column holds each spot's library with `library_key=`."
+            )
+        library_key = "library_id"
+    if library_key is None and "library_id" in adata.obs and adata.obs["library_id"].nunique() > 1:
+        raise InputError(
+            f"obs['library_id'] names {adata.obs['library_id'].nunique()} libraries but uns['spatial'] holds "
+            f"only {libs}: pass `library_key='library_id'` to keep the rows of {lib!r}."
+        )
+    if library_key is None or lib is None:
+        return np.arange(adata.n_obs)
+    if library_key not in adata.obs:
+        raise InputError(
+            f"`library_key={library_key!r}` is not a column of obs; columns: {list(adata.obs.columns)[:10]}."
+        )
+    rows = np.flatnonzero(adata.obs[library_key].astype(str).to_numpy() == str(lib))
+    if len(rows) == 0:
+        values = list(dict.fromkeys(adata.obs[library_key].astype(str)))[:5]
+        raise InputError(
+            f"No row of the AnnData has obs[{library_key!r}] == {lib!r} (values: {values}): the libraries of "
+            "uns['spatial'] and the column disagree."
+        )
+    return rows
+
+
+def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None, need_image: bool) -> Spots:
     where = "the AnnData"
     if Keys.SPATIAL not in adata.obsm:
         raise InputError(
@@ -614,10 +652,7 @@ def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Sp
         info = spatial[lib]
     scalef = dict(info.get("scalefactors", {}))
     images = dict(info.get("images", {}))
-    # rows of this library when the AnnData holds several
-    rows = np.arange(adata.n_obs)
-    if lib is not None and len(libs) > 1 and "library_id" in adata.obs:
-        rows = np.flatnonzero(adata.obs["library_id"].astype(str).to_numpy() == str(lib))
+    rows = _library_rows(adata, lib, libs, library_key)
     image = None
     if images:
         levels, scales = [], []

@@ -105,6 +105,7 @@ def evaluate(
     key_added: str = Keys.PREFIX,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> dict[str, Any]:
     """Compare predicted with measured expression, per gene across spots.
@@ -130,6 +131,9 @@ def evaluate(
         ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written.
     table_key, library_id
         Which table / library when there are several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
         ``table_key='square_{bin_size:03d}um'``.
@@ -143,7 +147,8 @@ def evaluate(
     (``genes_undefined``) have no r (constant prediction or measurement) and are left out of every r
     figure; ``genes_not_scored`` lists modelled genes that some table lacks.
     """
-    secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    secs = as_spots(data, table_key=table_key, library_id=library_id, library_key=library_key,
+                    bin_size=bin_size, need_image=False)
     not_scored: list[str] = []
     if genes is None:
         genes, not_scored = _scored_genes(secs, key_added)

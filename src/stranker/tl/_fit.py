@@ -78,6 +78,7 @@ def fit(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
     aggregate: bool = True,
     **options: Any,
@@ -126,6 +127,9 @@ def fit(
         Prefix of the written keys.
     image_key, shapes_key, table_key, library_id
         Which elements to use when an object has several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
         ``table_key='square_{bin_size:03d}um'``.
@@ -163,7 +167,8 @@ def fit(
                       image_features=image_features, **options)
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-                    library_id=library_id, bin_size=bin_size, need_image=image_features is None)
+                    library_id=library_id, library_key=library_key, bin_size=bin_size,
+                    need_image=image_features is None)
     added: list[tuple[Any, str, str]] = []
     if aggregate and image_features is None:
         secs, added = bins_to_patches(secs, cfg)

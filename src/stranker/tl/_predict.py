@@ -143,6 +143,7 @@ def predict(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> None:
     """Predict expression and image embeddings on any section.
@@ -165,6 +166,9 @@ def predict(
         the slide's resolution).
     image_key, shapes_key, table_key, library_id
         Which elements when there are several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
         one spot: the model reads its own patch (its training width in µm) centred on the bin.
@@ -182,7 +186,8 @@ def predict(
     """
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-                    library_id=library_id, bin_size=bin_size, need_image=need_image, need_table=False)
+                    library_id=library_id, library_key=library_key, bin_size=bin_size,
+                    need_image=need_image, need_table=False)
     plans = []
     for sp in secs:
         if sp.n_spots == 0:
