@@ -287,3 +287,38 @@ def test_slides_of_any_dtype_read_as_their_uint8_values(tmp_path, convert):
     sp = as_spots(sr.io.read_slide(tmp_path / "a.tif"), need_table=False)[0]
     np.testing.assert_array_equal(sp.image.read(0, 0, 256, 0, 320), img)
     np.testing.assert_array_equal(sp.image.read(0, 0, 32, 0, 32), img[:32, :32])
+
+
+def _without_scale(model):
+    """The same model as if fitted on data that recorded no µm/px."""
+    import copy
+
+    m = copy.copy(model)
+    m.meta = {**model.meta, "spot_diameter_um": None, "patch_um": None, "microns_per_pixel": None}
+    return m
+
+
+def test_model_and_slide_of_which_only_one_knows_its_scale(model_and_section, tiff_path, stranker_log):
+    # a model of unknown scale used to tile a 0.5 µm/px slide in training pixels without a word
+    import logging
+
+    from stranker.tl._predict import model_mpp
+
+    model, img, mpp = model_and_section
+    assert model_mpp(model) == pytest.approx(mpp)
+    blind = _without_scale(model)
+    slide = sr.io.read_slide(tiff_path)
+    with pytest.raises(InputError, match="tile_px="):
+        sr.tl.predict(blind, slide)
+    assert not slide.tables and not slide.shapes
+    # with tile_px the user decides the tile size; the patches are still read in pixels: warned
+    sr.tl.predict(blind, slide, tile_px=64)
+    warned = [r.getMessage() for r in stranker_log.records if r.levelno == logging.WARNING]
+    assert any("does not know its physical scale" in w for w in warned)
+    # the reverse: a model of known scale on a slide that does not record its resolution
+    unknown = sr.io.read_slide(tiff_path)
+    unknown.attrs.pop("microns_per_pixel")
+    unknown.images["he"].attrs.pop("microns_per_pixel")
+    with pytest.raises(InputError, match="mpp="):
+        sr.tl.predict(model, unknown)
+    assert not unknown.tables and not unknown.shapes

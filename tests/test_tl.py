@@ -213,6 +213,10 @@ def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
 
     model, _ = fitted
     image_only = SpatialData(images={"he": synthetic_small[3].images["he"]})
+    with pytest.raises(InputError, match="tile_px="):  # the model knows its µm/px, the image does not
+        sr.tl.predict(model, image_only)
+    mpp = synthetic_small[3].tables["table"].uns["microns_per_pixel"]
+    image_only.attrs["microns_per_pixel"] = {"he": mpp}
     sr.tl.predict(model, image_only)
     assert "stranker_tiles" in image_only.shapes and "stranker_table" in image_only.tables
     t = image_only.tables["stranker_table"]

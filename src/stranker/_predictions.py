@@ -13,7 +13,7 @@ from ._spots import InputError, Spots
 
 def genes_in_table(sp: Spots, genes: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split ``genes`` into those the table of ``sp`` has (in order) and those it lacks."""
-    cols = sp.table.var_names.get_indexer(list(genes))
+    cols = sp.gene_columns(genes)
     present = [g for g, c in zip(genes, cols, strict=True) if c >= 0]
     absent = [g for g, c in zip(genes, cols, strict=True) if c < 0]
     return present, absent
@@ -29,7 +29,7 @@ def prediction_layer(sp: Spots, genes: list[str], pred: np.ndarray) -> tuple[Any
     """
     from scipy import sparse
 
-    cols = sp.table.var_names.get_indexer(list(genes))
+    cols = sp.gene_columns(genes)
     keep = cols >= 0  # a gene absent from the table: get_indexer says -1, never a column to write
     cols, pred = cols[keep], np.asarray(pred)[:, keep]
     n, n_vars, k = sp.n_spots, sp.table.n_vars, len(cols)

@@ -160,6 +160,18 @@ class Spots:
             self.rows, np.arange(self.table.n_obs)
         )
 
+    def gene_columns(self, genes: Sequence[str]) -> np.ndarray:
+        """Column of each gene in the table (``-1`` when absent); duplicated gene names are refused."""
+        names = self.table.var_names
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise InputError(
+                f"The table of section {self.name!r} has duplicated gene names in `var` (e.g. {dup}): "
+                "a gene must name one column. Make them unique with `table.var_names_make_unique()` "
+                "(or sum the duplicates) first."
+            )
+        return names.get_indexer(list(genes))
+
     def expression(self, layer: str | None = None, genes: Sequence[str] | None = None):
         """Expression of these spots (rows) from ``X`` or ``layers[layer]``, optionally for ``genes``."""
         if self.table is None:
@@ -178,7 +190,7 @@ class Spots:
         if not self.is_full_table:
             mat = mat[self.rows]
         if genes is not None:
-            idx = self.table.var_names.get_indexer(list(genes))
+            idx = self.gene_columns(genes)
             if (idx < 0).any():
                 missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
                 raise InputError(

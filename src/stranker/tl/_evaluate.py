@@ -56,7 +56,7 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
 
 
 def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, target_sum: float):
-    idx = sp.table.var_names.get_indexer(genes)
+    idx = sp.gene_columns(genes)
     if (idx < 0).any():
         raise InputError(
             f"Genes {[g for g, i in zip(genes, idx, strict=True) if i < 0][:5]} "
@@ -180,7 +180,7 @@ def evaluate(
         )
     for sp in secs:
         r = np.full(sp.table.n_vars, np.nan, dtype=np.float32)
-        r[sp.table.var_names.get_indexer(genes)] = per[sp.name]["pcc"]
+        r[sp.gene_columns(genes)] = per[sp.name]["pcc"]
         rec = dict(sp.table.uns.get(key_added, {}))
         rec["metrics"] = metrics if len(secs) == 1 else {**public[sp.name], "all_sections": metrics}
         write_results(sp, var={f"{key_added}_pcc": r}, uns={key_added: rec})

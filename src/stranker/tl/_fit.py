@@ -31,7 +31,7 @@ def targets(secs: list[Spots], genes: list[str], layer: str | None, target_sum: 
     out = []
     for sp in secs:
         full = lognorm(section_counts(sp, layer), target_sum)
-        out.append(full[:, sp.table.var_names.get_indexer(genes)])
+        out.append(full[:, sp.gene_columns(genes)])
     return out
 
 

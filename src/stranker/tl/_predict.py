@@ -73,6 +73,36 @@ def model_mpp(model: Any) -> float | None:
     return None
 
 
+def check_scale(sp: Spots, model: Any, tile_px: float | None) -> None:
+    """Refuse or warn when only one of model and section knows its µm/px (the other would be guessed).
+
+    Tiling an image-only section needs a tile size in its pixels: without both resolutions (or
+    ``tile_px``) it is refused. Spots are read at the model's patch size in pixels, with a warning.
+    """
+    if model.config.image_features is not None:
+        return
+    train, slide = model_mpp(model), sp.microns_per_pixel
+    if (train is None) == (slide is None):
+        return
+    if train is None:
+        what = (f"the model does not know its physical scale (its training data recorded no µm/px) while "
+                f"section {sp.name!r} is at {slide:.4g} µm/px")
+        fix = "refit on data that records its resolution (`uns['microns_per_pixel']`)"
+    else:
+        what = (f"the model was trained at {train:.4g} µm/px while section {sp.name!r} does not record its "
+                "resolution")
+        fix = ("record it (`table.uns['microns_per_pixel']`, `sdata.attrs['microns_per_pixel']`, or "
+               "`sr.io.read_slide(..., mpp=)`)")
+    if sp.n_spots == 0 and tile_px is None:
+        raise InputError(
+            f"Cannot size the tiles: {what}. Pass `tile_px=` (the training spot size in this image's "
+            f"pixels), or {fix}."
+        )
+    patch = model.meta.get("patch_px", model.config.patch_px)
+    logger.warning(f"{what[0].upper()}{what[1:]}: patches are read {float(patch):.0f} px wide as if both had "
+                   f"the same resolution. To be sure, {fix}.")
+
+
 def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     """How the patches of a section are read for ``model``: pyramid level and scale factor (for ``uns``)."""
     reader = model._reader(sp)
@@ -91,10 +121,14 @@ def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     }
 
 
-def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, float]:
+def _tile_section(
+    sp: Spots, model: Any, tile_px: float | None, log: Any = logger.info
+) -> tuple[Spots, float]:
+    """Tiles of the training spot size over the tissue (its width in µm when both know their scale)."""
     if tile_px is None:
-        d_um, mpp = model.meta.get("spot_diameter_um"), sp.microns_per_pixel
-        tile_px = d_um / mpp if d_um and mpp else model.meta.get("spot_diameter_px")
+        d_px, train, mpp = model.meta.get("spot_diameter_px"), model_mpp(model), sp.microns_per_pixel
+        d_um = model.meta.get("spot_diameter_um") or (d_px * train if d_px and train else None)
+        tile_px = d_um / mpp if d_um and mpp else d_px  # pixels only when neither knows (check_scale)
     if not tile_px or not np.isfinite(tile_px) or tile_px <= 0:
         raise InputError("Cannot tell the tile size for this slide: pass `tile_px=` (pixels of its image).")
     centres = tissue_grid(sp, float(tile_px))
@@ -109,7 +143,7 @@ def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, 
     block = _TILE * resampling(probe, model)["level_scale"]
     by, bx = (centres[:, 1] // block).astype(np.int64), (centres[:, 0] // block).astype(np.int64)
     centres = centres[np.lexsort((centres[:, 0], centres[:, 1], bx, by))]
-    logger.info(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
+    log(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
     tiled = Spots(name=sp.name, image=sp.image, centers=centres, diameter=float(tile_px), table=None,
                   rows=np.arange(len(centres)), microns_per_pixel=sp.microns_per_pixel, source=sp.source,
                   keys=sp.keys)
@@ -163,7 +197,8 @@ def predict(
         Torch device; default ``sr.settings.device``.
     tile_px
         Tile side for image-only slides, in image pixels (default: the training spot size in µm at
-        the slide's resolution).
+        the slide's resolution). When only one of model and slide records its µm/px, tiling is
+        refused unless ``tile_px`` is given (and spots are read with a warning).
     image_key, shapes_key, table_key, library_id
         Which elements when there are several.
     library_key
@@ -190,6 +225,7 @@ def predict(
                     need_image=need_image, need_table=False)
     plans = []
     for sp in secs:
+        check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
             if sp.keys.get("kind") != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
