@@ -322,3 +322,21 @@ def test_model_and_slide_of_which_only_one_knows_its_scale(model_and_section, ti
     with pytest.raises(InputError, match="mpp="):
         sr.tl.predict(model, unknown)
     assert not unknown.tables and not unknown.shapes
+
+
+def test_a_truncated_or_damaged_tiff_is_one_clear_error_naming_the_file(tmp_path):
+    # it used to surface as imagecodecs' DeflateError (plus asyncio noise) at the first read
+    img = tissue_image(512, 640)
+    write_tiff(tmp_path / "whole.tif", img, mpp=0.5, levels=2)
+    data = (tmp_path / "whole.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.tif is truncated"):
+        sr.io.read_slide(tmp_path / "cut.tif")
+    # damaged tile data (same length): the read names the file and the region
+    bad = bytearray(data)
+    for off in range(20000, len(bad) // 2, 997):
+        bad[off] ^= 0xFF
+    (tmp_path / "bad.tif").write_bytes(bytes(bad))
+    sp = as_spots(sr.io.read_slide(tmp_path / "bad.tif"), need_table=False)[0]
+    with pytest.raises(InputError, match=r"bad\.tif\[0\]: cannot decode"):
+        sp.image.read(0, 0, 512, 0, 640)

@@ -365,3 +365,52 @@ def test_evaluate_counts_genes_without_r_and_leaves_them_out_of_every_figure(fit
     assert m["pcc_all"] == pytest.approx(np.mean(r[ok]))
     assert m["n_genes"] == ref["n_genes"] == len(model.genes)
     assert any("undefined" in r.getMessage() for r in stranker_log.records)
+
+
+def test_predict_takes_a_saved_model_s_folder_and_names_the_fix_otherwise(fitted, tmp_path):
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    before = sd.tables["table"].copy()
+    for bad in (None, 3):
+        with pytest.raises(InputError, match=r"sr.Model.load"):
+            sr.tl.predict(bad, sd)
+    assert set(sd.tables["table"].layers) == set(before.layers)
+    model.save(tmp_path / "m")
+    sr.tl.predict(str(tmp_path / "m"), sd)
+    np.testing.assert_allclose(sd.tables["table"].obsm["X_stranker"], model.embed(sd), rtol=1e-5, atol=1e-6)
+
+
+def test_infer_puts_the_weights_back_as_they_were(fitted):
+    # inference used to leave the user's module on the device and in eval mode
+    model, secs = fitted
+    model.aligner.train()
+    model.predict(secs[3])
+    assert model.aligner.training
+    model.aligner.eval()
+
+
+@pytest.mark.gpu
+def test_infer_on_cuda_leaves_the_weights_on_the_cpu(fitted):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model, secs = fitted
+    model.predict(secs[3], device="cuda")
+    assert next(model.aligner.parameters()).device.type == "cpu"
+
+
+def test_duplicated_gene_names_are_refused_naming_the_fix(fitted):
+    # pandas used to raise InvalidIndexError from deep inside
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    t = sd.tables["table"]
+    names = list(t.var_names)
+    names[1] = names[0] = model.genes[0]
+    t.var_names = names
+    before = t.copy()
+    with pytest.raises(InputError, match=r"var_names_make_unique\(\)"):
+        sr.tl.predict(model, sd)
+    assert set(t.layers) == set(before.layers) and set(t.uns) == set(before.uns)
+    with pytest.raises(InputError, match=r"var_names_make_unique\(\)"):
+        sr.tl.fit([sd], **dict(FAST, epochs=1))

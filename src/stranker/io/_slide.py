@@ -50,7 +50,13 @@ class _Level:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        win = np.asarray(self._read(y0, y1, x0, x1))
+        try:
+            win = np.asarray(self._read(y0, y1, x0, x1))
+        except Exception as e:  # a codec error deep in tifffile/zarr/OpenSlide: say which file and where
+            raise InputError(
+                f"{self.name}: cannot decode the region y {y0}:{y1}, x {x0}:{x1} ({type(e).__name__}: {e}); "
+                "the file is damaged or truncated."
+            ) from e
         with self._lock:
             self._cache[key] = win
             while len(self._cache) > _CACHE:
@@ -196,6 +202,7 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
     if series >= len(tif.series):
         raise InputError(f"{path.name} has {len(tif.series)} image series; `series={series}` does not exist.")
     s = tif.series[series]
+    _check_complete(path, s)
     store = zarr.open(s.aszarr(), mode="r")
     arrays = [store[k] for k in sorted(store.keys(), key=int)] if hasattr(store, "keys") else [store]
     fmt = "OME-TIFF" if tif.is_ome else ("SVS" if tif.is_svs else ("NDPI" if tif.is_ndpi else "TIFF"))
@@ -219,6 +226,21 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
             _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), float_max), f"{path.name}[{i}]")
         )
     return levels, _tiff_mpp(tif, s), fmt
+
+
+def _check_complete(path: Path, s: Any) -> None:
+    """Refuse a TIFF whose image data (tiles or strips of any level) reach beyond the end of the file."""
+    size = path.stat().st_size
+    for i, lv in enumerate(s.levels):
+        for page in lv.pages:
+            if page is None or not hasattr(page, "dataoffsets"):
+                continue
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
+            if ends and max(ends) > size:
+                raise InputError(
+                    f"{path.name} is truncated: the image data of level {i} end at byte {max(ends)} but the "
+                    f"file has {size} bytes. Copy or download it again."
+                )
 
 
 def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, float_max: float | None):

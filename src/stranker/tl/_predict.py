@@ -185,7 +185,8 @@ def predict(
     Parameters
     ----------
     model
-        A fitted :class:`stranker.Model`.
+        A fitted :class:`stranker.Model`, or the folder it was saved to (loaded with
+        :meth:`stranker.Model.load`).
     data
         SpatialData, AnnData (squidpy layout) or a list. A SpatialData with an image but no spots
         (e.g. a whole slide from :func:`stranker.io.read_slide`) gets a grid of spot-sized tiles over
@@ -219,6 +220,7 @@ def predict(
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
+    model = as_model(model)
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, library_key=library_key, bin_size=bin_size,
@@ -272,6 +274,22 @@ def predict(
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+
+
+def as_model(model: Any) -> Any:
+    """Return a fitted :class:`stranker.Model`, loading a folder path; refuse anything else."""
+    from pathlib import Path
+
+    from ._model import Model
+
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, str | Path):
+        return Model.load(model)
+    raise InputError(
+        f"`model` must be a fitted stranker.Model (from `sr.tl.fit`) or the folder of a saved one, got "
+        f"{type(model).__name__}: load a saved model with `sr.Model.load(path)`."
+    )
 
 
 def _check_genes(sp: Spots, model: Any, key_added: str) -> None:

@@ -10,7 +10,7 @@ from .._constants import Keys
 from .._settings import logger, settings
 from .._spots import InputError, as_spots
 from ..pp._patches import check_inside
-from ._predict import _tile_section, check_scale
+from ._predict import _tile_section, as_model, check_scale
 
 
 def slide_ids(slides: list[Any], obs: Any) -> list[str]:
@@ -91,7 +91,7 @@ def embed_slides(
     Parameters
     ----------
     model
-        A fitted :class:`stranker.Model` (trained on pixels).
+        A fitted :class:`stranker.Model` (trained on pixels), or the folder it was saved to.
     slides
         A SpatialData (image only, or with spots) or AnnData in squidpy layout, or a list of them.
     pooling
@@ -133,6 +133,7 @@ def embed_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    model = as_model(model)
     if pooling not in ("mean", "attention"):
         raise InputError(f"`pooling` must be 'mean' or 'attention', got {pooling!r}.")
     if model.config.image_features is not None:
