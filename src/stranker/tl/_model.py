@@ -73,13 +73,15 @@ class Model:
         The weights visit the device for the call and are put back where (and in the mode) they were.
         """
         param = next(self.aligner.parameters(), None)
-        home, training = (param.device if param is not None else None), self.aligner.training
+        home = param.device if param is not None else None
+        modes = [(m, m.training) for m in self.aligner.modules()]
         try:
             return self._infer(sp, **kwargs)
         finally:
             if home is not None:
                 self.aligner.to(home)
-            self.aligner.train(training)
+            for m, training in modes:
+                m.training = training
 
     def _infer(
         self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None,
