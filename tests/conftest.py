@@ -125,3 +125,15 @@ def slide_cohort(slide_model):
     slides, clinical = sr.datasets.synthetic_cohort(60, size_px=256, seed=0)
     cohort = sr.tl.embed_slides(slide_model, slides, obs=clinical, keep_tiles=True)
     return slides, clinical, cohort
+
+
+@pytest.fixture
+def stranker_log(caplog):
+    """Records of the stranker logger (it does not propagate: pytest's handler is attached to it)."""
+    import logging
+
+    log = logging.getLogger("stranker")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="stranker")
+    yield caplog
+    log.removeHandler(caplog.handler)

@@ -80,3 +80,19 @@ def test_leiden_on_the_image_embedding_finds_tissue_programs(predicted):
     )
     ari_rnd = adjusted_rand_score(table.obs["program"], table.obs["leiden_rnd"])
     assert ari > 0.15 and ari > ari_rnd + 0.1, (ari, ari_rnd)
+
+
+def test_the_readme_chain_when_the_table_lacks_modelled_genes(predicted, synthetic_small):
+    # README: fit, predict on a section lacking some training genes, then Moran's I of the genes written
+    import squidpy as sq
+    from spatialdata import deepcopy
+
+    model, _ = predicted
+    sdata = deepcopy(synthetic_small[3])
+    t = sdata.tables["table"]
+    sdata.tables["table"] = lacking = t[:, ~t.var_names.isin(model.genes[:3])].copy()
+    sr.tl.predict(model, sdata)
+    genes = lacking.uns["stranker"]["genes"]
+    assert genes == model.genes[3:] and lacking.uns["stranker"]["genes_absent"] == model.genes[:3]
+    sq.gr.spatial_neighbors_knn(lacking, n_neighs=6)
+    assert np.isfinite(_moran(lacking, "stranker", genes)).all()

@@ -271,3 +271,73 @@ def test_predict_on_a_slide_at_another_resolution(model_and_section, tmp_path, m
     pw = _match(np.asarray(tn.obsm["spatial"]) * mpp, np.asarray(tw.obsm["spatial"]) * mpp / 2)
     r_wrong = _r(np.asarray(tn.X)[pw[:, 0]], np.asarray(tw.X)[pw[:, 1]])
     assert r_wrong < r - 0.05, (r, r_wrong)
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [lambda a: a.astype(np.uint16) * 257, lambda a: a.astype(np.float32) / 255,
+     lambda a: a.astype(np.float32)],
+    ids=["uint16", "float01", "float0255"],
+)
+def test_slides_of_any_dtype_read_as_their_uint8_values(tmp_path, convert):
+    # one conversion for every reader: a 16-bit or float TIFF reads like its 8-bit original, and a
+    # window of a 0-255 float slide holding only values <= 1 stays dark
+    img = tissue_image(256, 320)
+    img[:32, :32] = [0, 1, 1]
+    write_tiff(tmp_path / "a.tif", convert(img), mpp=0.5, levels=1)
+    sp = as_spots(sr.io.read_slide(tmp_path / "a.tif"), need_table=False)[0]
+    np.testing.assert_array_equal(sp.image.read(0, 0, 256, 0, 320), img)
+    np.testing.assert_array_equal(sp.image.read(0, 0, 32, 0, 32), img[:32, :32])
+
+
+def _without_scale(model):
+    """The same model as if fitted on data that recorded no µm/px."""
+    import copy
+
+    m = copy.copy(model)
+    m.meta = {**model.meta, "spot_diameter_um": None, "patch_um": None, "microns_per_pixel": None}
+    return m
+
+
+def test_model_and_slide_of_which_only_one_knows_its_scale(model_and_section, tiff_path, stranker_log):
+    # a model of unknown scale used to tile a 0.5 µm/px slide in training pixels without a word
+    import logging
+
+    from stranker.tl._predict import model_mpp
+
+    model, img, mpp = model_and_section
+    assert model_mpp(model) == pytest.approx(mpp)
+    blind = _without_scale(model)
+    slide = sr.io.read_slide(tiff_path)
+    with pytest.raises(InputError, match="tile_px="):
+        sr.tl.predict(blind, slide)
+    assert not slide.tables and not slide.shapes
+    # with tile_px the user decides the tile size; the patches are still read in pixels: warned
+    sr.tl.predict(blind, slide, tile_px=64)
+    warned = [r.getMessage() for r in stranker_log.records if r.levelno == logging.WARNING]
+    assert any("does not know its physical scale" in w for w in warned)
+    # the reverse: a model of known scale on a slide that does not record its resolution
+    unknown = sr.io.read_slide(tiff_path)
+    unknown.attrs.pop("microns_per_pixel")
+    unknown.images["he"].attrs.pop("microns_per_pixel")
+    with pytest.raises(InputError, match="mpp="):
+        sr.tl.predict(model, unknown)
+    assert not unknown.tables and not unknown.shapes
+
+
+def test_a_truncated_or_damaged_tiff_is_one_clear_error_naming_the_file(tmp_path):
+    # it used to surface as imagecodecs' DeflateError (plus asyncio noise) at the first read
+    img = tissue_image(512, 640)
+    write_tiff(tmp_path / "whole.tif", img, mpp=0.5, levels=2)
+    data = (tmp_path / "whole.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.tif is truncated"):
+        sr.io.read_slide(tmp_path / "cut.tif")
+    # damaged tile data (same length): the read names the file and the region
+    bad = bytearray(data)
+    for off in range(20000, len(bad) // 2, 997):
+        bad[off] ^= 0xFF
+    (tmp_path / "bad.tif").write_bytes(bytes(bad))
+    sp = as_spots(sr.io.read_slide(tmp_path / "bad.tif"), need_table=False)[0]
+    with pytest.raises(InputError, match=r"bad\.tif\[0\]: cannot decode"):
+        sp.image.read(0, 0, 512, 0, 640)

@@ -55,7 +55,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, synthetic_small):
     secs = [deepcopy(s) for s in synthetic_small[:1]]
     with pytest.raises(ValueError, match="could run code"):
         sr.tl.fit(secs, epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet",
-                  n_top_genes=10, genes="heg", checkpoint_dir=str(folder), resume=True)
+                  pretrained=False, n_top_genes=10, genes="heg", checkpoint_dir=str(folder), resume=True)
     assert not marker.exists()  # the payload never ran
     assert _snapshot(folder) == before  # nor was the folder touched
     assert "stranker" not in secs[0].tables["table"].layers
@@ -105,7 +105,7 @@ def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, change, match):
 def test_resume_with_other_genes_is_refused_by_fit(tmp_path, synthetic_small):
     from spatialdata import deepcopy
 
-    kw = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet",
+    kw = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
               checkpoint_dir=str(tmp_path / "c"))
     names = list(synthetic_small[0].tables["table"].var_names)
     sr.tl.fit([deepcopy(synthetic_small[0])], genes=names[:5], **kw)
@@ -118,8 +118,8 @@ def test_resume_with_other_genes_is_refused_by_fit(tmp_path, synthetic_small):
 def test_a_checkpoint_of_patches_in_memory_resumes_streamed(tmp_path, synthetic_small):
     from spatialdata import deepcopy
 
-    kw = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", n_top_genes=10,
-              genes="heg", checkpoint_dir=str(tmp_path / "c"))
+    kw = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
+              n_top_genes=10, genes="heg", checkpoint_dir=str(tmp_path / "c"))
     a = sr.tl.fit([deepcopy(synthetic_small[0])], stream=False, **kw)
     b = sr.tl.fit([deepcopy(synthetic_small[0])], stream=True, resume=True, **kw)  # the same fit
     assert b.history == a.history and torch.equal(_weights(b), _weights(a))
@@ -181,7 +181,7 @@ def test_fit_restores_the_global_random_state(tmp_path, synthetic_small):
     train(al, tiny_data(), device=CPU, seed=0, checkpoint_dir=tmp_path / "c", progress=False)
     assert torch.equal(torch.get_rng_state(), state)
     sr.tl.fit([deepcopy(synthetic_small[0])], epochs=1, batch_size=32, patch_px=64, image_size=32,
-              backbone="test_resnet", n_top_genes=10, genes="heg", seed=5)
+              backbone="test_resnet", pretrained=False, n_top_genes=10, genes="heg", seed=5)
     assert torch.equal(torch.get_rng_state(), state)
 
 

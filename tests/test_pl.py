@@ -201,6 +201,7 @@ def test_gene_map_of_an_image_only_slide_shows_predictions(fitted, read_levels):
 
     model, secs = fitted
     slide = SpatialData(images={"he": secs[3].images["he"]})
+    slide.attrs["microns_per_pixel"] = {"he": secs[3].tables["table"].uns["microns_per_pixel"]}
     sr.tl.predict(model, slide)
     assert "stranker_table" in slide.tables
     read_levels.clear()

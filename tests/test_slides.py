@@ -87,6 +87,8 @@ def test_embed_slides_bad_input(slide_model, slide_cohort):
     with pytest.raises(InputError, match="label"):
         sr.tl.embed_slides(slide_model, few, pooling="attention")
     bare = [s.__class__(images=dict(s.images)) for s in few]  # no slide ids: obs rows must be in slide order
+    for b, s in zip(bare, few, strict=True):
+        b.attrs["microns_per_pixel"] = s.attrs["microns_per_pixel"]
     with pytest.raises(InputError, match="rows for 3 slides"):
         sr.tl.embed_slides(slide_model, bare, obs=clinical)
     out = sr.tl.embed_slides(slide_model, bare, obs=clinical.iloc[:3])
@@ -119,3 +121,24 @@ def test_cohort_with_tiles_round_trips_through_h5ad(slide_cohort, tmp_path):
     np.testing.assert_array_equal(back.uns["stranker_tiles"]["embeddings"][sid],
                                   cohort.uns["stranker_tiles"]["embeddings"][sid])
 
+
+
+def test_embed_slides_leaves_the_logger_level_alone(slide_model, slide_cohort):
+    # it used to raise the global 'stranker' logger level while embedding a cohort
+    import logging
+
+    slides, _, _ = slide_cohort
+    log = logging.getLogger("stranker")
+    before = log.level
+    seen = []
+    real = type(slide_model).infer
+
+    class Spy(type(slide_model)):
+        def infer(self, *a, **k):
+            seen.append(log.level)
+            return real(self, *a, **k)
+
+    spy = object.__new__(Spy)
+    spy.__dict__.update(slide_model.__dict__)
+    sr.tl.embed_slides(spy, slides[:2])
+    assert seen == [before, before] and log.level == before

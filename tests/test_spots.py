@@ -117,3 +117,89 @@ def test_border_spots_are_padded():
     p = sr.pp.patches(sdata, size=100)
     assert p.shape == (12, 100, 100, 3)
     assert (p == 255).any()  # spots within 20 px of the border get white padding
+
+
+def _replace_image(sdata, img):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    tr = get_transformation(sdata.images["he"], get_all=True)
+    sdata.images["he"] = Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                                            transformations=tr)
+    return sdata
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda a: a.astype(np.uint16) * 257,  # 16-bit: used to clip to white
+        lambda a: a.astype(np.uint32) * 16843009,  # 32-bit: 255 * 16843009 == 2**32 - 1
+        lambda a: a.astype(np.float32) / 255,  # float 0-1
+        lambda a: a.astype(np.float64),  # float 0-255
+    ],
+    ids=["uint16", "uint32", "float01", "float0255"],
+)
+def test_images_of_any_dtype_read_as_their_uint8_values(convert):
+    sdata, _ = make_sdata()
+    img = np.asarray(sdata.images["he"].data)
+    img[:, :40, :40] = np.array([0, 1, 1], dtype=np.uint8)[:, None, None]  # a near-black corner
+    sdata = _replace_image(sdata, img)
+    ref = sr.pp.patches(sdata, size=16)
+    other = _replace_image(make_sdata()[0], convert(img))
+    np.testing.assert_array_equal(sr.pp.patches(other, size=16), ref)
+    # a window that holds only values <= 1 of a 0-255 float image is dark, not white
+    sp = as_spots(other)[0]
+    np.testing.assert_array_equal(sp.image.read(0, 0, 40, 0, 40), img[:, :40, :40].transpose(1, 2, 0))
+
+
+def test_to_uint8_scales_by_the_dtype_range():
+    from stranker._pixels import float_range, to_uint8
+
+    assert to_uint8(np.array([0, 257 * 100, 65535], dtype=np.uint16)).tolist() == [0, 100, 255]
+    assert to_uint8(np.array([-5, 0, 32767], dtype=np.int16)).tolist() == [0, 0, 255]
+    assert to_uint8(np.array([False, True])).tolist() == [0, 255]
+    assert to_uint8(np.array([0.0, 0.5, 1.0, np.nan]), 1.0).tolist() == [0, 128, 255, 0]
+    assert to_uint8(np.array([0.0, 1.0, 255.0]), 255.0).tolist() == [0, 1, 255]
+    assert float_range(np.array([0.0, 0.9])) == 1.0 and float_range(np.array([0.0, 3.0])) == 255.0
+    with pytest.raises(ValueError, match="float_max"):
+        to_uint8(np.zeros(3, dtype=np.float32))
+
+
+def _two_libraries():
+    """One AnnData holding two libraries (spots 0-5 on image A, 6-11 on image B), squidpy layout."""
+    sdata, px = make_sdata()
+    table = sdata.tables["table"].copy()
+    img = np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1)
+    table.obsm["spatial"] = px.copy()
+    sf = {"tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 0.1, "spot_diameter_fullres": 16.0}
+    table.uns["spatial"] = {"A": {"images": {"hires": img}, "scalefactors": sf},
+                            "B": {"images": {"hires": 255 - img}, "scalefactors": sf}}
+    table.obs["sample"] = ["A"] * 6 + ["B"] * 6
+    return table
+
+
+def test_several_libraries_without_a_key_are_refused():
+    # without obs['library_id'] every row used to be paired with the chosen library's image
+    table = _two_libraries()
+    before = table.copy()
+    with pytest.raises(InputError, match="library_key="):
+        sr.pp.patches(table, size=9, library_id="A")
+    with pytest.raises(InputError, match="not a column"):
+        sr.pp.patches(table, size=9, library_id="A", library_key="batch")
+    assert table.obs.equals(before.obs) and set(table.uns) == set(before.uns)
+
+
+def test_library_key_picks_each_library_s_rows():
+    table = _two_libraries()
+    a = as_spots(table, library_id="A", library_key="sample")[0]
+    b = as_spots(table, library_id="B", library_key="sample")[0]
+    np.testing.assert_array_equal(a.rows, np.arange(6))
+    np.testing.assert_array_equal(b.rows, np.arange(6, 12))
+    pa = sr.pp.patches(table, size=9, library_id="A", library_key="sample")
+    pb = sr.pp.patches(table, size=9, library_id="B", library_key="sample")
+    assert len(pa) == len(pb) == 6
+    np.testing.assert_array_equal(pa[:, 4, 4, 1], 200)  # each spot read on its own library's image
+    np.testing.assert_array_equal(pb[:, 4, 4, 1], 55)
+    # the default key of a multi-library AnnData stays obs['library_id']
+    table.obs["library_id"] = table.obs["sample"]
+    np.testing.assert_array_equal(as_spots(table, library_id="B")[0].rows, np.arange(6, 12))

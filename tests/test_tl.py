@@ -213,6 +213,10 @@ def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
 
     model, _ = fitted
     image_only = SpatialData(images={"he": synthetic_small[3].images["he"]})
+    with pytest.raises(InputError, match="tile_px="):  # the model knows its µm/px, the image does not
+        sr.tl.predict(model, image_only)
+    mpp = synthetic_small[3].tables["table"].uns["microns_per_pixel"]
+    image_only.attrs["microns_per_pixel"] = {"he": mpp}
     sr.tl.predict(model, image_only)
     assert "stranker_tiles" in image_only.shapes and "stranker_table" in image_only.tables
     t = image_only.tables["stranker_table"]
@@ -288,3 +292,125 @@ def test_sparse_layer_of_one_library_keeps_the_rows_of_the_others():
         t.layers["p"].toarray(),
         [[1, 0, 2, 0], [7, 0, 8, 0], [9, 0, 9, 0], [0, 0, 0, 0], [5, 0, 6, 0]],
     )
+
+
+def _drop_genes(sdata, genes):
+    t = sdata.tables["table"]
+    sdata.tables["table"] = t[:, ~t.var_names.isin(genes)].copy()
+    return sdata.tables["table"]
+
+
+@pytest.mark.parametrize("layer_format", ["dense", "sparse"])
+def test_predict_on_a_table_lacking_modelled_genes_writes_only_their_own_columns(
+    fitted, layer_format, monkeypatch, stranker_log
+):
+    # the table lacks 3 modelled genes: the others are written in their own columns, the 3 are listed
+    import logging
+
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    absent = [model.genes[0], model.genes[5], model.genes[-1]]
+    t = _drop_genes(sd, absent)
+    if layer_format == "sparse":
+        monkeypatch.setattr(sr.settings, "max_dense_layer", 1024)
+    expected = model.predict(sd)
+    sr.tl.predict(model, sd)
+    rec = t.uns["stranker"]
+    present = [g for g in model.genes if g not in absent]
+    assert rec["genes"] == present and rec["genes_absent"] == absent
+    assert rec["layer_format"] == layer_format
+    layer = t.layers["stranker"]
+    layer = layer.toarray() if layer_format == "sparse" else layer
+    keep = [model.genes.index(g) for g in present]
+    np.testing.assert_allclose(layer[:, t.var_names.get_indexer(present)], expected[:, keep], rtol=1e-5)
+    others = ~t.var_names.isin(present)
+    fill = 0.0 if layer_format == "sparse" else np.nan
+    np.testing.assert_array_equal(layer[:, others], np.full((t.n_obs, others.sum()), fill, np.float32))
+    warned = [r.getMessage() for r in stranker_log.records if r.levelno == logging.WARNING]
+    assert any("3 of the model's" in w and absent[0] in w for w in warned)
+    # evaluate scores the genes both have and says which modelled genes it left out
+    m = sr.tl.evaluate(sd)
+    assert m["n_genes"] == len(present) and m["genes_not_scored"] == absent
+    # the README's chain: the genes written are the ones to hand to squidpy
+    assert np.isfinite(sr._predictions.read_predictions(
+        sr._spots.as_spots(sd)[0], "stranker", rec["genes"])).all()
+
+
+def test_predict_refuses_a_table_with_none_of_the_modelled_genes(fitted):
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    t = sd.tables["table"]
+    t.var_names = [f"ENSG{i:011d}" for i in range(t.n_vars)]
+    before = t.copy()
+    with pytest.raises(InputError, match="none of the model's"):
+        sr.tl.predict(model, sd)
+    assert set(t.layers) == set(before.layers) and set(t.uns) == set(before.uns)
+
+
+def test_evaluate_counts_genes_without_r_and_leaves_them_out_of_every_figure(fitted, stranker_log):
+    # a constant prediction has no Pearson r: it used to drop out of ACG but count as 'not positive'
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    sr.tl.predict(model, sd)
+    t = sd.tables["table"]
+    ref = sr.tl.evaluate(sd)
+    flat = model.genes[:4]
+    t.layers["stranker"][:, t.var_names.get_indexer(flat)] = 1.0
+    m = sr.tl.evaluate(sd)
+    assert m["n_genes_undefined"] == 4 and m["genes_undefined"] == sorted(flat)
+    r = t.var["stranker_pcc"][model.genes].to_numpy()
+    ok = np.isfinite(r)
+    assert ok.sum() == len(model.genes) - 4
+    assert m["frac_positive"] == pytest.approx(np.mean(r[ok] > 0))
+    assert m["pcc_all"] == pytest.approx(np.mean(r[ok]))
+    assert m["n_genes"] == ref["n_genes"] == len(model.genes)
+    assert any("undefined" in r.getMessage() for r in stranker_log.records)
+
+
+def test_predict_takes_a_saved_model_s_folder_and_names_the_fix_otherwise(fitted, tmp_path):
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    before = sd.tables["table"].copy()
+    for bad in (None, 3):
+        with pytest.raises(InputError, match=r"sr.Model.load"):
+            sr.tl.predict(bad, sd)
+    assert set(sd.tables["table"].layers) == set(before.layers)
+    model.save(tmp_path / "m")
+    sr.tl.predict(str(tmp_path / "m"), sd)
+    np.testing.assert_allclose(sd.tables["table"].obsm["X_stranker"], model.embed(sd), rtol=1e-5, atol=1e-6)
+
+
+def test_infer_puts_the_weights_back_as_they_were(fitted):
+    # inference used to leave the user's module on the device and in eval mode
+    model, secs = fitted
+    model.aligner.train()
+    model.predict(secs[3])
+    assert model.aligner.training
+    model.aligner.eval()
+
+
+@pytest.mark.gpu
+def test_infer_on_cuda_leaves_the_weights_on_the_cpu(fitted):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model, secs = fitted
+    model.predict(secs[3], device="cuda")
+    assert next(model.aligner.parameters()).device.type == "cpu"
+
+
+def test_duplicated_gene_names_are_refused_naming_the_fix(fitted):
+    # pandas used to raise InvalidIndexError from deep inside
+    model, secs = fitted
+    sd = _copy([secs[3]])[0]
+    t = sd.tables["table"]
+    names = list(t.var_names)
+    names[1] = names[0] = model.genes[0]
+    t.var_names = names
+    before = t.copy()
+    with pytest.raises(InputError, match=r"var_names_make_unique\(\)"):
+        sr.tl.predict(model, sd)
+    assert set(t.layers) == set(before.layers) and set(t.uns) == set(before.uns)
+    with pytest.raises(InputError, match=r"var_names_make_unique\(\)"):
+        sr.tl.fit([sd], **dict(FAST, epochs=1))

@@ -74,15 +74,17 @@ sr.pl.gene_map(test, show)
 # squidpy's Moran's I on the same spatial graph, once on the predicted layer and once on the
 # measured expression on the same scale (`sr.pp.normalize` writes `log1p(counts / total * 1e4)`,
 # the target the model learned, to `layers['lognorm']`). `layers['stranker']` holds NaN for the
-# genes the model does not predict, so we pass the modelled genes.
+# genes the model does not predict, so we pass the genes it wrote, `uns['stranker']['genes']` (the
+# modelled genes that C5's table has).
 
 # %%
+genes = table.uns["stranker"]["genes"]
 sq.gr.spatial_neighbors_knn(table, n_neighs=6)
 sr.pp.normalize(table)
 moran = {
     layer: sq.gr.spatial_autocorr(
-        table, mode="moran", layer=layer, genes=model.genes, n_perms=None, copy=True, show_progress_bar=False
-    ).loc[model.genes, "I"]
+        table, mode="moran", layer=layer, genes=genes, n_perms=None, copy=True, show_progress_bar=False
+    ).loc[genes, "I"]
     for layer in ("lognorm", "stranker")
 }
 i_meas, i_pred = moran["lognorm"], moran["stranker"]
@@ -101,7 +103,7 @@ lim = [min(i_meas.min(), i_pred.min()), max(i_meas.max(), i_pred.max())]
 ax.plot(lim, lim, color="0.6", lw=0.8, ls="--")
 ax.set_xlabel("Moran's I, measured")
 ax.set_ylabel("Moran's I, predicted")
-ax.set_title(f"C5, {len(model.genes)} genes (Spearman {rho:.2f})")
+ax.set_title(f"C5, {len(genes)} genes (Spearman {rho:.2f})")
 plt.show()
 
 # %% [markdown]

@@ -57,8 +57,9 @@ print(sorted(p.name for p in folder.iterdir()))
 # Read the JPEG and wrap it in a `SpatialData` with one image element. A multiscale image (here
 # two levels) lets stranker read coarse views, for tissue detection and plots, without touching
 # the full resolution. The pixel size matters: the model was trained on spots of a given width
-# in micrometres, so tell stranker the slide's resolution in `tile_px` (tile width in pixels of
-# this image); the synthetic slides share the training resolution, so the default applies.
+# in micrometres, so tell stranker the slide's resolution, `attrs['microns_per_pixel']` (what
+# `sr.io.read_slide` records from the file), or the tile width in pixels of this image, `tile_px=`;
+# stranker refuses to guess. The synthetic sections record theirs in `uns['microns_per_pixel']`.
 
 # %%
 from spatialdata import SpatialData
@@ -68,6 +69,7 @@ with Image.open(folder / "slide.jpg") as im:
     pixels = np.asarray(im.convert("RGB"))
 image = Image2DModel.parse(np.moveaxis(pixels, -1, 0), dims=("c", "y", "x"), scale_factors=[2])
 slide = SpatialData(images={"he": image})
+slide.attrs["microns_per_pixel"] = {"he": secs[3].tables["table"].uns["microns_per_pixel"]}
 slide
 
 # %% [markdown]

@@ -11,16 +11,27 @@ from ._settings import settings
 from ._spots import InputError, Spots
 
 
+def genes_in_table(sp: Spots, genes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``genes`` into those the table of ``sp`` has (in order) and those it lacks."""
+    cols = sp.gene_columns(genes)
+    present = [g for g, c in zip(genes, cols, strict=True) if c >= 0]
+    absent = [g for g, c in zip(genes, cols, strict=True) if c < 0]
+    return present, absent
+
+
 def prediction_layer(sp: Spots, genes: list[str], pred: np.ndarray) -> tuple[Any, str]:
     """Predictions of ``genes`` as a layer over every gene of the table, and its format.
 
     Dense float32 with NaN for the genes the model does not predict, unless that would exceed
     ``sr.settings.max_dense_layer`` bytes (a Visium HD table: bins by all genes); then CSR holding
-    the modelled genes only (the others read as 0: use ``uns[key]['genes']``).
+    the modelled genes only (the others read as 0: use ``uns[key]['genes']``). A modelled gene the
+    table lacks has no column to go to: its prediction is not written (see :func:`genes_in_table`).
     """
     from scipy import sparse
 
-    cols = sp.table.var_names.get_indexer(list(genes))
+    cols = sp.gene_columns(genes)
+    keep = cols >= 0  # a gene absent from the table: get_indexer says -1, never a column to write
+    cols, pred = cols[keep], np.asarray(pred)[:, keep]
     n, n_vars, k = sp.n_spots, sp.table.n_vars, len(cols)
     if k == n_vars or sp.table.n_obs * n_vars * 4 <= settings.max_dense_layer:
         full = np.full((n, n_vars), np.nan, dtype=np.float32)

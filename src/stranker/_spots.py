@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._constants import Keys
+from ._pixels import float_range, to_uint8
 
 
 class InputError(ValueError):
@@ -41,6 +42,7 @@ class ImageHandle:
     levels: list[Any]
     scales: list[float]
     name: str = "image"
+    float_max: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,6 +65,18 @@ class ImageHandle:
                 best = i
         return best
 
+    def to_rgb(self, win: Any) -> np.ndarray:
+        """Convert a ``(c, y, x)`` window of any level to ``(y, x, 3)`` uint8.
+
+        Integer images are scaled by their dtype's range; a float image is 0–1 or 0–255 as decided
+        once for the whole image (from its coarsest level, unless ``float_max`` was given).
+        """
+        win = np.asarray(win.compute() if hasattr(win, "compute") else win)
+        if np.issubdtype(win.dtype, np.floating) and self.float_max is None:
+            coarsest = self.levels[int(np.argmax(self.scales))]
+            self.float_max = float_range(coarsest.compute() if hasattr(coarsest, "compute") else coarsest)
+        return _to_uint8_rgb(win, self.name, self.float_max)
+
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int, pad_value: int = 255) -> np.ndarray:
         """Read the window ``[y0:y1, x0:x1]`` of a level as ``(y, x, c)`` uint8, padding outside."""
         arr = self.levels[level]
@@ -71,14 +85,12 @@ class ImageHandle:
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
         if cy1 <= cy0 or cx1 <= cx0:
             return out
-        win = arr[:, cy0:cy1, cx0:cx1]
-        win = np.asarray(win.compute() if hasattr(win, "compute") else win)
-        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = _to_uint8_rgb(win, self.name)
+        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self.to_rgb(arr[:, cy0:cy1, cx0:cx1])
         return out
 
 
-def _to_uint8_rgb(win: np.ndarray, name: str) -> np.ndarray:
-    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8."""
+def _to_uint8_rgb(win: np.ndarray, name: str, float_max: float | None = None) -> np.ndarray:
+    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8 (:func:`stranker._pixels.to_uint8`)."""
     c = win.shape[0]
     if c == 4:
         win = win[:3]
@@ -86,11 +98,10 @@ def _to_uint8_rgb(win: np.ndarray, name: str) -> np.ndarray:
         win = np.repeat(win, 3, axis=0)
     elif c != 3:
         raise InputError(f"Image {name!r} has {c} channels; stranker expects an RGB H&E image (3 channels).")
-    if win.dtype != np.uint8:
-        win = win.astype(np.float32)
-        if np.issubdtype(win.dtype, np.floating) and win.size and np.nanmax(win) <= 1.0 + 1e-6:
-            win = win * 255.0
-        win = np.clip(np.nan_to_num(win), 0, 255).astype(np.uint8)
+    try:
+        win = to_uint8(win, float_max)
+    except TypeError as e:
+        raise InputError(f"Image {name!r}: {e}") from e
     return np.moveaxis(win, 0, -1)
 
 
@@ -149,6 +160,18 @@ class Spots:
             self.rows, np.arange(self.table.n_obs)
         )
 
+    def gene_columns(self, genes: Sequence[str]) -> np.ndarray:
+        """Column of each gene in the table (``-1`` when absent); duplicated gene names are refused."""
+        names = self.table.var_names
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise InputError(
+                f"The table of section {self.name!r} has duplicated gene names in `var` (e.g. {dup}): "
+                "a gene must name one column. Make them unique with `table.var_names_make_unique()` "
+                "(or sum the duplicates) first."
+            )
+        return names.get_indexer(list(genes))
+
     def expression(self, layer: str | None = None, genes: Sequence[str] | None = None):
         """Expression of these spots (rows) from ``X`` or ``layers[layer]``, optionally for ``genes``."""
         if self.table is None:
@@ -167,7 +190,7 @@ class Spots:
         if not self.is_full_table:
             mat = mat[self.rows]
         if genes is not None:
-            idx = self.table.var_names.get_indexer(list(genes))
+            idx = self.gene_columns(genes)
             if (idx < 0).any():
                 missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
                 raise InputError(
@@ -188,6 +211,7 @@ def as_spots(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     coordinate_system: str | None = None,
     bin_size: int | None = None,
     need_image: bool = True,
@@ -203,6 +227,9 @@ def as_spots(
         Elements of a SpatialData; detected when there is exactly one candidate.
     library_id
         Library of an AnnData's ``uns['spatial']``; detected when there is one.
+    library_key
+        Column of an AnnData's ``obs`` that holds each spot's library (squidpy's ``library_key``);
+        default ``'library_id'`` when the AnnData holds several libraries.
     coordinate_system
         Coordinate system that links image and spots; detected when one is shared (or when the
         shared ones place the spots on the same image pixels).
@@ -234,7 +261,7 @@ def as_spots(
                 need_table=need_table,
             )
         elif kind == "anndata":
-            sp = _from_anndata(item, library_id=library_id, need_image=need_image)
+            sp = _from_anndata(item, library_id=library_id, library_key=library_key, need_image=need_image)
         else:
             raise InputError(
                 f"Item {i} is a {type(item).__name__}; stranker takes a SpatialData, an AnnData in "
@@ -581,7 +608,41 @@ def _index_positions(index: Any, values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # AnnData, squidpy layout
 # --------------------------------------------------------------------------------------------
-def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Spots:
+def _library_rows(adata: Any, lib: str | None, libs: list[str], library_key: str | None) -> np.ndarray:
+    """Rows of ``adata`` that belong to library ``lib``: by ``obs[library_key]`` (squidpy's ``library_key``).
+
+    Without a key, ``obs['library_id']`` is used when the AnnData holds several libraries; with several
+    libraries and no such column, which row belongs to which image is unknown: refuse.
+    """
+    if library_key is None and len(libs) > 1:
+        if "library_id" not in adata.obs:
+            raise InputError(
+                f"The AnnData holds {len(libs)} libraries in uns['spatial'] ({libs[:5]}) and no "
+                "obs['library_id']: say which obs column holds each spot's library with `library_key=`."
+            )
+        library_key = "library_id"
+    if library_key is None and "library_id" in adata.obs and adata.obs["library_id"].nunique() > 1:
+        raise InputError(
+            f"obs['library_id'] names {adata.obs['library_id'].nunique()} libraries but uns['spatial'] holds "
+            f"only {libs}: pass `library_key='library_id'` to keep the rows of {lib!r}."
+        )
+    if library_key is None or lib is None:
+        return np.arange(adata.n_obs)
+    if library_key not in adata.obs:
+        raise InputError(
+            f"`library_key={library_key!r}` is not a column of obs; columns: {list(adata.obs.columns)[:10]}."
+        )
+    rows = np.flatnonzero(adata.obs[library_key].astype(str).to_numpy() == str(lib))
+    if len(rows) == 0:
+        values = list(dict.fromkeys(adata.obs[library_key].astype(str)))[:5]
+        raise InputError(
+            f"No row of the AnnData has obs[{library_key!r}] == {lib!r} (values: {values}): the libraries of "
+            "uns['spatial'] and the column disagree."
+        )
+    return rows
+
+
+def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None, need_image: bool) -> Spots:
     where = "the AnnData"
     if Keys.SPATIAL not in adata.obsm:
         raise InputError(
@@ -603,10 +664,7 @@ def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Sp
         info = spatial[lib]
     scalef = dict(info.get("scalefactors", {}))
     images = dict(info.get("images", {}))
-    # rows of this library when the AnnData holds several
-    rows = np.arange(adata.n_obs)
-    if lib is not None and len(libs) > 1 and "library_id" in adata.obs:
-        rows = np.flatnonzero(adata.obs["library_id"].astype(str).to_numpy() == str(lib))
+    rows = _library_rows(adata, lib, libs, library_key)
     image = None
     if images:
         levels, scales = [], []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import Keys
-from ._synthetic import PROGRAMS, _paint, _proportion_field, _voronoi_labels
+from ._synthetic import PROGRAMS, _paint, _proportion_field, _voronoi_labels, microns_per_pixel
 
 if TYPE_CHECKING:
     import pandas
@@ -95,7 +95,8 @@ def synthetic_cohort(
     Returns
     -------
     ``(slides, clinical)``: a list of :class:`spatialdata.SpatialData`, each holding only the image
-    ``'he'`` (RGB uint8) with its id in ``attrs['slide_id']``; and a DataFrame indexed by
+    ``'he'`` (RGB uint8) with its id in ``attrs['slide_id']`` and its resolution in
+    ``attrs['microns_per_pixel']``; and a DataFrame indexed by
     slide id with columns ``time``, ``event`` (bool), ``label`` (``'high'``/``'low'``), ``fraction``
     (true area fraction of ``program`` in the tissue) and ``risk`` (true log-hazard ``beta * z``).
     The concordance index of ``risk`` on ``time``/``event`` is the best any model can reach on these
@@ -135,6 +136,7 @@ def synthetic_cohort(
         image = Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"])
         sdata = sd.SpatialData(images={Keys.IMAGE: image})
         sdata.attrs[Keys.SLIDE_ID] = ids[i]
+        sdata.attrs[Keys.MPP] = {Keys.IMAGE: microns_per_pixel(patch_px)}  # as sr.io.read_slide records it
         slides.append(sdata)
 
     z = (fractions - fractions.mean()) / (fractions.std() or 1.0)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._constants import Keys
+
 if TYPE_CHECKING:
     import spatialdata
 
@@ -220,6 +222,11 @@ def _gene_model(rng: np.random.Generator, n_genes: int):
 # --------------------------------------------------------------------------------------------
 # public
 # --------------------------------------------------------------------------------------------
+def microns_per_pixel(patch_px: int) -> float:
+    """Resolution of the synthetic images: a spot (``patch_px // 2`` pixels wide) is 100 µm."""
+    return 100.0 / (int(patch_px) // 2)
+
+
 def synthetic(
     n_sections: int = 4,
     n_spots: int = 300,
@@ -255,6 +262,7 @@ def synthetic(
     circles ``'spots'`` and table ``'table'`` (raw counts in ``X`` and ``layers['counts']``;
     ``obs['section']``, ``obs['program']``; ``obsm['spatial']`` pixel centres ``(x, y)``;
     ``obsm['programs']`` program proportions; ``var['program']``, ``var['marker']``;
+    ``uns['microns_per_pixel']``, the resolution that gives a fitted model its physical size;
     ``uns['synthetic']``).
 
     Examples
@@ -278,7 +286,7 @@ def synthetic(
     spacing = int(patch_px)
     diameter = spacing // 2
     scale = float(np.clip(spacing / 64.0, 0.5, 2.0))
-    mpp = 100.0 / diameter
+    mpp = microns_per_pixel(patch_px)
 
     rates, gene_names, marker, dispersion = _gene_model(np.random.default_rng([seed, 1_000_003]), n_genes)
     gene_prog = np.asarray(PROGRAMS)[rates.argmax(0)]
@@ -340,6 +348,7 @@ def synthetic(
         adata.layers["counts"] = X.copy()
         adata.obsm["spatial"] = centers.copy()
         adata.obsm["programs"] = props
+        adata.uns[Keys.MPP] = mpp  # where every reader looks (as her2st and read_slide record it)
         adata.uns["synthetic"] = {
             "seed": seed,
             "section": i,

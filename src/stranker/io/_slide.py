@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._pixels import float_range, to_uint8
 from .._settings import logger
 from .._spots import InputError
 
@@ -49,7 +50,13 @@ class _Level:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        win = np.asarray(self._read(y0, y1, x0, x1))
+        try:
+            win = np.asarray(self._read(y0, y1, x0, x1))
+        except Exception as e:  # a codec error deep in tifffile/zarr/OpenSlide: say which file and where
+            raise InputError(
+                f"{self.name}: cannot decode the region y {y0}:{y1}, x {x0}:{x1} ({type(e).__name__}: {e}); "
+                "the file is damaged or truncated."
+            ) from e
         with self._lock:
             self._cache[key] = win
             while len(self._cache) > _CACHE:
@@ -195,9 +202,12 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
     if series >= len(tif.series):
         raise InputError(f"{path.name} has {len(tif.series)} image series; `series={series}` does not exist.")
     s = tif.series[series]
+    _check_complete(path, s)
     store = zarr.open(s.aszarr(), mode="r")
     arrays = [store[k] for k in sorted(store.keys(), key=int)] if hasattr(store, "keys") else [store]
     fmt = "OME-TIFF" if tif.is_ome else ("SVS" if tif.is_svs else ("NDPI" if tif.is_ndpi else "TIFF"))
+    # a float image is 0-1 or 0-255 for all its levels alike: decided once, on its coarsest level
+    float_max = float_range(arrays[-1][...]) if np.issubdtype(s.dtype, np.floating) else None
     levels = []
     for i, (lv, arr) in enumerate(zip(s.levels, arrays, strict=True)):
         axes = lv.axes
@@ -213,12 +223,27 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
         shape = tuple(lv.shape[j] for j in range(len(axes)) if j not in squeeze)
         h, w, c = shape[order[0]], shape[order[1]], (shape[order[2]] if len(shape) == 3 else 1)
         levels.append(
-            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), lv.dtype), f"{path.name}[{i}]")
+            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), float_max), f"{path.name}[{i}]")
         )
     return levels, _tiff_mpp(tif, s), fmt
 
 
-def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, dtype: Any):
+def _check_complete(path: Path, s: Any) -> None:
+    """Refuse a TIFF whose image data (tiles or strips of any level) reach beyond the end of the file."""
+    size = path.stat().st_size
+    for i, lv in enumerate(s.levels):
+        for page in lv.pages:
+            if page is None or not hasattr(page, "dataoffsets"):
+                continue
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
+            if ends and max(ends) > size:
+                raise InputError(
+                    f"{path.name} is truncated: the image data of level {i} end at byte {max(ends)} but the "
+                    f"file has {size} bytes. Copy or download it again."
+                )
+
+
+def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, float_max: float | None):
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         key: list[Any] = [slice(None)] * ndim
         kept = [j for j in range(ndim) if j not in squeeze]
@@ -230,17 +255,9 @@ def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int
         if win.ndim == 2:
             win = win[..., None]
         win = np.transpose(win, order)
-        return _as_uint8(win, dtype)
+        return to_uint8(win, float_max)
 
     return read
-
-
-def _as_uint8(win: np.ndarray, dtype: Any) -> np.ndarray:
-    if win.dtype == np.uint8:
-        return win
-    if np.issubdtype(win.dtype, np.integer):
-        return (win.astype(np.float32) * (255.0 / np.iinfo(win.dtype).max)).astype(np.uint8)
-    return np.clip(np.nan_to_num(win.astype(np.float32)) * 255.0, 0, 255).astype(np.uint8)
 
 
 def _tiff_mpp(tif: Any, s: Any) -> float | None:

@@ -168,7 +168,7 @@ def choose(
         if n_all > len(cands):
             logger.info(f"{n_all - len(cands)} genes not present in every section are not candidates.")
         mats = [lognorm(section_counts(sp, layer)) for sp in secs]
-        idxs = [sp.table.var_names.get_indexer(cands) for sp in secs]
+        idxs = [sp.gene_columns(cands) for sp in secs]
         x = np.concatenate([m[:, i] for m, i in zip(mats, idxs, strict=True)], axis=0)
         n = min(n_top, len(cands))
         if flavor == "heg":

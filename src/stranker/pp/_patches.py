@@ -171,6 +171,7 @@ def patches(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> np.ndarray | list[np.ndarray]:
     """Cut image patches centred on every spot.
@@ -196,6 +197,9 @@ def patches(
         ``'raise'`` (default) when a spot centre lies outside the image, ``'pad'`` to keep a padded patch.
     image_key, shapes_key, table_key, library_id
         Which elements to use when the object has several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
         ``table_key='square_{bin_size:03d}um'``.
@@ -209,7 +213,7 @@ def patches(
     scale_list = [float(scales)] if single_scale else [float(s) for s in scales]  # type: ignore[arg-type]
     secs = as_spots(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-        library_id=library_id, bin_size=bin_size, need_table=False,
+        library_id=library_id, library_key=library_key, bin_size=bin_size, need_table=False,
     )
     results = []
     for sp in secs:

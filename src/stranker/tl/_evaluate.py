@@ -9,6 +9,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._predictions import read_predictions
+from .._settings import logger
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
 from ..pp._genes import lognorm, section_counts
@@ -26,25 +27,36 @@ def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int = 50) -> dict[str, Any]:
-    """ACG, HEG (the ``n_heg`` genes most expressed in ``true``), median r, fraction r > 0, MAE, MSE."""
+    """ACG, HEG (the ``n_heg`` genes most expressed in ``true``), median r, fraction r > 0, MAE, MSE.
+
+    A gene whose r is undefined (prediction or measurement constant across the spots) is left out of
+    every r figure alike; ``n_genes_undefined`` and ``genes_undefined`` say which.
+    """
     r = pearson_per_gene(pred, true)
+    ok = np.isfinite(r)
     heg = np.argsort(-true.mean(0), kind="stable")[: min(n_heg, len(genes))]
+
+    def mean(x: np.ndarray) -> float:
+        return float(np.mean(x)) if len(x) else float("nan")
+
     return {
-        "pcc_all": float(np.nanmean(r)),
-        "pcc_heg": float(np.nanmean(r[heg])),
-        "pcc_median": float(np.nanmedian(r)),
-        "frac_positive": float(np.mean(np.nan_to_num(r, nan=0.0) > 0)),
+        "pcc_all": mean(r[ok]),
+        "pcc_heg": mean(r[heg][ok[heg]]),
+        "pcc_median": float(np.median(r[ok])) if ok.any() else float("nan"),
+        "frac_positive": mean(r[ok] > 0),
         "mae": float(np.mean(np.abs(pred - true))),
         "mse": float(np.mean((pred - true) ** 2)),
         "n_spots": int(len(true)),
         "n_genes": len(genes),
+        "n_genes_undefined": int((~ok).sum()),
+        "genes_undefined": [g for g, good in zip(genes, ok, strict=True) if not good],
         "heg_genes": [genes[i] for i in heg],
         "pcc": r,
     }
 
 
 def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, target_sum: float):
-    idx = sp.table.var_names.get_indexer(genes)
+    idx = sp.gene_columns(genes)
     if (idx < 0).any():
         raise InputError(
             f"Genes {[g for g, i in zip(genes, idx, strict=True) if i < 0][:5]} "
@@ -53,6 +65,33 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
     pred = read_predictions(sp, layer, genes)
     true = lognorm(section_counts(sp, counts_layer), target_sum)[:, idx]
     return pred, true
+
+
+def _scored_genes(secs: list[Spots], key_added: str) -> tuple[list[str], list[str]]:
+    """Genes predicted in every section (``uns[key_added]['genes']``), and the modelled ones left out."""
+    recs = []
+    for sp in secs:
+        rec = sp.table.uns.get(key_added, {})
+        if "genes" not in rec:
+            raise InputError(
+                f"No `uns[{key_added!r}]['genes']` in section {sp.name!r}: "
+                "pass `genes=` or run `sr.tl.predict`."
+            )
+        recs.append(rec)
+    everywhere = set.intersection(*(set(r["genes"]) for r in recs))
+    genes = [g for g in recs[0]["genes"] if g in everywhere]
+    modelled = dict.fromkeys(g for r in recs for g in [*r["genes"], *r.get("genes_absent", [])])
+    left = [g for g in modelled if g not in everywhere]
+    if not genes:
+        raise InputError("No gene has a prediction in every section: evaluate them one by one.")
+    if left:
+        logger.warning(
+            f"Scoring the {len(genes)} modelled genes that every table has; {len(left)} modelled gene(s) "
+            f"are not measured in every section and are not scored: {left[:20]}"
+            f"{' ...' if len(left) > 20 else ''} "
+            "(`genes_not_scored` in the metrics)."
+        )
+    return genes, left
 
 
 def evaluate(
@@ -66,6 +105,7 @@ def evaluate(
     key_added: str = Keys.PREFIX,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> dict[str, Any]:
     """Compare predicted with measured expression, per gene across spots.
@@ -79,7 +119,8 @@ def evaluate(
     layer
         Predicted expression.
     genes
-        Genes to score; default the genes the model predicted (``uns[key_added]['genes']``).
+        Genes to score; default the modelled genes predicted in every section (``uns[key_added]['genes']``;
+        modelled genes a table lacks are listed in ``genes_not_scored``, with a warning).
     counts_layer
         Layer of raw counts; ``None`` uses ``X``.
     target_sum
@@ -90,6 +131,9 @@ def evaluate(
         ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written.
     table_key, library_id
         Which table / library when there are several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
         ``table_key='square_{bin_size:03d}um'``.
@@ -99,17 +143,15 @@ def evaluate(
     Metrics ``pcc_all`` (ACG), ``pcc_heg`` (HEG), ``pcc_median``, ``frac_positive``, ``mae``, ``mse``.
     With one section, Pearson r is per gene across its spots. With several, the dict has
     ``per_section`` (each section alone) and ``pooled`` (all spots together), and the top-level
-    figures are the mean over sections.
+    figures are the mean over sections. ``n_genes`` genes are scored; ``n_genes_undefined`` of them
+    (``genes_undefined``) have no r (constant prediction or measurement) and are left out of every r
+    figure; ``genes_not_scored`` lists modelled genes that some table lacks.
     """
-    secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    secs = as_spots(data, table_key=table_key, library_id=library_id, library_key=library_key,
+                    bin_size=bin_size, need_image=False)
+    not_scored: list[str] = []
     if genes is None:
-        rec = secs[0].table.uns.get(key_added, {})
-        if "genes" not in rec:
-            raise InputError(
-                f"No `uns[{key_added!r}]['genes']` in section {secs[0].name!r}: "
-                "pass `genes=` or run `sr.tl.predict`."
-            )
-        genes = list(rec["genes"])
+        genes, not_scored = _scored_genes(secs, key_added)
     genes = list(genes)
     pairs = [_pairs(sp, layer, genes, counts_layer, target_sum) for sp in secs]
     per = {sp.name: summarise(p, t, genes, n_heg) for sp, (p, t) in zip(secs, pairs, strict=True)}
@@ -127,9 +169,18 @@ def evaluate(
             scope="mean over sections of per-section figures; 'pooled' pools all spots",
             per_section=public, pooled={k: v for k, v in pooled.items() if k != "pcc"},
         )
+    undefined = sorted({g for m in per.values() for g in m["genes_undefined"]})
+    metrics.update(n_genes=len(genes), n_genes_undefined=len(undefined), genes_undefined=undefined,
+                   genes_not_scored=not_scored)
+    if undefined:
+        logger.warning(
+            f"Pearson r is undefined (prediction or measurement constant over the spots) for "
+            f"{len(undefined)} of {len(genes)} genes, left out of every r figure: {undefined[:10]}"
+            f"{' ...' if len(undefined) > 10 else ''} (`n_genes_undefined`, `genes_undefined`)."
+        )
     for sp in secs:
         r = np.full(sp.table.n_vars, np.nan, dtype=np.float32)
-        r[sp.table.var_names.get_indexer(genes)] = per[sp.name]["pcc"]
+        r[sp.gene_columns(genes)] = per[sp.name]["pcc"]
         rec = dict(sp.table.uns.get(key_added, {}))
         rec["metrics"] = metrics if len(secs) == 1 else {**public[sp.name], "all_sections": metrics}
         write_results(sp, var={f"{key_added}_pcc": r}, uns={key_added: rec})

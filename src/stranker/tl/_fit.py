@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._predictions import prediction_layer
+from .._predictions import genes_in_table, prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
@@ -57,7 +57,7 @@ def targets(secs: list[Spots], genes: list[str], layer: str | None, target_sum: 
     out = []
     for sp in secs:
         full = lognorm(section_counts(sp, layer), target_sum)
-        out.append(full[:, sp.table.var_names.get_indexer(genes)])
+        out.append(full[:, sp.gene_columns(genes)])
     return out
 
 
@@ -106,6 +106,7 @@ def fit(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
     aggregate: bool = True,
     **options: Any,
@@ -165,6 +166,9 @@ def fit(
         Prefix of the written keys.
     image_key, shapes_key, table_key, library_id
         Which elements to use when an object has several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
         ``table_key='square_{bin_size:03d}um'``.
@@ -207,7 +211,8 @@ def fit(
         find_weights(spec, cfg.weights, cfg.pretrained, settings.allow_download)
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-                    library_id=library_id, bin_size=bin_size, need_image=image_features is None)
+                    library_id=library_id, library_key=library_key, bin_size=bin_size,
+                    need_image=image_features is None)
     if image_features is None:
         cfg = backbone_defaults(cfg, options, [sp.microns_per_pixel for sp in secs])
     added: list[tuple[Any, str, str]] = []
@@ -395,6 +400,7 @@ def write_outputs(
 ) -> None:
     """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
     full, layer_format = prediction_layer(sp, list(model.genes), pred)
+    written, absent = genes_in_table(sp, model.genes)
     if layer_format == "sparse":
         logger.info(
             f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
@@ -405,7 +411,8 @@ def write_outputs(
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     record = {
         "params": {k: v for k, v in params.items() if v is not None},
-        "genes": list(model.genes),
+        "genes": written,  # the genes with a prediction in the layer
+        "genes_absent": absent,  # modelled genes the table has no column for: not written
         "history": {
             k: [h.get(k, np.nan) for h in model.history]
             for k in (model.history[0] if model.history else {})

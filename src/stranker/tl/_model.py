@@ -68,11 +68,26 @@ class Model:
             size = float(self.meta.get("patch_px", c.patch_px))
         return PatchReader(sp, size, c.scales, c.image_size)
 
-    def infer(
+    def infer(self, sp: Spots, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
+
+        The weights visit the device for the call and are put back where (and in the mode) they were.
+        """
+        param = next(self.aligner.parameters(), None)
+        home = param.device if param is not None else None
+        modes = [(m, m.training) for m in self.aligner.modules()]
+        try:
+            return self._infer(sp, **kwargs)
+        finally:
+            if home is not None:
+                self.aligner.to(home)
+            for m, training in modes:
+                m.training = training
+
+    def _infer(
         self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None,
         batch_size: int = 128, features: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches."""
         import torch
 
         from ..model import retrieve

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._predictions import genes_in_table
 from .._settings import logger
-from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
+from .._spots import InputError, Spots, as_spots
 from .._write import write_results
 from ..pp._patches import _TILE, check_inside
 from ._fit import write_outputs
@@ -42,7 +43,7 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
     arr = img.levels[level][:, ::stride, ::stride]
     s = img.scales[level] * stride
     _, h, w = arr.shape
-    rgb = _to_uint8_rgb(np.asarray(arr.compute() if hasattr(arr, "compute") else arr), img.name)
+    rgb = img.to_rgb(arr)
     mx, mn = rgb.max(-1), rgb.min(-1)
     sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)  # HSV saturation, in float32
     del rgb, mx, mn
@@ -72,6 +73,36 @@ def model_mpp(model: Any) -> float | None:
     return None
 
 
+def check_scale(sp: Spots, model: Any, tile_px: float | None) -> None:
+    """Refuse or warn when only one of model and section knows its µm/px (the other would be guessed).
+
+    Tiling an image-only section needs a tile size in its pixels: without both resolutions (or
+    ``tile_px``) it is refused. Spots are read at the model's patch size in pixels, with a warning.
+    """
+    if model.config.image_features is not None:
+        return
+    train, slide = model_mpp(model), sp.microns_per_pixel
+    if (train is None) == (slide is None):
+        return
+    if train is None:
+        what = (f"the model does not know its physical scale (its training data recorded no µm/px) while "
+                f"section {sp.name!r} is at {slide:.4g} µm/px")
+        fix = "refit on data that records its resolution (`uns['microns_per_pixel']`)"
+    else:
+        what = (f"the model was trained at {train:.4g} µm/px while section {sp.name!r} does not record its "
+                "resolution")
+        fix = ("record it (`table.uns['microns_per_pixel']`, `sdata.attrs['microns_per_pixel']`, or "
+               "`sr.io.read_slide(..., mpp=)`)")
+    if sp.n_spots == 0 and tile_px is None:
+        raise InputError(
+            f"Cannot size the tiles: {what}. Pass `tile_px=` (the training spot size in this image's "
+            f"pixels), or {fix}."
+        )
+    patch = model.meta.get("patch_px", model.config.patch_px)
+    logger.warning(f"{what[0].upper()}{what[1:]}: patches are read {float(patch):.0f} px wide as if both had "
+                   f"the same resolution. To be sure, {fix}.")
+
+
 def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     """How the patches of a section are read for ``model``: pyramid level and scale factor (for ``uns``)."""
     reader = model._reader(sp)
@@ -90,10 +121,14 @@ def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     }
 
 
-def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, float]:
+def _tile_section(
+    sp: Spots, model: Any, tile_px: float | None, log: Any = logger.info
+) -> tuple[Spots, float]:
+    """Tiles of the training spot size over the tissue (its width in µm when both know their scale)."""
     if tile_px is None:
-        d_um, mpp = model.meta.get("spot_diameter_um"), sp.microns_per_pixel
-        tile_px = d_um / mpp if d_um and mpp else model.meta.get("spot_diameter_px")
+        d_px, train, mpp = model.meta.get("spot_diameter_px"), model_mpp(model), sp.microns_per_pixel
+        d_um = model.meta.get("spot_diameter_um") or (d_px * train if d_px and train else None)
+        tile_px = d_um / mpp if d_um and mpp else d_px  # pixels only when neither knows (check_scale)
     if not tile_px or not np.isfinite(tile_px) or tile_px <= 0:
         raise InputError("Cannot tell the tile size for this slide: pass `tile_px=` (pixels of its image).")
     centres = tissue_grid(sp, float(tile_px))
@@ -108,7 +143,7 @@ def _tile_section(sp: Spots, model: Any, tile_px: float | None) -> tuple[Spots, 
     block = _TILE * resampling(probe, model)["level_scale"]
     by, bx = (centres[:, 1] // block).astype(np.int64), (centres[:, 0] // block).astype(np.int64)
     centres = centres[np.lexsort((centres[:, 0], centres[:, 1], bx, by))]
-    logger.info(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
+    log(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
     tiled = Spots(name=sp.name, image=sp.image, centers=centres, diameter=float(tile_px), table=None,
                   rows=np.arange(len(centres)), microns_per_pixel=sp.microns_per_pixel, source=sp.source,
                   keys=sp.keys)
@@ -142,6 +177,7 @@ def predict(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> None:
     """Predict expression and image embeddings on any section.
@@ -149,7 +185,8 @@ def predict(
     Parameters
     ----------
     model
-        A fitted :class:`stranker.Model`.
+        A fitted :class:`stranker.Model`, or the folder it was saved to (loaded with
+        :meth:`stranker.Model.load`).
     data
         SpatialData, AnnData (squidpy layout) or a list. A SpatialData with an image but no spots
         (e.g. a whole slide from :func:`stranker.io.read_slide`) gets a grid of spot-sized tiles over
@@ -161,9 +198,13 @@ def predict(
         Torch device; default ``sr.settings.device``.
     tile_px
         Tile side for image-only slides, in image pixels (default: the training spot size in µm at
-        the slide's resolution).
+        the slide's resolution). When only one of model and slide records its µm/px, tiling is
+        refused unless ``tile_px`` is given (and spots are read with a warning).
     image_key, shapes_key, table_key, library_id
         Which elements when there are several.
+    library_key
+        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+        ``library_key``; default ``'library_id'``).
     bin_size
         Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
         one spot: the model reads its own patch (its training width in µm) centred on the bin.
@@ -173,15 +214,20 @@ def predict(
     ``None``. On sections with spots and a table, writes ``obsm['X_{key_added}']``,
     ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer of the modelled genes
     beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
-    ``resampling``: slide and model µm/px, their ratio ``factor``, the pyramid level read).
+    ``genes``: the genes written, to pass on, e.g. to ``sq.gr.spatial_autocorr``; ``genes_absent``:
+    modelled genes the table lacks, not written, with a warning; ``resampling``: slide and model
+    µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
+    model = as_model(model)
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-                    library_id=library_id, bin_size=bin_size, need_image=need_image, need_table=False)
+                    library_id=library_id, library_key=library_key, bin_size=bin_size,
+                    need_image=need_image, need_table=False)
     plans = []
     for sp in secs:
+        check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
             if sp.keys.get("kind") != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
@@ -191,6 +237,8 @@ def predict(
             if need_image:
                 check_inside(sp)
             kind = "spots"
+            if sp.table is not None:
+                _check_genes(sp, model, key_added)
         info = resampling(sp, model) if need_image else None
         if info and info["factor"] and abs(info["factor"] - 1) > 0.01:
             logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
@@ -226,6 +274,40 @@ def predict(
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+
+
+def as_model(model: Any) -> Any:
+    """Return a fitted :class:`stranker.Model`, loading a folder path; refuse anything else."""
+    from pathlib import Path
+
+    from ._model import Model
+
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, str | Path):
+        return Model.load(model)
+    raise InputError(
+        f"`model` must be a fitted stranker.Model (from `sr.tl.fit`) or the folder of a saved one, got "
+        f"{type(model).__name__}: load a saved model with `sr.Model.load(path)`."
+    )
+
+
+def _check_genes(sp: Spots, model: Any, key_added: str) -> None:
+    """Warn about modelled genes the table lacks (they are not written); refuse when it has none."""
+    present, absent = genes_in_table(sp, model.genes)
+    if not present:
+        raise InputError(
+            f"The table of section {sp.name!r} has none of the model's {len(model.genes)} genes "
+            f"(e.g. {list(model.genes[:3])}; the table has e.g. {list(sp.var_names[:3])}): "
+            "are the genes named the same way (symbols or Ensembl ids) in both?"
+        )
+    if absent:
+        logger.warning(
+            f"{len(absent)} of the model's {len(model.genes)} genes are not in the table of section "
+            f"{sp.name!r} and get no prediction there: {absent[:20]}{' ...' if len(absent) > 20 else ''}. "
+            f"The genes written are `uns[{key_added!r}]['genes']`; the absent ones "
+            f"`uns[{key_added!r}]['genes_absent']`."
+        )
 
 
 def _record(sp: Spots, key_added: str, info: dict[str, Any] | None) -> None:

@@ -10,7 +10,7 @@ from .._constants import Keys
 from .._settings import logger, settings
 from .._spots import InputError, as_spots
 from ..pp._patches import check_inside
-from ._predict import _tile_section
+from ._predict import _tile_section, as_model, check_scale
 
 
 def slide_ids(slides: list[Any], obs: Any) -> list[str]:
@@ -91,7 +91,7 @@ def embed_slides(
     Parameters
     ----------
     model
-        A fitted :class:`stranker.Model` (trained on pixels).
+        A fitted :class:`stranker.Model` (trained on pixels), or the folder it was saved to.
     slides
         A SpatialData (image only, or with spots) or AnnData in squidpy layout, or a list of them.
     pooling
@@ -133,6 +133,7 @@ def embed_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    model = as_model(model)
     if pooling not in ("mean", "attention"):
         raise InputError(f"`pooling` must be 'mean' or 'attention', got {pooling!r}.")
     if model.config.image_features is not None:
@@ -152,26 +153,22 @@ def embed_slides(
         )
 
     bags, centres, sizes = [], [], []
-    level = logger.level
-    if len(items) > 1:
-        logger.setLevel(max(level, 30))  # one tiling message per slide is noise in a cohort
-    try:
-        for sid, item in zip(tqdm(ids, desc="embed slides", disable=not settings.show_progress()), items,
-                             strict=True):
-            sp = as_spots(item, image_key=image_key, need_image=True, need_table=False)[0]
-            if sp.n_spots == 0:
-                if sp.keys.get("kind") != "spatialdata":
-                    raise InputError(f"Slide {sid!r} has no spots.")
-                sp, size = _tile_section(sp, model, tile_px)
-            else:
-                check_inside(sp)
-                size = sp.diameter
-            emb = model.infer(sp, device=device)[0]
-            bags.append(emb.astype(np.float32))
-            centres.append(np.asarray(sp.centers, dtype=np.float32))
-            sizes.append(float(size))
-    finally:
-        logger.setLevel(level)
+    log = logger.debug if len(items) > 1 else logger.info  # one tiling message per slide is noise in a cohort
+    for sid, item in zip(tqdm(ids, desc="embed slides", disable=not settings.show_progress()), items,
+                         strict=True):
+        sp = as_spots(item, image_key=image_key, need_image=True, need_table=False)[0]
+        check_scale(sp, model, tile_px)
+        if sp.n_spots == 0:
+            if sp.keys.get("kind") != "spatialdata":
+                raise InputError(f"Slide {sid!r} has no spots.")
+            sp, size = _tile_section(sp, model, tile_px, log=log)
+        else:
+            check_inside(sp)
+            size = sp.diameter
+        emb = model.infer(sp, device=device)[0]
+        bags.append(emb.astype(np.float32))
+        centres.append(np.asarray(sp.centers, dtype=np.float32))
+        sizes.append(float(size))
     n_tiles = np.array([len(b) for b in bags])
     logger.info(
         f"Embedded {int(n_tiles.sum())} tiles of {len(ids)} slide(s) ({int(np.median(n_tiles))} per slide)."
