@@ -181,7 +181,7 @@ def embed_slides(
     if pooling == "mean":
         pooled = np.stack([b.mean(0) for b in bags])
     else:
-        from ._survival import fit_mil_all
+        from ._mil import fit_mil_all
 
         pooled, attention = fit_mil_all(bags, meta, label, seed=seed)
         tiles["attention"] = dict(zip(ids, attention, strict=True))
