@@ -257,6 +257,37 @@ def test_embedding_umap_of_sections(fitted):
         sr.pl.embedding(secs[3], color="nope", show=False)
 
 
+def test_embedding_reuses_an_existing_umap_and_saves_its_legend(fitted, tmp_path):
+    from PIL import Image
+    from spatialdata import deepcopy
+
+    _, secs = fitted
+    sdata = deepcopy(secs[3])
+    table = sdata.tables["table"]
+    coords = np.random.default_rng(0).standard_normal((table.n_obs, 2)).astype(np.float32)
+    table.obsm["X_umap"] = coords  # as sc.pp.neighbors(use_rep='X_stranker'); sc.tl.umap() leave it
+    table.uns["neighbors"] = {"params": {"use_rep": "X_stranker"}}
+    table.uns["umap"] = {"params": {}}
+    ax = sr.pl.embedding(sdata, color="section", show=False)
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_offsets()), coords, rtol=1e-6)
+    # `basis=` names the coordinates to draw; every section must hold them
+    table.obsm["X_mine"] = coords[:, ::-1].copy()
+    ax = sr.pl.embedding(sdata, basis="X_mine", color="section", show=False)
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_offsets()), coords[:, ::-1], rtol=1e-6)
+    with pytest.raises(InputError, match="X_nope"):
+        sr.pl.embedding(sdata, basis="X_nope", show=False)
+    # the legend sits right of the axes: the saved file holds it (a tight bounding box)
+    table.obs["area"] = np.where(np.arange(table.n_obs) % 2, "a rather long region name", "another long one")
+    ax = sr.pl.embedding(sdata, basis="X_mine", color="area", show=False, save=tmp_path / "e.png")
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    left = fig.get_tightbbox(renderer).x0 * fig.dpi  # the blank margin left of the axes
+    assert legend.x1 - left > fig.bbox.x1  # drawn beyond the figure's own box
+    assert Image.open(tmp_path / "e.png").size[0] >= legend.x1 - left
+    plt.close("all")
+
+
 def test_import_of_stranker_does_not_import_matplotlib():
     import subprocess
     import sys
