@@ -2,7 +2,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "demo", "--epochs", "2", "--n-spots", "60", "--n-genes", "20",
@@ -23,6 +26,7 @@ def test_fit_command_reports_bad_input(tmp_path):
     assert "missing.zarr" in (out.stderr + out.stdout)
 
 
+@pytest.mark.slow
 def test_fit_command_on_a_zarr_store(tmp_path):
     import stranker as sr
 
@@ -89,6 +93,7 @@ def test_version_and_help_text():
     assert "test_resnet" in out.stdout
 
 
+@pytest.mark.slow
 def test_fit_command_launches_two_processes(tmp_path):
     # `--nproc 2` re-runs itself under torchrun (gloo on CPU); rank 0 saves a model trained by both
     import stranker as sr

@@ -245,6 +245,7 @@ def test_history_from_model_and_table(fitted):
         sr.pl.history(data)  # no fit wrote here
 
 
+@pytest.mark.slow  # computes a UMAP (numba compiles it first)
 def test_embedding_umap_of_sections(fitted):
     _, secs = fitted
     before = set(secs[3].tables["table"].obsm)
