@@ -146,6 +146,20 @@ def test_gene_map_spots_land_on_the_tissue_in_their_colours(kind, read_levels):
     )  # the two genes have their own scale
 
 
+def test_gene_map_separate_scales():
+    data, _, meas, pred, _ = _ring_data("spatialdata")
+    fig = sr.pl.gene_map(data, "G0", show=False, max_px=100, scale="separate", vmin="p0", vmax="p100")
+    axes = [a for a in fig.axes if a.get_title()]
+    m_norm, p_norm = (a.collections[0].norm for a in axes)
+    assert (m_norm.vmin, m_norm.vmax) == pytest.approx((meas[:, 0].min(), meas[:, 0].max()))
+    assert (p_norm.vmin, p_norm.vmax) == pytest.approx((pred[:, 0].min(), pred[:, 0].max()))
+    assert len(fig.axes) == 4  # a colour bar each
+    assert axes[1].get_title().startswith("G0 predicted (r = ")
+    with pytest.raises(InputError, match="'shared' or 'separate'"):
+        sr.pl.gene_map(data, "G0", show=False, scale="own")
+    plt.close("all")
+
+
 def test_gene_map_errors():
     data, *_ = _ring_data("spatialdata")
     with pytest.raises(InputError, match=r"no prediction for 1 gene\(s\), e.g. \['G4'\]"):
