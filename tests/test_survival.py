@@ -172,7 +172,8 @@ def test_kaplan_meier_splits_by_risk(cohort, tmp_path):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0].startswith("low risk") and labels[1].startswith("high risk")
     assert ax.stranker_logrank[1] < 0.05  # the out-of-fold risk separates the curves
-    assert ax.get_title().startswith("Slides by predicted risk (log-rank p = ") and "stranker_" not in ax.get_title()
+    title = ax.get_title()
+    assert title.startswith("Slides by predicted risk (log-rank p = ") and "stranker_" not in title
     _, ax3 = plt.subplots()
     assert sr.pl.kaplan_meier(cohort, groups=3, ax=ax3) is ax3
     assert len(ax3.get_legend().get_texts()) == 3
