@@ -149,6 +149,20 @@ def test_old_model_argument_still_works_with_a_future_warning(cohort):
         sr.tl.survival(cohort, model="coxph", method="coxph")
 
 
+def test_one_log_line_names_what_was_written(cohort, caplog):
+    import logging
+
+    log = logging.getLogger("stranker")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="stranker")
+    try:
+        sr.tl.survival(cohort, method="coxph", n_pcs=4)
+    finally:
+        log.removeHandler(caplog.handler)
+    written = [r.getMessage() for r in caplog.records if "stranker_risk" in r.getMessage()]
+    assert written == ["Added obs['stranker_risk'], uns['stranker_survival'] to the cohort."]
+
+
 def test_seed_defaults_to_settings(cohort):
     before = sr.settings.seed
     try:
