@@ -272,6 +272,17 @@ def test_embedding_umap_of_sections(fitted):
         sr.pl.embedding(secs[3], color="nope", show=False)
 
 
+def test_predict_copy_returns_a_written_copy(fitted):
+    model, secs = fitted
+    table = secs[2].tables["table"]  # a training section: fit wrote in-sample results
+    before = table.obsm["X_stranker"].copy()
+    out = sr.tl.predict(model, secs[2], copy=True)
+    assert out is not secs[2] and out.tables["table"].uns["stranker"]["in_sample"] is False
+    assert secs[2].tables["table"].uns["stranker"]["in_sample"] is True
+    np.testing.assert_array_equal(secs[2].tables["table"].obsm["X_stranker"], before)
+    assert sr.tl.predict(model, out) is None
+
+
 def test_embedding_reuses_an_existing_umap_and_saves_its_legend(fitted, tmp_path):
     from PIL import Image
     from spatialdata import deepcopy

@@ -163,6 +163,15 @@ def test_one_log_line_names_what_was_written(cohort, caplog):
     assert written == ["Added obs['stranker_risk'], uns['stranker_survival'] to the cohort."]
 
 
+def test_copy_returns_a_written_copy_and_leaves_the_cohort(cohort):
+    before = (set(cohort.obs), set(cohort.uns), set(cohort.obsm))
+    out = sr.tl.survival(cohort, method="coxph", n_pcs=4, copy=True)
+    assert out is not cohort and "stranker_risk" in out.obs and "coxph" in out.uns["stranker_survival"]
+    out = sr.tl.classify(cohort, copy=True)
+    assert "stranker_proba" in out.obsm and "logistic" in out.uns["stranker_classify"]
+    assert (set(cohort.obs), set(cohort.uns), set(cohort.obsm)) == before
+
+
 def test_seed_defaults_to_settings(cohort):
     before = sr.settings.seed
     try:

@@ -71,8 +71,9 @@ def classify(
     tiles_key: str = f"{Keys.PREFIX}_{Keys.TILES}",
     epochs: int = 150,
     key_added: str = Keys.PREFIX,
+    copy: bool = False,
     model: str = _UNSET,
-) -> dict[str, Any]:
+) -> dict[str, Any] | Any:
     """Cross-validated slide classification from slide embeddings (AUC, balanced accuracy).
 
     Folds are stratified by class and shuffled with ``seed``. In each fold the features are
@@ -101,6 +102,8 @@ def classify(
         Training steps of the attention network.
     key_added
         Prefix of the written keys.
+    copy
+        Write into a copy of ``cohort`` and return it (the dict is in its ``uns``) instead of the dict.
     model
         Deprecated name of ``method``.
 
@@ -115,6 +118,7 @@ def classify(
     import pandas as pd
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+    cohort = cohort.copy() if copy else cohort
     method = renamed("sr.tl.classify", "model", "method", model, method, "logistic")
     if method not in CLASSIFY_METHODS:
         raise InputError(f"`method` must be one of {list(CLASSIFY_METHODS)}, got {method!r}.")
@@ -173,6 +177,6 @@ def classify(
         uns={uns_key: record},
     )
     logger.info(f"{method}: AUC {result['auc']:.3f} ± {result['auc_sd']:.3f} over {cv} folds")
-    return result
+    return cohort if copy else result
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .._constants import Keys
+from .._deprecate import _UNSET
 from .._predictions import read_predictions
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
@@ -58,12 +60,13 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
 def evaluate(
     data: Any,
     *,
-    layer: str = Keys.PREFIX,
+    key: str = _UNSET,
+    layer: str | None = None,
     genes: Sequence[str] | None = None,
     counts_layer: str | None = None,
     target_sum: float = 1e4,
     n_heg: int = 50,
-    key_added: str = Keys.PREFIX,
+    key_added: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
     bin_size: int | None = None,
@@ -76,10 +79,13 @@ def evaluate(
     ----------
     data
         One or several sections that hold measured counts and ``layers[layer]``.
+    key
+        The ``key_added`` of :func:`stranker.tl.predict` to read: its genes ``uns[key]['genes']``
+        and, by default, its layer ``layers[key]``.
     layer
-        Predicted expression.
+        Predicted expression; default ``key``.
     genes
-        Genes to score; default the genes the model predicted (``uns[key_added]['genes']``).
+        Genes to score; default the genes the model predicted (``uns[key]['genes']``).
     counts_layer
         Layer of raw counts; ``None`` uses ``X``.
     target_sum
@@ -87,7 +93,8 @@ def evaluate(
     n_heg
         HEG = the ``n_heg`` genes most expressed in the evaluated spots (mclSTExp's definition).
     key_added
-        ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written.
+        ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written; default ``key``.
+        (Passed alone, it is still read as ``key`` too, with a FutureWarning: pass ``key=``.)
     table_key, library_id
         Which table / library when there are several.
     bin_size
@@ -101,12 +108,24 @@ def evaluate(
     ``per_section`` (each section alone) and ``pooled`` (all spots together), and the top-level
     figures are the mean over sections.
     """
+    if key is _UNSET and key_added is not None:
+        warnings.warn(
+            "sr.tl.evaluate(): `key_added=` alone also named the predictions to read; pass `key=` for "
+            "those (the key of sr.tl.predict). From the next release `key_added=` names only what is "
+            "written.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        key = key_added
+    key = Keys.PREFIX if key is _UNSET else key
+    key_added = key if key_added is None else key_added
+    layer = key if layer is None else layer
     secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     if genes is None:
-        rec = secs[0].table.uns.get(key_added, {})
+        rec = secs[0].table.uns.get(key, {})
         if "genes" not in rec:
             raise InputError(
-                f"No `uns[{key_added!r}]['genes']` in section {secs[0].name!r}: "
+                f"No `uns[{key!r}]['genes']` in section {secs[0].name!r}: "
                 "pass `genes=` or run `sr.tl.predict`."
             )
         genes = list(rec["genes"])

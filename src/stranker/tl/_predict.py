@@ -9,7 +9,7 @@ import numpy as np
 from .._constants import Keys
 from .._settings import logger
 from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
-from .._write import write_results
+from .._write import maybe_copy, write_results
 from ..pp._patches import _TILE, check_inside
 from ._fit import write_outputs
 
@@ -143,7 +143,8 @@ def predict(
     table_key: str | None = None,
     library_id: str | None = None,
     bin_size: int | None = None,
-) -> None:
+    copy: bool = False,
+) -> Any:
     """Predict expression and image embeddings on any section.
 
     Parameters
@@ -167,16 +168,19 @@ def predict(
     bin_size
         Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
         one spot: the model reads its own patch (its training width in µm) centred on the bin.
+    copy
+        Write into a copy of ``data`` and return it instead of ``None``.
 
     Returns
     -------
-    ``None``. On sections with spots and a table, writes ``obsm['X_{key_added}']``,
-    ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer of the modelled genes
-    beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
+    ``None`` (the copy with ``copy=True``). On sections with spots and a table, writes
+    ``obsm['X_{key_added}']``, ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer
+    of the modelled genes beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
     ``resampling``: slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
+    data = maybe_copy(data, copy)
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, bin_size=bin_size, need_image=need_image, need_table=False)
@@ -226,6 +230,7 @@ def predict(
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+    return data if copy else None
 
 
 def _record(sp: Spots, key_added: str, info: dict[str, Any] | None) -> None:

@@ -119,8 +119,9 @@ def survival(
     tiles_key: str = f"{Keys.PREFIX}_{Keys.TILES}",
     epochs: int = 150,
     key_added: str = Keys.PREFIX,
+    copy: bool = False,
     model: str = _UNSET,
-) -> dict[str, Any]:
+) -> dict[str, Any] | Any:
     """Cross-validated survival prediction from slide embeddings (concordance index).
 
     Slides are split into ``cv`` folds stratified by event and shuffled with ``seed`` (the same folds
@@ -155,6 +156,8 @@ def survival(
         Training steps of the attention network.
     key_added
         Prefix of the written keys.
+    copy
+        Write into a copy of ``cohort`` and return it (the dict is in its ``uns``) instead of the dict.
     model
         Deprecated name of ``method``.
 
@@ -169,6 +172,7 @@ def survival(
     from sksurv.metrics import concordance_index_ipcw
     from sksurv.util import Surv
 
+    cohort = cohort.copy() if copy else cohort
     method = renamed("sr.tl.survival", "model", "method", model, method, "coxnet")
     if method not in SURVIVAL_METHODS:
         raise InputError(f"`method` must be one of {list(SURVIVAL_METHODS)}, got {method!r}.")
@@ -227,6 +231,6 @@ def survival(
     record[method] = {k: v for k, v in result.items() if v is not None}
     write_cohort(cohort, obs={f"{key_added}_{Keys.RISK}": risk}, uns={uns_key: record})
     logger.info(f"{method}: C-index {result['c_index']:.3f} ± {result['c_index_sd']:.3f} over {cv} folds")
-    return result
+    return cohort if copy else result
 
 
