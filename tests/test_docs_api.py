@@ -32,3 +32,15 @@ def test_every_listed_name_imports_as_written():
         head = name.split(".")[0]
         if head in ("model", "train"):
             assert importlib.import_module(f"stranker.{head}") is getattr(sr, head)
+
+
+def test_shared_parameter_docs_are_filled_in():
+    import inspect
+
+    for mod in (sr.pp, sr.tl, sr.pl, sr.io, sr.datasets):
+        for name in mod.__all__:
+            doc = inspect.getdoc(getattr(mod, name)) or ""
+            assert "{doc_" not in doc, f"{mod.__name__}.{name}: unfilled shared parameter doc"
+    doc = inspect.getdoc(sr.pl.gene_map)
+    assert "image_key, shapes_key, table_key, library_id\n    Which elements to use" in doc
+    assert "bin_size\n    Visium HD: the bin size in µm (2, 8, 16)" in doc

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import modelled_genes, read_predictions
 from .._settings import logger, resolve_seed
 from .._spots import InputError
@@ -78,6 +79,7 @@ def _umap_of(table: Any, rep: str) -> bool:
     return "X_umap" in table.obsm and "umap" in table.uns and params.get("use_rep") == rep
 
 
+@doc_params()
 def embedding(
     data: Any,
     *,
@@ -125,11 +127,8 @@ def embedding(
         File to write the figure to.
     ax
         Axes to draw into (one colour key).
-    table_key, library_id
-        Which table / library when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_tables}
+    {doc_bin_size}
     **kwargs
         Passed to :func:`scanpy.pl.umap` (``palette``, ``size``, ``legend_loc``, ...).
 

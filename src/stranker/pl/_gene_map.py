@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import read_predictions
 from .._spots import InputError, Spots
 from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
@@ -72,6 +73,7 @@ def _spacing(centers: np.ndarray) -> float:
     return float(np.median(dist[:, 1])) or 1.0
 
 
+@doc_params()
 def gene_map(
     data: Any,
     genes: str | Sequence[str],
@@ -151,11 +153,8 @@ def gene_map(
         File to write the figure to (format from the suffix, e.g. ``'gene_map.png'``).
     ax
         Axes to draw into: one per panel (2 per gene with measurements, 1 without).
-    image_key, shapes_key, table_key, library_id
-        Which elements to use when an object has several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_elements}
+    {doc_bin_size}
 
     Returns
     -------

@@ -10,6 +10,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._deprecate import _UNSET
+from .._docs import doc_params
 from .._predictions import read_predictions
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
@@ -57,6 +58,7 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
     return pred, true
 
 
+@doc_params()
 def evaluate(
     data: Any,
     *,
@@ -95,11 +97,8 @@ def evaluate(
     key_added
         ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written; default ``key``.
         (Passed alone, it is still read as ``key`` too, with a FutureWarning: pass ``key=``.)
-    table_key, library_id
-        Which table / library when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_tables}
+    {doc_bin_size}
 
     Returns
     -------

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
@@ -54,6 +55,7 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     return resolve_genes(secs, list(genes), "raise")
 
 
+@doc_params()
 def fit(
     data: Any,
     *,
@@ -124,11 +126,8 @@ def fit(
         bytes. Both give the same model for the same seed.
     key_added
         Prefix of the written keys.
-    image_key, shapes_key, table_key, library_id
-        Which elements to use when an object has several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_elements}
+    {doc_bin_size}
     aggregate
         Visium HD: sum the bins into square pseudo-spots as wide as the patch the model reads
         (:func:`stranker.io.aggregate_bins`; the table ``'square_{width:03d}um'`` and its squares are

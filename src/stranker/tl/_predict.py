@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._settings import logger
 from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
 from .._write import maybe_copy, write_results
@@ -131,6 +132,7 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     return TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
 
 
+@doc_params()
 def predict(
     model: Any,
     data: Any,
@@ -163,8 +165,7 @@ def predict(
     tile_px
         Tile side for image-only slides, in image pixels (default: the training spot size in µm at
         the slide's resolution).
-    image_key, shapes_key, table_key, library_id
-        Which elements when there are several.
+    {doc_elements}
     bin_size
         Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
         one spot: the model reads its own patch (its training width in µm) centred on the bin.
