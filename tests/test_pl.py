@@ -272,6 +272,28 @@ def test_embedding_umap_of_sections(fitted):
         sr.pl.embedding(secs[3], color="nope", show=False)
 
 
+def test_gene_map_scale_bar_in_microns(fitted):
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+    from spatialdata import deepcopy
+
+    model, secs = fitted
+    sdata = deepcopy(secs[3])
+    fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100)
+    assert not [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]  # µm/px unknown
+    table = sdata.tables["table"]
+    mpp = table.uns["microns_per_pixel"] = table.uns["synthetic"]["microns_per_pixel"]
+    fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100)
+    first = [a for a in fig.axes if a.get_title()][0]
+    (bar,) = [a for a in first.artists if isinstance(a, AnchoredSizeBar)]
+    width_px = abs(np.diff(first.get_xlim())[0])
+    assert 0.08 <= bar.stranker_um / mpp / width_px <= 0.2  # a round length (1, 2, 5 x 10^k) up to a fifth
+    assert str(round(bar.stranker_um)) in bar.txt_label.get_text()
+    assert not [a for a in fig.axes[1].artists if isinstance(a, AnchoredSizeBar)]  # on the first panel only
+    fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100, scalebar=False)
+    assert not [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]
+    plt.close("all")
+
+
 def test_predict_copy_returns_a_written_copy(fitted):
     model, secs = fitted
     table = secs[2].tables["table"]  # a training section: fit wrote in-sample results

@@ -86,6 +86,7 @@ def gene_map(
     vmin: float | str | None = None,
     vmax: float | str | None = None,
     scale: str = "shared",
+    scalebar: bool = True,
     size: float = 1.0,
     lighten_image: float = 0.35,
     max_px: int = 800,
@@ -137,6 +138,8 @@ def gene_map(
         ``'shared'``: measured and predicted share one colour scale, so equal colours are equal
         values; ``'separate'``: each panel has its own scale and colour bar, which shows the spatial
         pattern of a prediction that is right in shape but compressed in range (r is unchanged).
+    scalebar
+        Draw a scale bar (in µm) on the first panel of each section whose resolution is known.
     size
         Spot diameter as a multiple of the real one.
     lighten_image
@@ -204,6 +207,7 @@ def gene_map(
     k = 0
     for sp, pred, meas, r in rows:
         thumb = thumbnail(sp, max_px=max_px)
+        first = k
         for j, gene in enumerate(genes):
             both = pred[:, j] if meas is None else np.concatenate([pred[:, j], meas[:, j]])
             norm = _norm(both, vmin, vmax)
@@ -229,7 +233,23 @@ def gene_map(
                 coll = _panel(axes[k], sp, thumb, pred[:, j], title=f"{name} predicted", norm=norm, **opts)
                 fig.colorbar(coll, ax=axes[k], shrink=0.8, pad=0.02, label="log1p expression")
                 k += 1
+        if scalebar and sp.microns_per_pixel:
+            _scalebar(axes[first], float(sp.microns_per_pixel))
     return finish(fig, fig, show=show, save=save)
+
+
+def _scalebar(ax: Any, mpp: float) -> None:
+    """Draw a bar of a round length in µm, about a fifth of the panel wide, in the lower left corner."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    left, right = ax.get_xlim()
+    want = abs(right - left) * mpp / 5  # µm
+    um = max(n * 10.0**e for e in range(-1, 6) for n in (1, 2, 5) if n * 10.0**e <= max(want, 0.1))
+    label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+    bar = AnchoredSizeBar(ax.transData, um / mpp, label, "lower left", pad=0.3, borderpad=0.4, sep=3,
+                          frameon=False, size_vertical=0, color="black")
+    bar.stranker_um = um
+    ax.add_artist(bar)
 
 
 def _norm(values: np.ndarray, vmin: float | str | None, vmax: float | str | None) -> Any:
