@@ -102,7 +102,8 @@ def fit(
     method
         ``'stranker'`` (default), or a published recipe: ``'bleep'``, ``'mclstexp'``, ``'rankbygene'``.
     backbone
-        timm model name (default ``'resnet18'``).
+        timm model name (default ``'resnet18'``). ``'test_resnet'`` is a tiny network for trying
+        things in seconds on a CPU (its predictions mean nothing).
     weights
         Local checkpoint of the backbone. Without it, timm's cached pretrained weights are used when
         present, else random initialisation (recorded in ``uns``).
