@@ -43,16 +43,22 @@ def _demo(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # a file, never a window
     shown = [genes[i] for i in np.argsort(-y.std(0), kind="stable")[:2]]
     png = out / "stranker_demo_gene_map.png"
-    table = test.tables["table"]
-    table.uns.setdefault("microns_per_pixel", table.uns["synthetic"]["microns_per_pixel"])  # the scale bar
-    name = f"S{table.uns['synthetic']['section']}"
-    fig = sr.pl.gene_map(test, shown, show=False, max_px=300, panel_size=3.0)
-    fig.suptitle(f"Held-out section {name} (not seen in training): measured | predicted from the H&E",
-                 fontsize="medium")
-    _compact_png(fig, png)
+    demo_figure(test, shown, png)
     print(f"  gene map of the two most variable genes ({', '.join(shown)}), measured beside predicted: {png}")
     print(f"  done in {time.perf_counter() - t0:.0f} s on {model.meta['device']}")
     return 0
+
+
+def demo_figure(test, genes: list[str], png) -> None:
+    """Draw the demo's gene map of the held-out synthetic section into a small PNG."""
+    import stranker as sr
+
+    table = test.tables["table"]
+    table.uns.setdefault("microns_per_pixel", table.uns["synthetic"]["microns_per_pixel"])  # the scale bar
+    fig = sr.pl.gene_map(test, genes, show=False, max_px=300, panel_size=3.0)
+    fig.suptitle(f"Held-out section S{table.uns['synthetic']['section']} (not seen in training): "
+                 "measured | predicted from the H&E", fontsize="medium")
+    _compact_png(fig, png)
 
 
 def launch_command(argv: list[str], nproc: int) -> list[str]:
@@ -69,7 +75,7 @@ def launch_command(argv: list[str], nproc: int) -> list[str]:
             "-m", "stranker._cli", *rest]
 
 
-def _compact_png(fig, path, colors: int = 200, dpi: int = 100) -> None:
+def _compact_png(fig, path, colors: int = 64, dpi: int = 100) -> None:
     """Write a figure as a small palette PNG (the H&E texture would make a full-colour one large)."""
     import io
 

@@ -247,7 +247,8 @@ def _scalebar(ax: Any, mpp: float) -> None:
     um = max(n * 10.0**e for e in range(-1, 6) for n in (1, 2, 5) if n * 10.0**e <= max(want, 0.1))
     label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
     bar = AnchoredSizeBar(ax.transData, um / mpp, label, "lower left", pad=0.3, borderpad=0.4, sep=3,
-                          frameon=False, size_vertical=0, color="black")
+                          frameon=True, size_vertical=0, color="black")
+    bar.patch.set(facecolor="white", alpha=0.85, edgecolor="none")
     bar.stranker_um = um
     ax.add_artist(bar)
 
