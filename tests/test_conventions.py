@@ -41,3 +41,23 @@ def test_evaluate_key_added_alone_still_reads_it_with_a_future_warning():
     with pytest.warns(FutureWarning, match="pass `key=`"):
         sr.tl.evaluate(a, key_added="pred")
     assert "pred_pcc" in a.var
+
+
+def test_split_sections_seed_defaults_to_settings():
+    items = list(range(12))
+    before = sr.settings.seed
+    try:
+        sr.settings.seed = 5
+        a = sr.pp.split_sections(items)
+    finally:
+        sr.settings.seed = before
+    assert a == sr.pp.split_sections(items, seed=5)
+    assert any(sr.pp.split_sections(items, seed=s) != a for s in (0, 1, 2))
+
+
+def test_functions_that_draw_random_numbers_default_to_settings_seed():
+    import inspect
+
+    for fn in (sr.pp.split_sections, sr.tl.fit, sr.tl.embed_slides, sr.tl.survival, sr.tl.classify,
+               sr.pl.embedding):
+        assert inspect.signature(fn).parameters["seed"].default is None, fn.__name__
