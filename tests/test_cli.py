@@ -6,6 +6,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # subprocesses with their own limits
 def test_demo_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "demo", "--epochs", "2", "--n-spots", "60", "--n-genes", "20",
@@ -27,6 +28,7 @@ def test_fit_command_reports_bad_input(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # subprocesses with their own limits
 def test_fit_command_on_a_zarr_store(tmp_path):
     import stranker as sr
 
@@ -94,6 +96,7 @@ def test_version_and_help_text():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # subprocesses with their own limits
 def test_fit_command_launches_two_processes(tmp_path):
     # `--nproc 2` re-runs itself under torchrun (gloo on CPU); rank 0 saves a model trained by both
     import stranker as sr
