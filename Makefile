@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export STRANKER_DATA_DIR ?= $(abspath ../shared/data/her2st)
 
-.PHONY: demo test install install-test install-docs bench bench-ablations docs lint clean
+.PHONY: demo test install install-test install-docs bench bench-ablations docs lint pre-commit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,7 @@ install-docs: $(VENV)/.installed-docs
 demo: install
 	$(VENV)/bin/stranker demo
 
+# every test under pytest-timeout (pyproject: `timeout`); `-m "not slow"` for a quick pass
 test: install-test
 	$(PY) -m pytest -q
 
@@ -59,6 +60,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks tutorials
+
+# ruff on every commit (.pre-commit-config.yaml)
+pre-commit: $(VENV)/.installed-dev
+	$(VENV)/bin/pre-commit install
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache docs/_build docs/generated docs/tutorials

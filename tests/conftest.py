@@ -23,10 +23,26 @@ def has_her2st(section: str = "C2") -> bool:
     return all((d / f).exists() for f in (f"{section}.jpg", f"{section}.tsv.gz", f"{section}_selection.tsv"))
 
 
-needs_her2st = pytest.mark.skipif(
-    not has_her2st(),
-    reason="her2st files (C2.jpg, C2.tsv.gz, C2_selection.tsv) not found in STRANKER_DATA_DIR",
-)
+# reads the real files; skipped (pytest_collection_modifyitems) when STRANKER_DATA_DIR lacks them
+needs_her2st = pytest.mark.her2st
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `her2st` tests without the files and `gpu` tests without a CUDA device."""
+    no_files = pytest.mark.skip(
+        reason="her2st files (C2.jpg, C2.tsv.gz, C2_selection.tsv) not found in STRANKER_DATA_DIR"
+    )
+    gpu = None
+    for item in items:
+        if "her2st" in item.keywords and not has_her2st():
+            item.add_marker(no_files)
+        if "gpu" in item.keywords:
+            if gpu is None:
+                import torch
+
+                gpu = torch.cuda.is_available()
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 @pytest.fixture(autouse=True)

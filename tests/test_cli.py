@@ -2,7 +2,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # subprocesses with their own limits
 def test_demo_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "demo", "--epochs", "2", "--n-spots", "60", "--n-genes", "20",
@@ -23,6 +27,8 @@ def test_fit_command_reports_bad_input(tmp_path):
     assert "missing.zarr" in (out.stderr + out.stdout)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # subprocesses with their own limits
 def test_fit_command_on_a_zarr_store(tmp_path):
     import stranker as sr
 
@@ -37,6 +43,23 @@ def test_fit_command_on_a_zarr_store(tmp_path):
     model = sr.Model.load(tmp_path / "m")
     assert len(model.genes) == 20
     assert "WARNING" in out.stderr and "randomly initialised" in out.stderr  # random weights are said
+    # predict: into a new store, then in place; the input store is unchanged by the first
+    before = _tree(tmp_path / "s.zarr")
+    cmd = [sys.executable, "-m", "stranker._cli", "predict", str(tmp_path / "m"), str(tmp_path / "s.zarr")]
+    to_new = [*cmd, "--out", str(tmp_path / "p.zarr")]
+    out = subprocess.run(to_new, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _tree(tmp_path / "s.zarr") == before
+    import spatialdata as sd
+
+    pred = sd.read_zarr(tmp_path / "p.zarr")["table"]
+    assert pred.obsm["X_stranker"].shape[0] == pred.n_obs and "stranker" in pred.layers
+    out = subprocess.run(to_new, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "--overwrite" in out.stderr
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stranker" in sd.read_zarr(tmp_path / "s.zarr")["table"].layers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "p.zarr", "s.zarr"]  # no temp left over
 
 
 def test_fit_command_without_weights_says_how_to_get_them(tmp_path):
@@ -58,6 +81,42 @@ def test_fit_command_without_weights_says_how_to_get_them(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_predict_command_with_a_bad_model_leaves_the_store_alone(tmp_path):
+    import stranker as sr
+
+    sr.datasets.synthetic(n_sections=1, n_spots=30, n_genes=10, seed=1)[0].write(tmp_path / "s.zarr")
+    before = _tree(tmp_path / "s.zarr")
+    out = subprocess.run([sys.executable, "-m", "stranker._cli", "predict", str(tmp_path / "nomodel"),
+                          str(tmp_path / "s.zarr")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "nomodel" in out.stderr
+    assert _tree(tmp_path / "s.zarr") == before
+
+
+def test_version_and_help_text():
+    import stranker as sr
+
+    out = subprocess.run([sys.executable, "-m", "stranker._cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"stranker {sr.__version__}"
+    from stranker._cli import parser
+
+    subs = next(a for a in parser()._actions if a.choices and "fit" in a.choices).choices
+    assert set(subs) >= {"demo", "fit", "predict"}
+    for name, sub in subs.items():
+        for action in sub._actions:
+            assert action.help and len(action.help) > 10, (name, action.option_strings or action.dest)
+    cmd = [sys.executable, "-m", "stranker._cli", "fit", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    for opt in ("--backbone", "--epochs", "--n-top-genes", "--image-size"):
+        assert opt in out.stdout
+    assert "test_resnet" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # subprocesses with their own limits
 def test_fit_command_launches_two_processes(tmp_path):
     # `--nproc 2` re-runs itself under torchrun (gloo on CPU); rank 0 saves a model trained by both
     import stranker as sr

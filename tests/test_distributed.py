@@ -41,6 +41,8 @@ def _curve(history):
     return np.array([[h[k] for k in ("regression", "clip", "rank", "distill", "total")] for h in history])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(700)  # its fixture runs torchrun for up to 600 s
 def test_two_processes_match_one_and_resume_on_one(two_process_run):
     out, rep = two_process_run
     assert rep["world_size"] == 2

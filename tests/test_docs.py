@@ -8,6 +8,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(700)  # sphinx runs in a subprocess limited to 600 s
 def test_sphinx_build_has_no_warnings(tmp_path):
     for mod in ("sphinx", "myst_nb", "furo", "jupytext"):
         pytest.importorskip(mod)

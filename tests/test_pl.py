@@ -147,6 +147,20 @@ def test_gene_map_spots_land_on_the_tissue_in_their_colours(kind, read_levels):
     )  # the two genes have their own scale
 
 
+def test_gene_map_separate_scales():
+    data, _, meas, pred, _ = _ring_data("spatialdata")
+    fig = sr.pl.gene_map(data, "G0", show=False, max_px=100, scale="separate", vmin="p0", vmax="p100")
+    axes = [a for a in fig.axes if a.get_title()]
+    m_norm, p_norm = (a.collections[0].norm for a in axes)
+    assert (m_norm.vmin, m_norm.vmax) == pytest.approx((meas[:, 0].min(), meas[:, 0].max()))
+    assert (p_norm.vmin, p_norm.vmax) == pytest.approx((pred[:, 0].min(), pred[:, 0].max()))
+    assert len(fig.axes) == 4  # a colour bar each
+    assert axes[1].get_title().startswith("G0 predicted (r = ")
+    with pytest.raises(InputError, match="'shared' or 'separate'"):
+        sr.pl.gene_map(data, "G0", show=False, scale="own")
+    plt.close("all")
+
+
 def test_gene_map_errors():
     data, *_ = _ring_data("spatialdata")
     with pytest.raises(InputError, match=r"no prediction for 1 gene\(s\), e.g. \['G4'\]"):
@@ -247,6 +261,7 @@ def test_history_from_model_and_table(fitted):
         sr.pl.history(data)  # no fit wrote here
 
 
+@pytest.mark.slow  # computes a UMAP (numba compiles it first)
 def test_embedding_umap_of_sections(fitted):
     _, secs = fitted
     before = set(secs[3].tables["table"].obsm)
@@ -257,6 +272,70 @@ def test_embedding_umap_of_sections(fitted):
     assert set(secs[3].tables["table"].obsm) == before  # the user's table is not changed
     with pytest.raises(InputError, match="Cannot colour"):
         sr.pl.embedding(secs[3], color="nope", show=False)
+
+
+def test_gene_map_scale_bar_in_microns(fitted):
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+    from spatialdata import deepcopy
+
+    model, secs = fitted
+    sdata = deepcopy(secs[3])
+    fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100)
+    assert not [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]  # µm/px unknown
+    table = sdata.tables["table"]
+    mpp = table.uns["microns_per_pixel"] = table.uns["synthetic"]["microns_per_pixel"]
+    fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100)
+    first = [a for a in fig.axes if a.get_title()][0]
+    (bar,) = [a for a in first.artists if isinstance(a, AnchoredSizeBar)]
+    width_px = abs(np.diff(first.get_xlim())[0])
+    assert 0.08 <= bar.stranker_um / mpp / width_px <= 0.2  # a round length (1, 2, 5 x 10^k) up to a fifth
+    assert str(round(bar.stranker_um)) in bar.txt_label.get_text()
+    assert not [a for a in fig.axes[1].artists if isinstance(a, AnchoredSizeBar)]  # on the first panel only
+    fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100, scalebar=False)
+    assert not [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]
+    plt.close("all")
+
+
+def test_predict_copy_returns_a_written_copy(fitted):
+    model, secs = fitted
+    table = secs[2].tables["table"]  # a training section: fit wrote in-sample results
+    before = table.obsm["X_stranker"].copy()
+    out = sr.tl.predict(model, secs[2], copy=True)
+    assert out is not secs[2] and out.tables["table"].uns["stranker"]["in_sample"] is False
+    assert secs[2].tables["table"].uns["stranker"]["in_sample"] is True
+    np.testing.assert_array_equal(secs[2].tables["table"].obsm["X_stranker"], before)
+    assert sr.tl.predict(model, out) is None
+
+
+def test_embedding_reuses_an_existing_umap_and_saves_its_legend(fitted, tmp_path):
+    from PIL import Image
+    from spatialdata import deepcopy
+
+    _, secs = fitted
+    sdata = deepcopy(secs[3])
+    table = sdata.tables["table"]
+    coords = np.random.default_rng(0).standard_normal((table.n_obs, 2)).astype(np.float32)
+    table.obsm["X_umap"] = coords  # as sc.pp.neighbors(use_rep='X_stranker'); sc.tl.umap() leave it
+    table.uns["neighbors"] = {"params": {"use_rep": "X_stranker"}}
+    table.uns["umap"] = {"params": {}}
+    ax = sr.pl.embedding(sdata, color="section", show=False)
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_offsets()), coords, rtol=1e-6)
+    # `basis=` names the coordinates to draw; every section must hold them
+    table.obsm["X_mine"] = coords[:, ::-1].copy()
+    ax = sr.pl.embedding(sdata, basis="X_mine", color="section", show=False)
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_offsets()), coords[:, ::-1], rtol=1e-6)
+    with pytest.raises(InputError, match="X_nope"):
+        sr.pl.embedding(sdata, basis="X_nope", show=False)
+    # the legend sits right of the axes: the saved file holds it (a tight bounding box)
+    table.obs["area"] = np.where(np.arange(table.n_obs) % 2, "a rather long region name", "another long one")
+    ax = sr.pl.embedding(sdata, basis="X_mine", color="area", show=False, save=tmp_path / "e.png")
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    left = fig.get_tightbbox(renderer).x0 * fig.dpi  # the blank margin left of the axes
+    assert legend.x1 - left > fig.bbox.x1  # drawn beyond the figure's own box
+    assert Image.open(tmp_path / "e.png").size[0] >= legend.x1 - left
+    plt.close("all")
 
 
 def test_import_of_stranker_does_not_import_matplotlib():

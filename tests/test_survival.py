@@ -25,7 +25,7 @@ def cohort(slide_cohort):
 
 def test_coxnet_cindex_beats_chance_close_to_the_oracle(cohort, slide_cohort):
     clinical = slide_cohort[1]
-    res = sr.tl.survival(cohort, model="coxnet", cv=5, seed=0)
+    res = sr.tl.survival(cohort, method="coxnet", cv=5, seed=0)
     oracle = _oracle(clinical, res["fold"])
     assert res["c_index"] > 0.65 and res["c_index_pooled"] > 0.65
     assert res["c_index"] > oracle - 0.15, (res["c_index"], oracle)
@@ -63,7 +63,7 @@ def test_folds_are_seeded_and_stratified_by_event(cohort):
 
 def test_other_survival_models_and_attention_beside_them(cohort):
     for model, kw in (("coxph", {"n_pcs": 8}), ("rsf", {}), ("attention", {"epochs": 80})):
-        res = sr.tl.survival(cohort, model=model, **kw)
+        res = sr.tl.survival(cohort, method=model, **kw)
         assert res["c_index"] > 0.6, (model, res["c_index"])
     assert set(cohort.uns["stranker_survival"]) == {"coxph", "rsf", "attention"}
 
@@ -75,7 +75,7 @@ def test_classify_auc_and_outputs(cohort):
     proba = cohort.obsm["stranker_proba"]
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
     assert list(cohort.obs["stranker_pred"].cat.categories) == ["low", "high"]
-    att = sr.tl.classify(cohort, label="label", model="attention", epochs=80)
+    att = sr.tl.classify(cohort, label="label", method="attention", epochs=80)
     assert att["auc"] > 0.65
     assert set(cohort.uns["stranker_classify"]) == {"logistic", "attention"}
     # several classes: one-vs-rest AUC
@@ -127,15 +127,60 @@ def test_too_few_slides_and_missing_inputs(cohort):
     with pytest.raises(InputError, match="keep_tiles=True"):
         bare = cohort.copy()
         del bare.uns["stranker_tiles"]
-        sr.tl.survival(bare, model="attention")
+        sr.tl.survival(bare, method="attention")
     with pytest.raises(InputError, match="embed_slides"):
         sr.tl.survival(cohort, use_rep="X_missing")
-    with pytest.raises(InputError, match="model"):
-        sr.tl.survival(cohort, model="cox")
+    with pytest.raises(InputError, match="`method` must be one of"):
+        sr.tl.survival(cohort, method="cox")
     one = cohort.copy()
     one.obs["label"] = "x"
     with pytest.raises(InputError, match="single class"):
         sr.tl.classify(one)
+
+
+def test_old_model_argument_still_works_with_a_future_warning(cohort):
+    with pytest.warns(FutureWarning, match="`model=` is renamed `method=`"):
+        old = sr.tl.survival(cohort.copy(), model="coxph", n_pcs=4)
+    new = sr.tl.survival(cohort.copy(), method="coxph", n_pcs=4)
+    assert old["c_index"] == new["c_index"] and new["method"] == "coxph"
+    with pytest.warns(FutureWarning, match="`model=` is renamed `method=`"):
+        assert sr.tl.classify(cohort.copy(), model="logistic")["method"] == "logistic"
+    with pytest.raises(TypeError, match="both"):
+        sr.tl.survival(cohort, model="coxph", method="coxph")
+
+
+def test_one_log_line_names_what_was_written(cohort, caplog):
+    import logging
+
+    log = logging.getLogger("stranker")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="stranker")
+    try:
+        sr.tl.survival(cohort, method="coxph", n_pcs=4)
+    finally:
+        log.removeHandler(caplog.handler)
+    written = [r.getMessage() for r in caplog.records if "stranker_risk" in r.getMessage()]
+    assert written == ["Added obs['stranker_risk'], uns['stranker_survival'] to the cohort."]
+
+
+def test_copy_returns_a_written_copy_and_leaves_the_cohort(cohort):
+    before = (set(cohort.obs), set(cohort.uns), set(cohort.obsm))
+    out = sr.tl.survival(cohort, method="coxph", n_pcs=4, copy=True)
+    assert out is not cohort and "stranker_risk" in out.obs and "coxph" in out.uns["stranker_survival"]
+    out = sr.tl.classify(cohort, copy=True)
+    assert "stranker_proba" in out.obsm and "logistic" in out.uns["stranker_classify"]
+    assert (set(cohort.obs), set(cohort.uns), set(cohort.obsm)) == before
+
+
+def test_seed_defaults_to_settings(cohort):
+    before = sr.settings.seed
+    try:
+        sr.settings.seed = 4
+        a = sr.tl.survival(cohort.copy())
+    finally:
+        sr.settings.seed = before
+    np.testing.assert_array_equal(a["fold"], sr.tl.survival(cohort.copy(), seed=4)["fold"])
+    assert not np.array_equal(a["fold"], sr.tl.survival(cohort.copy(), seed=before)["fold"])
 
 
 def test_kaplan_meier_splits_by_risk(cohort, tmp_path):
@@ -150,6 +195,8 @@ def test_kaplan_meier_splits_by_risk(cohort, tmp_path):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0].startswith("low risk") and labels[1].startswith("high risk")
     assert ax.stranker_logrank[1] < 0.05  # the out-of-fold risk separates the curves
+    title = ax.get_title()
+    assert title.startswith("Slides by predicted risk (log-rank p = ") and "stranker_" not in title
     _, ax3 = plt.subplots()
     assert sr.pl.kaplan_meier(cohort, groups=3, ax=ax3) is ax3
     assert len(ax3.get_legend().get_texts()) == 3

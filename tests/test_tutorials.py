@@ -18,8 +18,13 @@ def _scripts():
     return sorted(p.name for p in TUTORIALS.glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_three_tutorials():
-    assert _scripts()[:3] == ["01_quickstart.py", "02_her2st.py", "03_image_only.py"]
+def test_the_readme_names_every_tutorial():
+    assert _scripts()[:4] == ["01_quickstart.py", "02_her2st.py", "03_image_only.py", "04_cohort.py"]
+    readme = (TUTORIALS.parent / "README.md").read_text()
+    words = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+    assert f"holds {words[len(_scripts())]} notebooks" in readme
+    for name in _scripts():
+        assert f"`{name[:-3]}`" in readme, f"README does not describe tutorials/{name}"
 
 
 @pytest.mark.parametrize("name", _scripts())
@@ -32,7 +37,10 @@ def test_tutorial_is_a_jupytext_notebook(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _scripts())
+@pytest.mark.timeout(1000)  # each runs in a subprocess limited to 900 s
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.her2st) if NEEDS.get(n) == "her2st" else n for n in _scripts()]
+)
 def test_tutorial_runs(name, tmp_path):
     if NEEDS.get(name) == "her2st" and not all(has_her2st(s) for s in ("C2", "C3", "C4", "C5")):
         pytest.skip(f"her2st sections C2-C5 not found in {her2st_dir()}")

@@ -123,7 +123,15 @@ sc.tl.leiden(table, flavor="igraph", n_iterations=2, directed=False, random_stat
 print(table.obs["leiden"].value_counts().to_dict())
 
 # %%
-sc.pl.embedding(table, basis="spatial", color="leiden", size=60)
+ax = sc.pl.embedding(table, basis="spatial", color="leiden", size=60, show=False)
+ax.invert_yaxis()  # image rows grow downwards: the same orientation as the gene maps above
+ax.set_aspect("equal")
+plt.show()
+
+# %% [markdown]
+# A UMAP of the same neighbour graph: `sr.pl.embedding` draws the one scanpy stored (it was
+# computed from `X_stranker`) instead of computing its own.
 
 # %%
+sc.tl.umap(table, random_state=0)
 sr.pl.embedding(test, color="leiden")

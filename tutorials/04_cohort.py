@@ -84,13 +84,13 @@ print("tiles per slide:", cohort.obs["stranker_n_tiles"].describe()[["min", "50%
 #
 # Folds are stratified by event and fixed by `seed`, so every model sees the same splits. Inside a
 # fold, features are standardised on the training slides only. With more than 20 % censoring, Uno's
-# C is reported beside Harrell's. `model='attention'` trains a gated-attention MIL network on the tile
+# C is reported beside Harrell's. `method='attention'` trains a gated-attention MIL network on the tile
 # bags with the Cox partial likelihood, on the same folds.
 
 # %%
 rows = {}
 for name in ("coxnet", "attention"):
-    res = sr.tl.survival(cohort, model=name, cv=cv, seed=0, epochs=mil_epochs)
+    res = sr.tl.survival(cohort, method=name, cv=cv, seed=0, epochs=mil_epochs)
     rows[name] = {"C-index": res["c_index"], "sd": res["c_index_sd"], "Uno C": res["c_index_uno"]}
 fold = res["fold"]
 t, e, r = clinical["time"].to_numpy(), clinical["event"].to_numpy(), clinical["risk"].to_numpy()
@@ -114,7 +114,7 @@ print("C-index with shuffled survival:", round(sr.tl.survival(shuffled, cv=cv)["
 
 # %%
 for name in ("logistic", "attention"):
-    res = sr.tl.classify(cohort, label="label", model=name, cv=cv, epochs=mil_epochs)
+    res = sr.tl.classify(cohort, label="label", method=name, cv=cv, epochs=mil_epochs)
     print(f"{name}: AUC {res['auc']:.3f} ± {res['auc_sd']:.3f}, "
           f"balanced accuracy {res['balanced_accuracy']:.3f}")
 
@@ -125,6 +125,6 @@ for name in ("logistic", "attention"):
 # `obs['stranker_risk']`; re-run coxnet to plot it).
 
 # %%
-sr.tl.survival(cohort, model="coxnet", cv=cv)
+sr.tl.survival(cohort, method="coxnet", cv=cv)
 ax = sr.pl.kaplan_meier(cohort, show=False)
 print("log-rank p-value:", ax.stranker_logrank[1])

@@ -9,9 +9,13 @@ __all__ = ["datasets", "io", "pl", "pp", "settings", "tl", "__version__"]
 
 
 def __getattr__(name: str):
-    # The model class pulls in torch: import it only when asked for.
+    # The model class and the torch-only packages pull in torch: import them only when asked for.
     if name == "Model":
         from .tl._model import Model
 
         return Model
+    if name in ("model", "train"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'stranker' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``stranker demo`` and ``stranker fit``."""
+"""Command line: ``stranker demo``, ``stranker fit`` and ``stranker predict``."""
 
 from __future__ import annotations
 
@@ -43,11 +43,22 @@ def _demo(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # a file, never a window
     shown = [genes[i] for i in np.argsort(-y.std(0), kind="stable")[:2]]
     png = out / "stranker_demo_gene_map.png"
-    fig = sr.pl.gene_map(test, shown, show=False, max_px=250, panel_size=3.5)
-    _compact_png(fig, png)
+    demo_figure(test, shown, png)
     print(f"  gene map of the two most variable genes ({', '.join(shown)}), measured beside predicted: {png}")
     print(f"  done in {time.perf_counter() - t0:.0f} s on {model.meta['device']}")
     return 0
+
+
+def demo_figure(test, genes: list[str], png) -> None:
+    """Draw the demo's gene map of the held-out synthetic section into a small PNG."""
+    import stranker as sr
+
+    table = test.tables["table"]
+    table.uns.setdefault("microns_per_pixel", table.uns["synthetic"]["microns_per_pixel"])  # the scale bar
+    fig = sr.pl.gene_map(test, genes, show=False, max_px=300, panel_size=3.0)
+    fig.suptitle(f"Held-out section S{table.uns['synthetic']['section']} (not seen in training): "
+                 "measured | predicted from the H&E", fontsize="medium")
+    _compact_png(fig, png)
 
 
 def launch_command(argv: list[str], nproc: int) -> list[str]:
@@ -64,14 +75,14 @@ def launch_command(argv: list[str], nproc: int) -> list[str]:
             "-m", "stranker._cli", *rest]
 
 
-def _compact_png(fig, path, colors: int = 200, dpi: int = 70) -> None:
+def _compact_png(fig, path, colors: int = 64, dpi: int = 100) -> None:
     """Write a figure as a small palette PNG (the H&E texture would make a full-colour one large)."""
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     img = Image.open(buf).convert("RGB")
     pal = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     pal.save(path, optimize=True)
@@ -117,12 +128,13 @@ def _fit(args: argparse.Namespace) -> int:
         genes = [g.strip() for g in open(genes[0]) if g.strip()]
     elif genes and len(genes) == 1 and genes[0] in ("hvg", "heg"):
         genes = genes[0]
+    options = {} if args.image_size is None else {"image_size": args.image_size}
     model = sr.tl.fit(
         data if len(data) > 1 else data[0], genes=genes, method=args.method, backbone=args.backbone,
         weights=args.weights, pretrained=args.pretrained, freeze=_freeze(args.freeze),
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume, layer=args.layer,
-        stream={"auto": None, "yes": True, "no": False}[args.stream],
+        n_top_genes=args.n_top_genes, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        layer=args.layer, stream={"auto": None, "yes": True, "no": False}[args.stream], **options,
     )
     if distributed.rank() == 0:
         model.save(args.out, overwrite=args.overwrite)
@@ -135,32 +147,97 @@ def _freeze(value: str | None) -> bool | str | None:
     return {"yes": True, "no": False, None: None}.get(value, value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``stranker`` command."""
+def write_store(sdata, target, *, replace: bool) -> None:
+    """Write a SpatialData to ``target`` whole or not at all: into a sibling temp folder, then renamed.
+
+    With ``replace``, an existing ``target`` is swapped out only after the new store is complete.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    target = Path(target)
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it.")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        sdata.write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not target.exists():
+        tmp.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import spatialdata as sd
+
+    import stranker as sr
+
+    model = sr.Model.load(args.model)
+    src = Path(args.zarr)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found: pass a SpatialData .zarr store.")
+    out = Path(args.out) if args.out else src
+    if args.out and out.resolve() == src.resolve():
+        raise ValueError("--out names the input store; leave --out out to write into it in place.")
+    if args.out and out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
+    sdata = sd.read_zarr(src)
+    sr.tl.predict(model, sdata, key_added=args.key_added, device=args.device, bin_size=args.bin_size)
+    write_store(sdata, out, replace=True)
+    print(f"predictions of {len(model.genes)} genes written to {out} (key '{args.key_added}')")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """Build the ``stranker`` argument parser with its subcommands."""
+    import stranker
+
     p = argparse.ArgumentParser(prog="stranker",
                                 description="Ranking-aligned image-gene models on H&E slides.")
+    p.add_argument("--version", action="version", version=f"stranker {stranker.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="fit on the embedded synthetic dataset and score a held-out section")
-    d.add_argument("--epochs", type=int, default=8)
-    d.add_argument("--n-spots", type=int, default=200)
-    d.add_argument("--n-genes", type=int, default=100)
-    d.add_argument("--backbone", default="resnet18")
+    d = sub.add_parser("demo", help="fit on the embedded synthetic dataset and score a held-out section",
+                       description="Fit on three synthetic sections, predict the fourth, print the scores "
+                                   "and draw measured beside predicted expression (minutes on a laptop CPU).")
+    d.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    d.add_argument("--n-spots", type=int, default=200, help="spots per synthetic section (default 200)")
+    d.add_argument("--n-genes", type=int, default=100, help="genes modelled (default 100)")
+    d.add_argument("--backbone", default="resnet18",
+                   help="timm image backbone (default resnet18; 'test_resnet' is tiny, for a quick try)")
     d.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="pretrained backbone weights (default: random, the demo runs offline)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--out", default=None,
                    help="folder for the model and the gene-map PNG (default: the PNG only, here)")
     d.set_defaults(func=_demo)
-    f = sub.add_parser("fit", help="fit on SpatialData zarr stores and save the model")
+    f = sub.add_parser("fit", help="fit on SpatialData zarr stores and save the model",
+                       description="Fit an image-gene model on SpatialData .zarr stores (image, spots, table "
+                                   "of raw counts) and save it to a folder that `stranker predict` and "
+                                   "sr.Model.load read. For a quick try: --backbone test_resnet --epochs 1.")
     f.add_argument("zarr", nargs="+", help="SpatialData .zarr stores (one per section)")
     f.add_argument("--out", required=True, help="folder to save the model in")
     f.add_argument("--genes", nargs="*", default=None,
-                   help="gene names, a .txt file of names, 'hvg' or 'heg'")
+                   help="gene names, a .txt file of names, 'hvg' or 'heg' (default: var['stranker_selected'] "
+                        "when set, else 'hvg')")
+    f.add_argument("--n-top-genes", type=int, default=1000,
+                   help="genes chosen by 'hvg' / 'heg' (default 1000)")
     f.add_argument("--method", default="stranker",
-                   choices=["stranker", "stnet", "bleep", "mclstexp", "rankbygene"])
+                   choices=["stranker", "stnet", "bleep", "mclstexp", "rankbygene"],
+                   help="training recipe (default stranker)")
     f.add_argument("--backbone", default=None,
                    help="timm name, hf-hub:ORG/NAME or a named foundation model: uni, uni2-h, h-optimus-0, "
-                        "h-optimus-1, virchow2, gigapath, phikon, resnet50, densenet121 (default resnet18)")
+                        "h-optimus-1, virchow2, gigapath, phikon, resnet50, densenet121 (default resnet18; "
+                        "'test_resnet' is tiny, for a quick try with --no-pretrained)")
     f.add_argument("--weights", default=None, help="local state dict of the backbone")
     f.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="pretrained weights: --weights, the Hugging Face cache or a download; an error "
@@ -168,14 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--freeze", default=None,
                    help="yes (train the heads only), no (fine-tune), last:N (its last N blocks); default: "
                         "frozen for named foundation models")
-    f.add_argument("--epochs", type=int, default=None)
-    f.add_argument("--batch-size", type=int, default=None)
-    f.add_argument("--device", default=None)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--image-size", type=int, default=None,
+                   help="pixels per side fed to the backbone (default: the method's, 112 for stranker)")
+    f.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
+    f.add_argument("--batch-size", type=int, default=None,
+                   help="spots per batch (default: the method's)")
+    f.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
+    f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     f.add_argument("--layer", default=None, help="layer of raw counts (default X)")
-    f.add_argument("--checkpoint-dir", default=None)
-    f.add_argument("--resume", action="store_true")
-    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--checkpoint-dir", default=None,
+                   help="folder to save the training state in after every epoch")
+    f.add_argument("--resume", action="store_true", help="continue from the last state in --checkpoint-dir")
+    f.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
     f.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
                    help="stream training patches from disk (auto: when beyond sr.settings.max_patch_memory)")
     f.add_argument("--num-workers", type=_at_least(0), default=None,
@@ -186,8 +267,25 @@ def main(argv: list[str] | None = None) -> int:
                         "yourself: torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d "
                         "--rdzv-endpoint HOST:PORT -m stranker._cli fit ...")
     f.set_defaults(func=_fit)
+    r = sub.add_parser("predict", help="predict expression on a SpatialData zarr store with a saved model",
+                       description="Predict expression and image embeddings with a model saved by "
+                                   "`stranker fit` (or sr.Model.save). Results are written into the store "
+                                   "(or into a new store at --out), whole or not at all.")
+    r.add_argument("model", help="model folder written by `stranker fit --out`")
+    r.add_argument("zarr", help="SpatialData .zarr store (a section with spots, or a whole slide)")
+    r.add_argument("--out", default=None, help="write the result to this new store instead of in place")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    r.add_argument("--key-added", default="stranker", help="prefix of the written keys (default stranker)")
+    r.add_argument("--bin-size", type=int, default=None, help="Visium HD: bin size in µm (2, 8 or 16)")
+    r.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
+    r.set_defaults(func=_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stranker`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)

@@ -101,3 +101,8 @@ class _Settings:
 
 
 settings = _Settings()
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed`` as an int, or ``sr.settings.seed`` when it is ``None``."""
+    return settings.seed if seed is None else int(seed)

@@ -65,42 +65,42 @@ def write_results(
     var: dict[str, np.ndarray] | None = None,
     uns: dict[str, Any] | None = None,
 ) -> None:
-    """Assign results to the table of one section and log each key added."""
+    """Assign results to the table of one section and log one line naming the keys added."""
     t = sp.table
-    where = f"table of {sp.name!r}"
     for k, v in (layers or {}).items():
         if hasattr(v, "tocsr"):  # sparse
             t.layers[k] = _full_sparse(v, sp, t.layers.get(k))
         else:
             t.layers[k] = v if sp.is_full_table else _full(np.asarray(v), sp, t.layers.get(k))
-        logger.info(f"Adding `layers[{k!r}]` to the {where}")
     for k, v in (obsm or {}).items():
         t.obsm[k] = _full(np.asarray(v), sp, t.obsm.get(k))
-        logger.info(f"Adding `obsm[{k!r}]` to the {where}")
     for k, v in (obs or {}).items():
         t.obs[k] = _full(np.asarray(v), sp, t.obs[k].to_numpy() if k in t.obs else None)
-        logger.info(f"Adding `obs[{k!r}]` to the {where}")
     for k, v in (var or {}).items():
         t.var[k] = v
-        logger.info(f"Adding `var[{k!r}]` to the {where}")
     for k, v in (uns or {}).items():
         t.uns[k] = v
-        logger.info(f"Adding `uns[{k!r}]` to the {where}")
+    _log_added(f"the table of {sp.name!r}", layers=layers, obsm=obsm, obs=obs, var=var, uns=uns)
 
 
 def write_cohort(
     adata: Any, *, obs: dict | None = None, obsm: dict | None = None, uns: dict | None = None
 ) -> None:
-    """Assign slide-level results to a cohort AnnData (one row per slide) and log each key added."""
+    """Assign slide-level results to a cohort AnnData (one row per slide) and log the keys added."""
     for k, v in (obs or {}).items():
         adata.obs[k] = v
-        logger.info(f"Adding `obs[{k!r}]` to the cohort")
     for k, v in (obsm or {}).items():
         adata.obsm[k] = np.asarray(v)
-        logger.info(f"Adding `obsm[{k!r}]` to the cohort")
     for k, v in (uns or {}).items():
         adata.uns[k] = v
-        logger.info(f"Adding `uns[{k!r}]` to the cohort")
+    _log_added("the cohort", obs=obs, obsm=obsm, uns=uns)
+
+
+def _log_added(where: str, **fields: dict | None) -> None:
+    """One INFO line: ``Added layers['x'], obsm['X_x'] to <where>``."""
+    keys = [f"{field}[{k!r}]" for field, d in fields.items() for k in (d or {})]
+    if keys:
+        logger.info(f"Added {', '.join(keys)} to {where}.")
 
 
 def unique_tables(secs: list[Spots]) -> list[Spots]:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import modelled_genes, read_predictions
 from .._spots import InputError, Spots
 from ._utils import finish, measured, new_axes, sections
@@ -36,6 +37,7 @@ def gene_scores(
     return genes, r, heg
 
 
+@doc_params()
 def correlation(
     data: Any,
     *,
@@ -81,11 +83,8 @@ def correlation(
         File to write the figure to.
     ax
         Axes to draw into.
-    table_key, library_id
-        Which table / library when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_tables}
+    {doc_bin_size}
 
     Returns
     -------

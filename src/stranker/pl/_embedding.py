@@ -9,24 +9,39 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import modelled_genes, read_predictions
+from .._settings import logger, resolve_seed
 from .._spots import InputError
 from ._utils import finish, sections
 
 
-def embedding_anndata(data: Any, *, key: str = Keys.PREFIX, layer: str | None = None, **keys: Any):
+def embedding_anndata(
+    data: Any, *, key: str = Keys.PREFIX, layer: str | None = None, basis: str | None = None, **keys: Any
+):
     """Gather the spots of every section in a light AnnData (embedding, ``obs``, ``obs['section']``).
 
     ``X`` holds the predictions of the genes every section has in ``layers[layer]`` (so genes can
-    colour the plot too). The user's tables are not modified.
+    colour the plot too); ``obsm['X_umap']`` holds the coordinates to draw when ``basis`` names them,
+    or when the one section's table has a UMAP computed from its ``obsm['X_{key}']`` (scanpy records
+    ``use_rep`` in ``uns['neighbors']``). The user's tables are not modified.
     """
     import anndata as ad
     import pandas as pd
 
     secs = sections(data, **keys)
     rep = f"X_{key}"
-    blocks, obs, names = [], [], []
+    blocks, obs, names, coords = [], [], [], []
+    if basis is None and len(secs) == 1 and _umap_of(secs[0].table, rep):
+        basis = "X_umap"
     for sp in secs:
+        if basis is not None:
+            if basis not in sp.table.obsm:
+                raise InputError(
+                    f"`obsm[{basis!r}]` (`basis=`) not in the table of section {sp.name!r}; available: "
+                    f"{list(sp.table.obsm)}. Pass `basis=None` to compute a UMAP of `obsm[{rep!r}]`."
+                )
+            coords.append(np.asarray(sp.table.obsm[basis], dtype=np.float32)[sp.rows, :2])
         if rep not in sp.table.obsm:
             raise InputError(
                 f"`obsm[{rep!r}]` not in the table of section {sp.name!r}: "
@@ -52,17 +67,28 @@ def embedding_anndata(data: Any, *, key: str = Keys.PREFIX, layer: str | None = 
         x = np.concatenate([read_predictions(sp, lay, genes) for sp in secs]) if genes else x
     a = ad.AnnData(X=x, obs=obs_all, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     a.obsm[rep] = emb
+    if coords:
+        a.obsm["X_umap"] = np.concatenate(coords)
     return a
 
 
+def _umap_of(table: Any, rep: str) -> bool:
+    """Whether ``table`` holds a UMAP drawn from the neighbour graph of ``obsm[rep]`` (scanpy's record)."""
+    neighbors = table.uns.get("neighbors", {})
+    params = neighbors.get("params", {}) if isinstance(neighbors, dict) else {}
+    return "X_umap" in table.obsm and "umap" in table.uns and params.get("use_rep") == rep
+
+
+@doc_params()
 def embedding(
     data: Any,
     *,
     color: str | Sequence[str] | None = "section",
     key: str = Keys.PREFIX,
     layer: str | None = None,
+    basis: str | None = None,
     n_neighbors: int = 15,
-    seed: int = 0,
+    seed: int | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
     ax: Any = None,
@@ -73,8 +99,10 @@ def embedding(
 ):
     """UMAP of the image embedding ``obsm[f'X_{key}']`` of one or several sections.
 
-    The neighbour graph and UMAP are computed with scanpy on a light copy (the user's tables are
-    not changed) and drawn with :func:`scanpy.pl.umap`.
+    An existing UMAP is drawn as it is: ``obsm[basis]``, or, for one section, ``obsm['X_umap']`` when
+    scanpy computed it from ``obsm[f'X_{key}']`` (``sc.pp.neighbors(adata, use_rep='X_stranker');
+    sc.tl.umap(adata)``). Otherwise the neighbour graph and UMAP are computed with scanpy on a light
+    copy (the user's tables are not changed). Drawn with :func:`scanpy.pl.umap`.
 
     Parameters
     ----------
@@ -87,21 +115,20 @@ def embedding(
         The ``key_added`` of fit / predict: the embedding is ``obsm[f'X_{key}']``.
     layer
         Layer of predicted expression for colouring by gene; default ``key``.
+    basis
+        ``obsm`` key of 2-D coordinates to draw (e.g. ``'X_umap'``) instead of computing a UMAP.
     n_neighbors
-        Neighbours of the kNN graph.
+        Neighbours of the kNN graph (when a UMAP is computed).
     seed
-        Random state of UMAP.
+        Random state of UMAP (default ``sr.settings.seed``).
     show
         Show the figure; ``None`` shows it unless ``save`` is given.
     save
         File to write the figure to.
     ax
         Axes to draw into (one colour key).
-    table_key, library_id
-        Which table / library when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_tables}
+    {doc_bin_size}
     **kwargs
         Passed to :func:`scanpy.pl.umap` (``palette``, ``size``, ``legend_loc``, ...).
 
@@ -112,7 +139,7 @@ def embedding(
     import scanpy as sc
 
     a = embedding_anndata(
-        data, key=key, layer=layer, table_key=table_key, library_id=library_id, bin_size=bin_size
+        data, key=key, layer=layer, basis=basis, table_key=table_key, library_id=library_id, bin_size=bin_size
     )
     colors = [color] if isinstance(color, str) or color is None else list(color)
     unknown = [c for c in colors if c is not None and c not in a.obs and c not in a.var_names]
@@ -122,8 +149,12 @@ def embedding(
         )
     if a.n_obs < 3:
         raise InputError(f"UMAP needs at least 3 spots; got {a.n_obs}.")
-    sc.pp.neighbors(a, use_rep=f"X_{key}", n_neighbors=min(n_neighbors, a.n_obs - 1), random_state=seed)
-    sc.tl.umap(a, random_state=seed)
+    if "X_umap" not in a.obsm:
+        seed = resolve_seed(seed)
+        logger.info(f"Computing a UMAP of `obsm['X_{key}']` for this plot (compute it once with "
+                    f"`sc.pp.neighbors(adata, use_rep='X_{key}'); sc.tl.umap(adata)` to reuse it).")
+        sc.pp.neighbors(a, use_rep=f"X_{key}", n_neighbors=min(n_neighbors, a.n_obs - 1), random_state=seed)
+        sc.tl.umap(a, random_state=seed)
     out = sc.pl.umap(a, color=color, ax=ax, show=False, **kwargs)
     first = out[0] if isinstance(out, list) else out
     return finish(first.figure, out, show=show, save=save)

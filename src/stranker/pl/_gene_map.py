@@ -1,4 +1,4 @@
-"""sr.pl.gene_map: measured beside predicted expression over the H&E, one colour scale per gene."""
+"""sr.pl.gene_map: measured beside predicted expression over the H&E, one colour scale per gene or panel."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import read_predictions
 from .._spots import InputError, Spots
 from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
@@ -72,6 +73,7 @@ def _spacing(centers: np.ndarray) -> float:
     return float(np.median(dist[:, 1])) or 1.0
 
 
+@doc_params()
 def gene_map(
     data: Any,
     genes: str | Sequence[str],
@@ -83,6 +85,8 @@ def gene_map(
     cmap: str = "viridis",
     vmin: float | str | None = None,
     vmax: float | str | None = None,
+    scale: str = "shared",
+    scalebar: bool = True,
     size: float = 1.0,
     lighten_image: float = 0.35,
     max_px: int = 800,
@@ -101,7 +105,8 @@ def gene_map(
 
     Each gene gets one row: the measured expression (``log1p(counts / total * target_sum)``, the
     scale the model predicts on) beside the prediction in ``layers[layer]``, with one colour scale
-    and one colour bar shared by the two, and Pearson r across the section's spots in the title.
+    and one colour bar shared by the two (or one each, ``scale='separate'``), and Pearson r across
+    the section's spots in the title.
     A section without measured expression (such as the ``'stranker_table'`` that
     :func:`stranker.tl.predict` adds to an image-only slide) shows the prediction only. Spots are
     drawn as filled circles of their real diameter over a lightened thumbnail of the image, read at
@@ -127,7 +132,14 @@ def gene_map(
         Matplotlib colour map.
     vmin, vmax
         Limits of each gene's colour scale: numbers, percentiles such as ``'p99'``, or ``None`` for
-        the 1st and 99th percentiles of the measured and predicted values of that gene together.
+        the 1st and 99th percentiles of the measured and predicted values of that gene together
+        (of each panel's own values with ``scale='separate'``).
+    scale
+        ``'shared'``: measured and predicted share one colour scale, so equal colours are equal
+        values; ``'separate'``: each panel has its own scale and colour bar, which shows the spatial
+        pattern of a prediction that is right in shape but compressed in range (r is unchanged).
+    scalebar
+        Draw a scale bar (in µm) on the first panel of each section whose resolution is known.
     size
         Spot diameter as a multiple of the real one.
     lighten_image
@@ -144,11 +156,8 @@ def gene_map(
         File to write the figure to (format from the suffix, e.g. ``'gene_map.png'``).
     ax
         Axes to draw into: one per panel (2 per gene with measurements, 1 without).
-    image_key, shapes_key, table_key, library_id
-        Which elements to use when an object has several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_elements}
+    {doc_bin_size}
 
     Returns
     -------
@@ -160,10 +169,11 @@ def gene_map(
     >>> sr.pl.gene_map(sdata, ["ERBB2", "CD74"], save="gene_map.png")  # doctest: +SKIP
     """
     from matplotlib import colormaps
-    from matplotlib.colors import Normalize
 
     from ..tl._evaluate import pearson_per_gene
 
+    if scale not in ("shared", "separate"):
+        raise InputError(f"`scale` must be 'shared' or 'separate', got {scale!r}.")
     genes = [genes] if isinstance(genes, str) else list(genes)
     if not genes:
         raise InputError("`genes` is empty: name at least one gene.")
@@ -191,33 +201,64 @@ def gene_map(
     ncol = 2 if paired else max(1, min(ncols, n_panels))
     fig, axes = new_axes(n_panels, ax, ncols=ncol, panel=(panel_size, panel_size), what="gene_map")
     if ax is None:  # panels take the section's aspect; room for titles and one colour bar per gene
-        _fit_size(
-            fig, secs[0], panel_size, ncols=ncol, nrows=-(-n_panels // ncol), bars=1 if paired else ncol
-        )
+        bars = (2 if scale == "separate" else 1) if paired else ncol
+        _fit_size(fig, secs[0], panel_size, ncols=ncol, nrows=-(-n_panels // ncol), bars=bars)
     prefix = len(secs) > 1
     k = 0
     for sp, pred, meas, r in rows:
         thumb = thumbnail(sp, max_px=max_px)
+        first = k
         for j, gene in enumerate(genes):
             both = pred[:, j] if meas is None else np.concatenate([pred[:, j], meas[:, j]])
-            lo, hi = limit(vmin, both, 1.0), limit(vmax, both, 99.0)
-            if hi <= lo:
-                hi = lo + 1e-6
-            norm = Normalize(vmin=lo, vmax=hi)
+            norm = _norm(both, vmin, vmax)
             name = f"{sp.name}: {gene}" if prefix else gene
-            opts = dict(cmap=colormap, norm=norm, size=size, lighten_by=lighten_image)
+            opts = dict(cmap=colormap, size=size, lighten_by=lighten_image)
             if meas is not None:
-                _panel(axes[k], sp, thumb, meas[:, j], title=f"{name} measured", **opts)
+                own = scale == "separate"
+                m_norm = _norm(meas[:, j], vmin, vmax) if own else norm
+                p_norm = _norm(pred[:, j], vmin, vmax) if own else norm
+                m_coll = _panel(axes[k], sp, thumb, meas[:, j], title=f"{name} measured", norm=m_norm, **opts)
                 rj = r[j]
                 rtxt = "r = n/a" if not np.isfinite(rj) else f"r = {rj:.2f}"
-                coll = _panel(axes[k + 1], sp, thumb, pred[:, j], title=f"{name} predicted ({rtxt})", **opts)
-                fig.colorbar(coll, ax=[axes[k], axes[k + 1]], shrink=0.8, pad=0.02, label="log1p expression")
+                coll = _panel(axes[k + 1], sp, thumb, pred[:, j], title=f"{name} predicted ({rtxt})",
+                              norm=p_norm, **opts)
+                if own:
+                    fig.colorbar(m_coll, ax=axes[k], shrink=0.8, pad=0.02)
+                    fig.colorbar(coll, ax=axes[k + 1], shrink=0.8, pad=0.02, label="log1p expression")
+                else:
+                    pair = [axes[k], axes[k + 1]]
+                    fig.colorbar(coll, ax=pair, shrink=0.8, pad=0.02, label="log1p expression")
                 k += 2
             else:
-                coll = _panel(axes[k], sp, thumb, pred[:, j], title=f"{name} predicted", **opts)
+                coll = _panel(axes[k], sp, thumb, pred[:, j], title=f"{name} predicted", norm=norm, **opts)
                 fig.colorbar(coll, ax=axes[k], shrink=0.8, pad=0.02, label="log1p expression")
                 k += 1
+        if scalebar and sp.microns_per_pixel:
+            _scalebar(axes[first], float(sp.microns_per_pixel))
     return finish(fig, fig, show=show, save=save)
+
+
+def _scalebar(ax: Any, mpp: float) -> None:
+    """Draw a bar of a round length in µm, about a fifth of the panel wide, in the lower left corner."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    left, right = ax.get_xlim()
+    want = abs(right - left) * mpp / 5  # µm
+    um = max(n * 10.0**e for e in range(-1, 6) for n in (1, 2, 5) if n * 10.0**e <= max(want, 0.1))
+    label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+    bar = AnchoredSizeBar(ax.transData, um / mpp, label, "lower left", pad=0.3, borderpad=0.4, sep=3,
+                          frameon=True, size_vertical=0, color="black")
+    bar.patch.set(facecolor="white", alpha=0.85, edgecolor="none")
+    bar.stranker_um = um
+    ax.add_artist(bar)
+
+
+def _norm(values: np.ndarray, vmin: float | str | None, vmax: float | str | None) -> Any:
+    """Colour normalisation of ``values``: limits from ``vmin`` / ``vmax`` (default 1st-99th percentile)."""
+    from matplotlib.colors import Normalize
+
+    lo, hi = limit(vmin, values, 1.0), limit(vmax, values, 99.0)
+    return Normalize(vmin=lo, vmax=max(hi, lo + 1e-6))
 
 
 def _fit_size(fig: Any, sp: Spots, width: float, *, ncols: int, nrows: int, bars: int) -> None:

@@ -41,7 +41,8 @@ def kaplan_meier(
     save
         Save the figure to this path.
     title
-        Axes title; default names the risk column.
+        Axes title; default "Slides by predicted risk" (or by the ``risk`` column named) with the
+        log-rank p-value.
 
     Returns
     -------
@@ -94,7 +95,9 @@ def kaplan_meier(
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.05)
     ax.legend(frameon=False, loc="lower left")
-    ax.set_title(title or f"{risk}: log-rank p = {pvalue:.2g}")
+    default_risk = risk == f"{Keys.PREFIX}_{Keys.RISK}" or risk.endswith(f"_{Keys.RISK}")
+    what = "predicted risk" if default_risk else f"`{risk}`"
+    ax.set_title(title or f"Slides by {what} (log-rank p = {pvalue:.2g})")
     ax.stranker_logrank = (float(chisq), float(pvalue))
     if save:
         ax.figure.savefig(save, bbox_inches="tight", dpi=150)

@@ -46,11 +46,12 @@ def new_axes(n: int, ax: Any, *, ncols: int, panel: tuple[float, float], what: s
 def finish(fig: Any, ret: Any, *, show: bool | None, save: str | os.PathLike | None, dpi: int | None = None):
     """Save to ``save`` (format from its suffix), show, and return ``ret`` when the figure is not shown.
 
-    ``show=None`` shows the figure unless it is being saved (scanpy shows by default too).
+    ``show=None`` shows the figure unless it is being saved (scanpy shows by default too). The saved
+    file holds everything drawn, legends outside the axes included (a tight bounding box).
     """
     plt = pyplot()
     if save is not None:
-        fig.savefig(os.fspath(save), dpi=dpi or fig.dpi)
+        fig.savefig(os.fspath(save), dpi=dpi or fig.dpi, bbox_inches="tight")
     if show is None:
         show = save is None
     if show:

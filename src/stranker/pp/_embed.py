@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from .._docs import doc_params
 from .._settings import logger, settings
 from .._spots import InputError, as_spots
 from .._write import maybe_copy, write_results
 from ._patches import PatchReader, check_inside, patch_size_px
 
 
+@doc_params()
 def embed_patches(
     data: Any,
     backbone: Any = "resnet18",
@@ -70,11 +72,8 @@ def embed_patches(
         ``obsm`` key; default ``'X_<backbone name>'``.
     copy
         Return a modified copy instead of writing in place.
-    image_key, shapes_key, table_key, library_id
-        Which elements to use when an object has several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_elements}
+    {doc_bin_size}
 
     Returns
     -------

@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sps
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
 from .._write import maybe_copy, unique_tables, write_results
@@ -46,6 +47,7 @@ def section_counts(sp: Spots, layer: str | None) -> Any:
     return mat
 
 
+@doc_params()
 def normalize(
     data: Any,
     *,
@@ -73,11 +75,8 @@ def normalize(
         Layer written.
     copy
         Return a modified copy instead of writing in place.
-    table_key, library_id
-        Which table / library when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_tables}
+    {doc_bin_size}
 
     Returns
     -------
@@ -201,6 +200,7 @@ def choose(
     return genes
 
 
+@doc_params()
 def select_genes(
     data: Any,
     *,
@@ -232,11 +232,8 @@ def select_genes(
         ``'heg'`` the candidates are the genes present in every section; how many were excluded is logged.
     key_added
         ``var`` column (bool) marking the chosen genes in each table.
-    table_key, library_id
-        Which table / library when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_tables}
+    {doc_bin_size}
 
     Returns
     -------

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .._docs import doc_params
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
 
@@ -157,6 +158,7 @@ def resize_batch(x: np.ndarray, out_px: int) -> np.ndarray:
     return t.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+@doc_params()
 def patches(
     data: Any,
     *,
@@ -195,14 +197,9 @@ def patches(
         Grey value for pixels beyond the image border (255: white background).
     on_outside
         ``'raise'`` (default) when a spot centre lies outside the image, ``'pad'`` to keep a padded patch.
-    image_key, shapes_key, table_key, library_id
-        Which elements to use when the object has several.
-    library_key
-        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
-        ``library_key``; default ``'library_id'``).
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_elements}
+    {doc_library_key}
+    {doc_bin_size}
 
     Returns
     -------

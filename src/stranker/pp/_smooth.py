@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sps
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._spots import InputError, as_spots
 from .._write import maybe_copy, write_results
 
@@ -32,6 +33,7 @@ def neighbour_weights(centers: np.ndarray, n_neighs: int = 6, include_self: bool
     return sps.diags(1.0 / deg) @ w
 
 
+@doc_params()
 def smooth(
     data: Any,
     *,
@@ -68,9 +70,7 @@ def smooth(
         Return a modified copy instead of writing in place.
     shapes_key, table_key, library_id
         Which elements when there are several.
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_bin_size}
 
     Returns
     -------

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .._settings import resolve_seed
 from .._spots import InputError
 
 
@@ -15,7 +16,7 @@ def split_sections(
     *,
     groups: Sequence[Any] | None = None,
     test_size: float | int = 0.25,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Split sections into training and test lists, never putting one group on both sides.
 
@@ -32,7 +33,7 @@ def split_sections(
     test_size
         Fraction of the groups (rounded, at least one, at most all but one) or a number of groups.
     seed
-        Random seed of the draw.
+        Random seed of the draw (default ``sr.settings.seed``).
 
     Returns
     -------
@@ -61,7 +62,7 @@ def split_sections(
         if not 0 < test_size < 1:
             raise InputError(f"`test_size` as a fraction must be in (0, 1), got {test_size}.")
         n_test = min(max(int(round(test_size * n_groups)), 1), n_groups - 1)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(resolve_seed(seed))
     test_groups = {uniq[i] for i in rng.permutation(n_groups)[:n_test]}
     is_test = [g in test_groups for g in labels.tolist()]
     return [s for s, t in zip(sections, is_test, strict=True) if not t], [

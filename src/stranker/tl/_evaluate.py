@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .._constants import Keys
+from .._deprecate import _UNSET
+from .._docs import doc_params
 from .._predictions import read_predictions
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
@@ -94,15 +97,17 @@ def _scored_genes(secs: list[Spots], key_added: str) -> tuple[list[str], list[st
     return genes, left
 
 
+@doc_params()
 def evaluate(
     data: Any,
     *,
-    layer: str = Keys.PREFIX,
+    key: str = _UNSET,
+    layer: str | None = None,
     genes: Sequence[str] | None = None,
     counts_layer: str | None = None,
     target_sum: float = 1e4,
     n_heg: int = 50,
-    key_added: str = Keys.PREFIX,
+    key_added: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
     library_key: str | None = None,
@@ -116,10 +121,13 @@ def evaluate(
     ----------
     data
         One or several sections that hold measured counts and ``layers[layer]``.
+    key
+        The ``key_added`` of :func:`stranker.tl.predict` to read: its genes ``uns[key]['genes']``
+        and, by default, its layer ``layers[key]``.
     layer
-        Predicted expression.
+        Predicted expression; default ``key``.
     genes
-        Genes to score; default the modelled genes predicted in every section (``uns[key_added]['genes']``;
+        Genes to score; default the modelled genes predicted in every section (``uns[key]['genes']``;
         modelled genes a table lacks are listed in ``genes_not_scored``, with a warning).
     counts_layer
         Layer of raw counts; ``None`` uses ``X``.
@@ -128,15 +136,11 @@ def evaluate(
     n_heg
         HEG = the ``n_heg`` genes most expressed in the evaluated spots (mclSTExp's definition).
     key_added
-        ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written.
-    table_key, library_id
-        Which table / library when there are several.
-    library_key
-        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
-        ``library_key``; default ``'library_id'``).
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+        ``var[f'{key_added}_pcc']`` and ``uns[key_added]['metrics']`` are written; default ``key``.
+        (Passed alone, it is still read as ``key`` too, with a FutureWarning: pass ``key=``.)
+    {doc_tables}
+    {doc_library_key}
+    {doc_bin_size}
 
     Returns
     -------
@@ -147,11 +151,23 @@ def evaluate(
     (``genes_undefined``) have no r (constant prediction or measurement) and are left out of every r
     figure; ``genes_not_scored`` lists modelled genes that some table lacks.
     """
+    if key is _UNSET and key_added is not None:
+        warnings.warn(
+            "sr.tl.evaluate(): `key_added=` alone also named the predictions to read; pass `key=` for "
+            "those (the key of sr.tl.predict). From the next release `key_added=` names only what is "
+            "written.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        key = key_added
+    key = Keys.PREFIX if key is _UNSET else key
+    key_added = key if key_added is None else key_added
+    layer = key if layer is None else layer
     secs = as_spots(data, table_key=table_key, library_id=library_id, library_key=library_key,
                     bin_size=bin_size, need_image=False)
     not_scored: list[str] = []
     if genes is None:
-        genes, not_scored = _scored_genes(secs, key_added)
+        genes, not_scored = _scored_genes(secs, key)
     genes = list(genes)
     pairs = [_pairs(sp, layer, genes, counts_layer, target_sum) for sp in secs]
     per = {sp.name: summarise(p, t, genes, n_heg) for sp, (p, t) in zip(secs, pairs, strict=True)}

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import genes_in_table, prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
@@ -80,6 +81,7 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     return resolve_genes(secs, list(genes), "raise")
 
 
+@doc_params()
 def fit(
     data: Any,
     *,
@@ -133,6 +135,8 @@ def fit(
         :func:`stranker.tl.backbones`), ``'hf-hub:ORG/NAME'`` or any timm model name (default
         ``'resnet18'``). A named model also sets the defaults of ``image_size`` and of the patch's
         physical size (``patch_um``, e.g. 224 px at 0.5 µm/px) to those it was trained at.
+        ``'test_resnet'`` is a tiny network for trying things in seconds on a CPU (with
+        ``pretrained=False``; its predictions mean nothing).
     weights
         Local state dict of the backbone (``.safetensors``, ``.pth``). Without it the pretrained weights
         come from the Hugging Face cache, else are downloaded (``sr.settings.allow_download``, not under
@@ -164,14 +168,9 @@ def fit(
         bytes. Both give the same model for the same seed.
     key_added
         Prefix of the written keys.
-    image_key, shapes_key, table_key, library_id
-        Which elements to use when an object has several.
-    library_key
-        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
-        ``library_key``; default ``'library_id'``).
-    bin_size
-        Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
-        ``table_key='square_{bin_size:03d}um'``.
+    {doc_elements}
+    {doc_library_key}
+    {doc_bin_size}
     aggregate
         Visium HD: sum the bins into square pseudo-spots as wide as the patch the model reads
         (:func:`stranker.io.aggregate_bins`; the table ``'square_{width:03d}um'`` and its squares are

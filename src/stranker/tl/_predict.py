@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._docs import doc_params
 from .._predictions import genes_in_table
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
-from .._write import write_results
+from .._write import maybe_copy, write_results
 from ..pp._patches import _TILE, check_inside
 from ._fit import write_outputs
 
@@ -166,6 +167,7 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     return TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
 
 
+@doc_params()
 def predict(
     model: Any,
     data: Any,
@@ -179,7 +181,8 @@ def predict(
     library_id: str | None = None,
     library_key: str | None = None,
     bin_size: int | None = None,
-) -> None:
+    copy: bool = False,
+) -> Any:
     """Predict expression and image embeddings on any section.
 
     Parameters
@@ -200,27 +203,27 @@ def predict(
         Tile side for image-only slides, in image pixels (default: the training spot size in µm at
         the slide's resolution). When only one of model and slide records its µm/px, tiling is
         refused unless ``tile_px`` is given (and spots are read with a warning).
-    image_key, shapes_key, table_key, library_id
-        Which elements when there are several.
-    library_key
-        AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
-        ``library_key``; default ``'library_id'``).
+    {doc_elements}
+    {doc_library_key}
     bin_size
         Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
         one spot: the model reads its own patch (its training width in µm) centred on the bin.
+    copy
+        Write into a copy of ``data`` and return it instead of ``None``.
 
     Returns
     -------
-    ``None``. On sections with spots and a table, writes ``obsm['X_{key_added}']``,
-    ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer of the modelled genes
-    beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
-    ``genes``: the genes written, to pass on, e.g. to ``sq.gr.spatial_autocorr``; ``genes_absent``:
-    modelled genes the table lacks, not written, with a warning; ``resampling``: slide and model
-    µm/px, their ratio ``factor``, the pyramid level read).
+    ``None`` (the copy with ``copy=True``). On sections with spots and a table, writes
+    ``obsm['X_{key_added}']``, ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer
+    of the modelled genes beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]``
+    (``in_sample=False``; ``genes``: the genes written, to pass on, e.g. to ``sq.gr.spatial_autocorr``;
+    ``genes_absent``: modelled genes the table lacks, not written, with a warning; ``resampling``:
+    slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
     """
     model = as_model(model)
+    data = maybe_copy(data, copy)
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, library_key=library_key, bin_size=bin_size,
@@ -274,6 +277,7 @@ def predict(
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+    return data if copy else None
 
 
 def as_model(model: Any) -> Any:

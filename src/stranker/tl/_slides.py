@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._settings import logger, settings
+from .._settings import logger, resolve_seed, settings
 from .._spots import InputError, as_spots
 from ..pp._patches import check_inside
 from ._predict import _tile_section, as_model, check_scale
@@ -78,7 +78,7 @@ def embed_slides(
     keep_tiles: bool = False,
     tile_px: float | None = None,
     device: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     key_added: str = Keys.PREFIX,
     image_key: str | None = None,
 ):
@@ -113,7 +113,7 @@ def embed_slides(
     device
         Torch device; default ``sr.settings.device``.
     seed
-        Seed of the attention network (``pooling='attention'``).
+        Seed of the attention network (``pooling='attention'``; default ``sr.settings.seed``).
     key_added
         Prefix of the written keys.
     image_key
@@ -178,9 +178,9 @@ def embed_slides(
     if pooling == "mean":
         pooled = np.stack([b.mean(0) for b in bags])
     else:
-        from ._survival import fit_mil_all
+        from ._mil import fit_mil_all
 
-        pooled, attention = fit_mil_all(bags, meta, label, seed=seed)
+        pooled, attention = fit_mil_all(bags, meta, label, seed=resolve_seed(seed))
         tiles["attention"] = dict(zip(ids, attention, strict=True))
     if keep_tiles or pooling == "attention":
         tiles["embeddings"] = dict(zip(ids, bags, strict=True))

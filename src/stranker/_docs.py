@@ -1,0 +1,51 @@
+"""Shared parameter docs (scanpy's ``_doc_params``): one text for the paragraphs many functions repeat.
+
+A docstring line holding only ``{name}`` is replaced by the paragraph ``name``, indented as that line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+doc_elements = """\
+image_key, shapes_key, table_key, library_id
+    Which elements to use when an object has several."""
+
+doc_tables = """\
+table_key, library_id
+    Which table / library when there are several."""
+
+doc_bin_size = """\
+bin_size
+    Visium HD: the bin size in µm (2, 8, 16) whose table and squares to use; the same as
+    ``table_key='square_{bin_size:03d}um'``."""
+
+doc_library_key = """\
+library_key
+    AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
+    ``library_key``; default ``'library_id'``)."""
+
+PARAMS = {"doc_elements": doc_elements, "doc_library_key": doc_library_key, "doc_tables": doc_tables,
+          "doc_bin_size": doc_bin_size}
+
+
+def doc_params(**params: str) -> Callable[[F], F]:
+    """Fill the ``{name}`` lines of the decorated object's docstring with ``params`` (default: all shared)."""
+    texts = params or PARAMS
+
+    def fill(obj: F) -> F:
+        lines = []
+        for line in (obj.__doc__ or "").split("\n"):
+            name = line.strip()
+            if name.startswith("{") and name.endswith("}") and name[1:-1] in texts:
+                pad = line[: len(line) - len(line.lstrip())]
+                lines.extend(pad + t if t else t for t in texts[name[1:-1]].split("\n"))
+            else:
+                lines.append(line)
+        obj.__doc__ = "\n".join(lines)
+        return obj
+
+    return fill
