@@ -13,7 +13,7 @@ from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._write import write_results
-from ..pp._genes import choose, lognorm, resolve_genes, section_counts
+from ..pp._genes import choose, log_expression, resolve_genes
 from ..pp._patches import PatchReader, check_inside, patch_size_px
 
 
@@ -27,12 +27,11 @@ def section_positions(centers: np.ndarray) -> np.ndarray:
 
 
 def targets(secs: list[Spots], genes: list[str], layer: str | None, target_sum: float) -> list[np.ndarray]:
-    """Log-normalised expression (``target_sum`` per spot over all genes, log1p) of ``genes``."""
-    out = []
-    for sp in secs:
-        full = lognorm(section_counts(sp, layer), target_sum)
-        out.append(full[:, sp.table.var_names.get_indexer(genes)])
-    return out
+    """Log-normalised expression (``target_sum`` per spot over all genes, log1p) of ``genes``.
+
+    Only the columns of ``genes`` are densified; library sizes are summed on the (sparse) table.
+    """
+    return [log_expression(sp, genes, layer, target_sum) for sp in secs]
 
 
 def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: int) -> list[str]:
