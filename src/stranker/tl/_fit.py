@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
-from .._write import write_results
+from .._write import write_outputs
 from ..pp._genes import choose, log_expression, resolve_genes
 from ..pp._patches import PatchReader, check_inside, patch_size_px
 
@@ -326,36 +325,3 @@ class SectionPatches:
         if (self.section[rows] != s).any():
             raise ValueError("A batch of training patches must hold spots of one section.")
         return self.readers[s].read(rows - self.offsets[s])
-
-
-def write_outputs(
-    sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool,
-    x_is_prediction: bool = False,
-) -> None:
-    """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
-    full, layer_format = prediction_layer(sp, list(model.genes), pred)
-    if layer_format == "sparse":
-        logger.info(
-            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
-            f"genes; a dense layer would exceed sr.settings.max_dense_layer): "
-            f"genes not modelled read as 0, not NaN."
-        )
-    params = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
-    record = {
-        "params": {k: v for k, v in params.items() if v is not None},
-        "genes": list(model.genes),
-        "history": {
-            k: [h.get(k, np.nan) for h in model.history]
-            for k in (model.history[0] if model.history else {})
-        },
-        "target": model.meta["target"],
-        "weights_source": model.meta["weights_source"],
-        "device": model.meta["device"],
-        "train_sections": model.meta["sections"],
-        "fit_seconds": model.meta.get("fit_seconds"),
-        "in_sample": in_sample,
-        "layer_format": layer_format,
-        "x_is_prediction": x_is_prediction,
-    }
-    write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})

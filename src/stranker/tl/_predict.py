@@ -9,9 +9,8 @@ import numpy as np
 from .._constants import Keys
 from .._settings import logger
 from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
-from .._write import write_results
+from .._write import write_outputs, write_results
 from ..pp._patches import _TILE, check_inside
-from ._fit import write_outputs
 
 _DETECT_PX = 1 << 22  # tissue detection reads at most about this many pixels (a 2048 x 2048 level)
 
@@ -124,7 +123,8 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     ids = pd.Index(np.asarray(index).astype(str))
     obs = pd.DataFrame({Keys.INSTANCE: np.asarray(index), Keys.REGION: pd.Categorical.from_codes(
         np.zeros(len(ids), dtype=np.int8), categories=[shapes_key])}, index=ids)
-    a = ad.AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=pd.DataFrame(index=list(model.genes)))
+    # no X: the predictions are stored once, in layers[key_added] (written by write_outputs)
+    a = ad.AnnData(obs=obs, var=pd.DataFrame(index=list(model.genes)))
     a.obsm[Keys.SPATIAL] = sp.centers.copy()
     if sp.microns_per_pixel is not None:
         a.uns[Keys.MPP] = sp.microns_per_pixel
@@ -175,7 +175,8 @@ def predict(
     beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]`` (``in_sample=False``;
     ``resampling``: slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
-    ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
+    ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
+    empty, so the predictions are held once: pass ``layer=key_added`` to scanpy).
     """
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
@@ -222,7 +223,7 @@ def predict(
         table = _new_table(sp, model, emb, pred, key_added, region, index)
         new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
-        write_outputs(new, model, emb, pred, key_added, in_sample=False, x_is_prediction=True)
+        write_outputs(new, model, emb, pred, key_added, in_sample=False)
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
