@@ -118,3 +118,22 @@ def test_gene_choice_is_the_same_on_dense_and_sparse_tables(synthetic_small, fla
     for s in secs:
         s.tables["table"].X = s.tables["table"].X.toarray()
     assert sr.pp.select_genes(secs, flavor=flavor, n_top=30) == sparse_genes
+
+
+def test_smooth_keeps_a_sparse_layer_sparse(synthetic_small):
+    from spatialdata import deepcopy
+
+    from stranker.pp._smooth import neighbour_weights
+
+    sd = deepcopy(synthetic_small[0])
+    t = sd.tables["table"]
+    sr.pp.normalize(sd)
+    sr.pp.smooth(sd, n_neighs=4)
+    got = t.layers["smoothed"]
+    assert sps.issparse(got) and got.dtype == np.float32
+    w = neighbour_weights(np.asarray(t.obsm["spatial"]), 4).toarray()
+    np.testing.assert_allclose(got.toarray(), w @ t.layers["lognorm"].toarray(), rtol=1e-5, atol=1e-6)
+    t.layers["dense"] = t.layers["lognorm"].toarray()
+    sr.pp.smooth(sd, layer="dense", n_neighs=4, key_added="from_dense")
+    assert isinstance(t.layers["from_dense"], np.ndarray)
+    np.testing.assert_allclose(t.layers["from_dense"], got.toarray(), rtol=1e-6, atol=1e-7)
