@@ -52,21 +52,30 @@ def _peak_through_genes_and_targets(n_spots: int) -> tuple[float, int, float]:
     return peak, dense_bytes, time.perf_counter() - t0
 
 
-def test_choosing_genes_keeps_the_thread_count_torch_uses(synthetic_small):
-    """scanpy's sparse kernels start numba's OpenMP threads, resetting the count torch shares.
+_THREADS = """
+import numpy as np, scipy.sparse as sps, anndata as ad
+import stranker as sr
+a = ad.AnnData(sps.random(300, 50, density=0.2, format="csr", dtype=np.float32, random_state=0) * 10)
+a.obsm["spatial"] = np.random.default_rng(0).uniform(0, 100, (300, 2))
+sr.pp.select_genes(a, flavor="hvg", n_top=10)
+import torch
+print(torch.get_num_threads())
+"""
 
-    (That happens once per process, so this catches it when it is the first numba call.)
+
+def test_choosing_genes_keeps_the_thread_count_torch_uses():
+    """scanpy's sparse kernels start numba's OpenMP pool, which set the count torch then used to the CPUs.
+
+    Once per process, before or after torch is imported: checked in a fresh process.
     """
-    import torch
-    from spatialdata import deepcopy
+    import os
+    import subprocess
+    import sys
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sr.pp.select_genes([deepcopy(s) for s in synthetic_small[:2]], flavor="hvg", n_top=20)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _THREADS], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "1"
 
 
 def test_gene_choice_and_targets_of_a_large_sparse_table_stay_sparse():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -201,6 +202,34 @@ def common_genes(secs: list[Spots]) -> list[str]:
     return [g for g in secs[0].var_names if g in common]
 
 
+@contextmanager
+def _same_openmp_threads() -> Iterator[None]:
+    """Keep the OpenMP thread count that torch shares across scanpy's sparse (numba) kernels.
+
+    numba's OpenMP pool sets the count to the number of CPUs when it starts (OMP_NUM_THREADS=1
+    became 2), in an OpenMP library torch then uses too: a later fit's numbers would depend on how
+    its genes were chosen. Libraries loaded before are restored; one loaded meanwhile gets the
+    count OpenMP starts with (``OMP_NUM_THREADS``, else the CPUs this process may use).
+    """
+    import os
+
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    before = {i["filepath"] for i in ThreadpoolController().info() if i["user_api"] == "openmp"}
+    try:
+        with threadpool_limits(limits=None):
+            yield
+    finally:
+        new = [i["filepath"] for i in ThreadpoolController().info()
+               if i["user_api"] == "openmp" and i["filepath"] not in before]
+        if new:
+            env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+            n = int(env) if env.isdigit() and int(env) > 0 else (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
+            ThreadpoolController().select(filepath=new).limit(limits=n)
+
+
 def choose(
     secs: list[Spots],
     flavor: str | Sequence[str],
@@ -242,12 +271,7 @@ def choose(
             a.obs["section"] = pd.Categorical.from_codes(codes, categories=names)
             keep = x.max(axis=0).toarray().ravel() > x.min(axis=0).toarray().ravel()  # not constant
             a = a[:, keep].copy()
-            from threadpoolctl import threadpool_limits
-
-            # scanpy's sparse kernels start numba's OpenMP threads, which resets the OpenMP thread count
-            # that torch shares (OMP_NUM_THREADS=1 became 2): keep the caller's, so a later fit's numbers
-            # do not depend on how its genes were chosen
-            with threadpool_limits(limits=None):
+            with _same_openmp_threads():
                 sc.pp.highly_variable_genes(
                     a, flavor="seurat", n_top_genes=min(n, a.n_vars),
                     batch_key="section" if len(secs) > 1 else None,
