@@ -128,7 +128,7 @@ def worker(slide: str, model_dir: str, device: str) -> dict:
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     t = sdata.tables["stranker_table"]
     out_bytes = (
-        t.X.nbytes + t.layers["stranker"].nbytes + t.obsm["X_stranker"].nbytes + t.obsm["spatial"].nbytes
+        t.layers["stranker"].nbytes + t.obsm["X_stranker"].nbytes + t.obsm["spatial"].nbytes
     )
     # what predict keeps (the outputs, with their obs and the tile circles) against what it needed
     # while running: the working memory, peak minus what is still held once freed memory is returned

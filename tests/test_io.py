@@ -257,11 +257,12 @@ def test_predict_on_a_slide_at_another_resolution(model_and_section, tmp_path, m
     assert rf["patch_px"] == pytest.approx(2 * rn["patch_px"])
     assert 2 * sn.shapes["stranker_tiles"]["radius"].iloc[0] == pytest.approx(100 / mpp)
     assert 2 * sf.shapes["stranker_tiles"]["radius"].iloc[0] == pytest.approx(200 / mpp)
-    assert np.isfinite(tf.X).all() and tf.obsm["X_stranker"].shape == (tf.n_obs, model.config.embed_dim)
+    assert np.isfinite(tf.layers["stranker"]).all() and tf.X is None
+    assert tf.obsm["X_stranker"].shape == (tf.n_obs, model.config.embed_dim)
     # same places in micrometres -> nearly the same predictions
     pairs = _match(np.asarray(tn.obsm["spatial"]) * mpp, np.asarray(tf.obsm["spatial"]) * mpp / 2)
     assert tn.n_obs > 40 and len(pairs) > 0.8 * min(tn.n_obs, tf.n_obs)
-    a, b = np.asarray(tn.X)[pairs[:, 0]], np.asarray(tf.X)[pairs[:, 1]]
+    a, b = tn.layers["stranker"][pairs[:, 0]], tf.layers["stranker"][pairs[:, 1]]
     r = _r(a, b)
     assert r > 0.9, r
     # control: the fine slide declared at the native resolution is read at the wrong scale
@@ -269,7 +270,7 @@ def test_predict_on_a_slide_at_another_resolution(model_and_section, tmp_path, m
     sr.tl.predict(model, wrong, tile_px=200 / mpp)
     tw = wrong.tables["stranker_table"]
     pw = _match(np.asarray(tn.obsm["spatial"]) * mpp, np.asarray(tw.obsm["spatial"]) * mpp / 2)
-    r_wrong = _r(np.asarray(tn.X)[pw[:, 0]], np.asarray(tw.X)[pw[:, 1]])
+    r_wrong = _r(tn.layers["stranker"][pw[:, 0]], tw.layers["stranker"][pw[:, 1]])
     assert r_wrong < r - 0.05, (r, r_wrong)
 
 

@@ -227,7 +227,7 @@ def test_gene_map_of_an_image_only_slide_shows_predictions(fitted, read_levels):
     ax = next(a for a in fig.axes if a.get_title())
     table = slide.tables["stranker_table"]
     coll = ax.collections[0]
-    want = np.round(np.asarray(coll.cmap(coll.norm(table.X[:, 0])))[:, :3] * 255)
+    want = np.round(np.asarray(coll.cmap(coll.norm(table.layers["stranker"][:, 0])))[:, :3] * 255)
     assert np.abs(_at(fig, buf, ax, table.obsm["spatial"]) - want).max() <= 3
 
 

@@ -222,6 +222,7 @@ def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
     t = image_only.tables["stranker_table"]
     assert t.n_obs > 50 and list(t.var_names) == model.genes
     assert np.isfinite(t.layers["stranker"]).all() and t.obsm["X_stranker"].shape[0] == t.n_obs
+    assert t.X is None  # the predictions are held once, in the layer
     assert t.uns["stranker"]["in_sample"] is False
     # the tiles are usable as input again (one adapter)
     sr.tl.evaluate  # noqa: B018

@@ -77,8 +77,9 @@ slide
 #
 # Tissue is told from glass by Otsu's threshold on colour saturation at the coarsest level; a
 # tile is kept when at least half of it is tissue. The result is a circles element
-# `'stranker_tiles'` and a table `'stranker_table'` annotating it, with the predictions in `X`
-# and `layers['stranker']` and the image embedding in `obsm['X_stranker']`.
+# `'stranker_tiles'` and a table `'stranker_table'` annotating it, with the predictions in
+# `layers['stranker']` (held once: its `X` is empty, pass `layer='stranker'` to scanpy) and the image
+# embedding in `obsm['X_stranker']`.
 
 # %%
 model = sr.Model.load(folder / "model")

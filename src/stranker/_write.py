@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ._predictions import genes_in_table, prediction_layer
 from ._settings import logger
 from ._spots import Spots
 
@@ -112,3 +113,36 @@ def unique_tables(secs: list[Spots]) -> list[Spots]:
             seen.add(id(sp.table))
             out.append(sp)
     return out
+
+
+def write_outputs(
+    sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool
+) -> None:
+    """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
+    full, layer_format = prediction_layer(sp, list(model.genes), pred)
+    written, absent = genes_in_table(sp, model.genes)
+    if layer_format == "sparse":
+        logger.info(
+            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
+            f"genes; a dense layer would exceed sr.settings.max_dense_layer): "
+            f"genes not modelled read as 0, not NaN."
+        )
+    params = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+    record = {
+        "params": {k: v for k, v in params.items() if v is not None},
+        "genes": written,  # the genes with a prediction in the layer
+        "genes_absent": absent,  # modelled genes the table has no column for: not written
+        "history": {
+            k: [h.get(k, np.nan) for h in model.history]
+            for k in (model.history[0] if model.history else {})
+        },
+        "target": model.meta["target"],
+        "weights_source": model.meta["weights_source"],
+        "device": model.meta["device"],
+        "train_sections": model.meta["sections"],
+        "fit_seconds": model.meta.get("fit_seconds"),
+        "in_sample": in_sample,
+        "layer_format": layer_format,
+    }
+    write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})

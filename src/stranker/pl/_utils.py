@@ -92,10 +92,9 @@ def has_measured(sp: Spots, layer: str, counts_layer: str | None) -> bool:
 
 def measured(sp: Spots, genes: Sequence[str], counts_layer: str | None, target_sum: float) -> np.ndarray:
     """Measured expression on the model's target scale: ``log1p(counts / total * target_sum)``."""
-    from ..pp._genes import lognorm, section_counts
+    from ..pp._genes import log_expression
 
-    full = lognorm(section_counts(sp, counts_layer), target_sum)
-    return full[:, sp.table.var_names.get_indexer(list(genes))]
+    return log_expression(sp, genes, counts_layer, target_sum)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,65 @@ def check_counts(mat: Any, where: str) -> None:
         )
 
 
-def lognorm(mat: Any, target_sum: float = 1e4) -> np.ndarray:
-    """Dense float32 ``log1p(counts / total * target_sum)`` per row (scanpy's normalize_total + log1p)."""
-    x = mat.toarray() if sps.issparse(mat) else np.asarray(mat)
-    x = x.astype(np.float32, copy=True)
-    tot = x.sum(1, keepdims=True)
-    np.divide(x * np.float32(target_sum), tot, out=x, where=tot > 0)
-    return np.log1p(x, out=x)
+def library_sizes(mat: Any) -> np.ndarray:
+    """Total counts of each row (float32), summed on a sparse matrix as it is: nothing is densified."""
+    if sps.issparse(mat):
+        return np.asarray(mat.sum(axis=1, dtype=np.float64)).ravel().astype(np.float32)
+    return np.asarray(mat, dtype=np.float32).sum(1)
+
+
+def _log_scaled(vals: np.ndarray, totals: np.ndarray, target_sum: float) -> np.ndarray:
+    """In place: ``log1p(vals * target_sum / totals)`` (float32; rows with no counts stay 0)."""
+    np.divide(vals * np.float32(target_sum), totals, out=vals, where=totals > 0)
+    return np.log1p(vals, out=vals)
+
+
+def _columns(mat: Any, cols: Sequence[int] | np.ndarray | None) -> Any:
+    if cols is None:
+        return mat
+    cols = np.asarray(cols, dtype=np.int64)
+    if len(cols) == mat.shape[1] and (cols == np.arange(len(cols))).all():
+        return mat  # every column, in order: no copy
+    return mat[:, cols]
+
+
+def lognorm(mat: Any, target_sum: float = 1e4, cols: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Dense float32 ``log1p(counts / total * target_sum)`` per row (scanpy's normalize_total + log1p).
+
+    Totals are over all columns; only columns ``cols`` (all when ``None``) are returned, and only
+    they are densified, so a sparse table of any width costs the chosen columns only.
+    """
+    totals = library_sizes(mat)
+    sub = _columns(mat, cols)
+    # columns of a matrix come column-major, as numpy's ``x[:, cols]`` (column means sum pairwise)
+    order = "C" if cols is None else "F"
+    if sps.issparse(sub):
+        x = np.asarray(sub.toarray(order=order), dtype=np.float32, order=order)
+    else:
+        x = np.array(sub, dtype=np.float32, order=order)
+    return _log_scaled(x, totals[:, None], target_sum)
+
+
+def lognorm_sparse(
+    mat: Any, target_sum: float = 1e4, cols: Sequence[int] | np.ndarray | None = None
+) -> sps.csr_matrix:
+    """Compute :func:`lognorm` as a CSR float32 matrix: only the stored values are transformed."""
+    totals = library_sizes(mat)
+    x = sps.csr_matrix(_columns(mat, cols), dtype=np.float32, copy=True)
+    x.sum_duplicates()
+    _log_scaled(x.data, np.repeat(totals, np.diff(x.indptr)), target_sum)
+    return x
+
+
+def log_expression(sp: Spots, genes: Sequence[str], layer: str | None, target_sum: float = 1e4) -> np.ndarray:
+    """Dense ``(n_spots, len(genes))`` log-normalised expression of one section (totals over all genes)."""
+    idx = sp.gene_columns(list(genes))
+    if (idx < 0).any():
+        missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
+        raise InputError(
+            f"{len(missing)} gene(s) not in the table of section {sp.name!r}, e.g. {missing[:5]}."
+        )
+    return lognorm(section_counts(sp, layer), target_sum, cols=idx)
 
 
 def section_counts(sp: Spots, layer: str | None) -> Any:
@@ -100,7 +153,7 @@ def normalize(
         check_counts(
             full, f"{'X' if layer is None else f'layers[{layer!r}]'} of the table of section {sp.name!r}"
         )
-        results.append(lognorm(full, target_sum))
+        results.append(lognorm_sparse(full, target_sum) if sps.issparse(full) else lognorm(full, target_sum))
     for sp, res in zip(secs, results, strict=True):
         sp.table.layers[key_added] = res
         logger.info(f"Adding `layers[{key_added!r}]` to the table of {sp.name!r}")
@@ -148,6 +201,34 @@ def common_genes(secs: list[Spots]) -> list[str]:
     return [g for g in secs[0].var_names if g in common]
 
 
+@contextmanager
+def _same_openmp_threads() -> Iterator[None]:
+    """Keep the OpenMP thread count that torch shares across scanpy's sparse (numba) kernels.
+
+    numba's OpenMP pool sets the count to the number of CPUs when it starts (OMP_NUM_THREADS=1
+    became 2), in an OpenMP library torch then uses too: a later fit's numbers would depend on how
+    its genes were chosen. Libraries loaded before are restored; one loaded meanwhile gets the
+    count OpenMP starts with (``OMP_NUM_THREADS``, else the CPUs this process may use).
+    """
+    import os
+
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    before = {i["filepath"] for i in ThreadpoolController().info() if i["user_api"] == "openmp"}
+    try:
+        with threadpool_limits(limits=None):
+            yield
+    finally:
+        new = [i["filepath"] for i in ThreadpoolController().info()
+               if i["user_api"] == "openmp" and i["filepath"] not in before]
+        if new:
+            env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+            n = int(env) if env.isdigit() and int(env) > 0 else (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
+            ThreadpoolController().select(filepath=new).limit(limits=n)
+
+
 def choose(
     secs: list[Spots],
     flavor: str | Sequence[str],
@@ -166,27 +247,34 @@ def choose(
         n_all = len(set().union(*(set(sp.var_names) for sp in secs)))
         if n_all > len(cands):
             logger.info(f"{n_all - len(cands)} genes not present in every section are not candidates.")
-        mats = [lognorm(section_counts(sp, layer)) for sp in secs]
-        idxs = [sp.gene_columns(cands) for sp in secs]
-        x = np.concatenate([m[:, i] for m, i in zip(mats, idxs, strict=True)], axis=0)
+        # log-normalised candidates of every section, sparse: totals over all genes, nothing densified
+        x = sps.vstack(
+            [lognorm_sparse(section_counts(sp, layer), cols=sp.gene_columns(cands))
+             for sp in secs],
+            format="csr",
+        )
         n = min(n_top, len(cands))
         if flavor == "heg":
-            order = np.argsort(-x.mean(0), kind="stable")[:n]
+            means = np.asarray(x.sum(axis=0, dtype=np.float64)).ravel() / max(x.shape[0], 1)
+            order = np.argsort(-means, kind="stable")[:n]
             genes = [cands[i] for i in order]
         else:
             import anndata as ad
+            import pandas as pd
             import scanpy as sc
 
             a = ad.AnnData(x, var={"gene": cands})
             a.var_names = cands
-            batch = np.repeat([sp.name for sp in secs], [m.shape[0] for m in mats])
-            a.obs["section"] = batch
-            keep = x.std(0) > 0
+            names = list(dict.fromkeys(sp.name for sp in secs))
+            codes = np.repeat([names.index(sp.name) for sp in secs], [sp.n_spots for sp in secs])
+            a.obs["section"] = pd.Categorical.from_codes(codes, categories=names)
+            keep = x.max(axis=0).toarray().ravel() > x.min(axis=0).toarray().ravel()  # not constant
             a = a[:, keep].copy()
-            sc.pp.highly_variable_genes(
-                a, flavor="seurat", n_top_genes=min(n, a.n_vars),
-                batch_key="section" if len(secs) > 1 else None,
-            )
+            with _same_openmp_threads():
+                sc.pp.highly_variable_genes(
+                    a, flavor="seurat", n_top_genes=min(n, a.n_vars),
+                    batch_key="section" if len(secs) > 1 else None,
+                )
             var = a.var
             rank_col = "highly_variable_nbatches" if len(secs) > 1 else None
             sel = var[var["highly_variable"]]

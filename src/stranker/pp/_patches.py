@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,81 @@ def patch_size_px(
     if not np.isfinite(size) or size <= 0:
         raise InputError(f"`size` must be a positive number of pixels, got {size!r}.")
     return float(size)
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How wide a model's patches are: every section is read as the training sections were.
+
+    Attributes
+    ----------
+    size_px
+        Patch side (scale 1) in level-0 pixels of the first training section.
+    size_um
+        Patch side in micrometres; ``None`` when a training section had no known resolution (then
+        every section is read ``size_px`` pixels wide).
+    mpp
+        Micrometres per level-0 pixel of the first training section, when known.
+    image_size
+        Side of the patch the network sees, in pixels.
+    """
+
+    size_px: float
+    size_um: float | None
+    mpp: float | None
+    image_size: int
+
+    @classmethod
+    def of(
+        cls, secs: Sequence[Spots], patch_px: float, patch_um: float | None, image_size: int
+    ) -> PatchGeometry:
+        """Geometry of training on ``secs``.
+
+        ``patch_um`` micrometres when given, else ``patch_px`` pixels of the first section, which is
+        the same tissue width on every section when all resolutions are known.
+        """
+        mpps = [sp.microns_per_pixel for sp in secs]
+        known = all(m is not None for m in mpps)
+        if patch_um is not None:
+            for sp in secs:  # names a section of unknown resolution, or a bad size
+                patch_size_px(sp, None, patch_um)
+            size_um = float(patch_um)
+            size_px = size_um / mpps[0]
+        else:
+            size_px = patch_size_px(secs[0], patch_px, None)
+            size_um = size_px * mpps[0] if known else None
+        mpp = mpps[0] if known else None
+        return cls(size_px=size_px, size_um=size_um, mpp=mpp, image_size=int(image_size))
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], config: Any) -> PatchGeometry:
+        """Read the geometry a fitted model recorded (``patch_px``, ``patch_um``, ``microns_per_pixel``)."""
+        size_um = meta.get("patch_um")
+        if size_um is None and config.patch_um is not None:
+            size_um = config.patch_um
+        mpp = meta.get("microns_per_pixel")
+        return cls(
+            size_px=float(meta.get("patch_px") or config.patch_px),
+            size_um=None if size_um is None else float(size_um),
+            mpp=None if mpp is None else float(mpp),
+            image_size=int(config.image_size),
+        )
+
+    def to_meta(self) -> dict[str, float | None]:
+        """Return the keys :meth:`from_meta` reads (those of ``model.json``'s ``meta``)."""
+        return {"patch_px": self.size_px, "patch_um": self.size_um, "microns_per_pixel": self.mpp}
+
+    def size_on(self, spots: Spots) -> float:
+        """Patch side in level-0 pixels of ``spots``: ``size_um`` at its resolution, else ``size_px``."""
+        if self.size_um is not None:
+            if spots.microns_per_pixel is not None:
+                return self.size_um / spots.microns_per_pixel
+            logger.warning(
+                f"Section {spots.name!r} has no known resolution: its patches are read {self.size_px:.4g} px "
+                f"wide, {self.size_um:.4g} µm only if it is at the training resolution "
+                f"({self.mpp} µm/px). Set `uns['microns_per_pixel']` to read it at its own."
+            )
+        return self.size_px
 
 
 def check_inside(spots: Spots, on_outside: str = "raise") -> np.ndarray:

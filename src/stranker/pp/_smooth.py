@@ -74,7 +74,8 @@ def smooth(
 
     Returns
     -------
-    ``None``, or the copy when ``copy=True``. Writes ``layers[key_added]``.
+    ``None``, or the copy when ``copy=True``. Writes ``layers[key_added]`` (float32; CSR when the
+    layer smoothed is sparse, which it stays: a spot's average holds the genes its neighbours express).
     """
     if n_neighs < 1:
         raise InputError(f"`n_neighs` must be at least 1, got {n_neighs}.")
@@ -91,11 +92,12 @@ def smooth(
     results = []
     for sp in secs:
         x = sp.expression(layer)
-        x = x.toarray() if sps.issparse(x) else np.asarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
+        x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x, dtype=np.float32)
+        if not np.isfinite(x.data if sps.issparse(x) else x).all():
             raise InputError(f"Layer {layer!r} of section {sp.name!r} has NaN or infinite values.")
+        res = neighbour_weights(sp.centers, n_neighs, include_self) @ x
         results.append(
-            np.asarray(neighbour_weights(sp.centers, n_neighs, include_self) @ x, dtype=np.float32)
+            sps.csr_matrix(res, dtype=np.float32) if sps.issparse(res) else np.asarray(res, dtype=np.float32)
         )
     for sp, res in zip(secs, results, strict=True):
         write_results(sp, layers={key_added: res})

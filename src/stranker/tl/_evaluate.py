@@ -66,7 +66,7 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
             f"not in section {sp.name!r}."
         )
     pred = read_predictions(sp, layer, genes)
-    true = lognorm(section_counts(sp, counts_layer), target_sum)[:, idx]
+    true = lognorm(section_counts(sp, counts_layer), target_sum, cols=idx)
     return pred, true
 
 

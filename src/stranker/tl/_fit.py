@@ -10,13 +10,12 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._predictions import genes_in_table, prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
-from .._write import write_results
+from .._write import write_outputs
 from ..model.backbones import find_weights, named, resolve
-from ..pp._genes import choose, lognorm, resolve_genes, section_counts
-from ..pp._patches import PatchReader, check_inside, patch_size_px
+from ..pp._genes import choose, log_expression, resolve_genes
+from ..pp._patches import PatchGeometry, PatchReader, check_inside
 
 
 def backbone_defaults(cfg: Any, options: dict[str, Any], mpps: list[float | None]) -> Any:
@@ -54,12 +53,11 @@ def section_positions(centers: np.ndarray) -> np.ndarray:
 
 
 def targets(secs: list[Spots], genes: list[str], layer: str | None, target_sum: float) -> list[np.ndarray]:
-    """Log-normalised expression (``target_sum`` per spot over all genes, log1p) of ``genes``."""
-    out = []
-    for sp in secs:
-        full = lognorm(section_counts(sp, layer), target_sum)
-        out.append(full[:, sp.gene_columns(genes)])
-    return out
+    """Log-normalised expression (``target_sum`` per spot over all genes, log1p) of ``genes``.
+
+    Only the columns of ``genes`` are densified; library sizes are summed on the (sparse) table.
+    """
+    return [log_expression(sp, genes, layer, target_sum) for sp in secs]
 
 
 def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: int) -> list[str]:
@@ -214,9 +212,13 @@ def fit(
                     need_image=image_features is None)
     if image_features is None:
         cfg = backbone_defaults(cfg, options, [sp.microns_per_pixel for sp in secs])
+    # how wide the patches are, on these sections and on any other the model reads later
+    geometry = (
+        PatchGeometry.of(secs, cfg.patch_px, cfg.patch_um, cfg.image_size) if image_features is None else None
+    )
     added: list[tuple[Any, str, str]] = []
-    if aggregate and image_features is None:
-        secs, added = bins_to_patches(secs, cfg)
+    if aggregate and geometry is not None:
+        secs, added = bins_to_patches(secs, geometry)
     try:
         for sp in secs:
             if sp.n_spots < 2:
@@ -231,7 +233,6 @@ def fit(
 
         # inputs: patches (uint8, in memory) or precomputed features
         feature_dim = None
-        mpps = [sp.microns_per_pixel for sp in secs]
         if image_features is not None:
             for sp in secs:
                 if image_features not in sp.table.obsm:
@@ -245,19 +246,10 @@ def fit(
                 raise InputError(f"`obsm[{image_features!r}]` has NaN or infinite values.")
             feature_dim = x.shape[1]
             images = torch.from_numpy(x)
-            patch_um = None
         else:
             for sp in secs:
                 check_inside(sp)
-            sizes = [patch_size_px(sp, None if cfg.patch_um else cfg.patch_px, cfg.patch_um) for sp in secs]
-            patch_um = (
-                (cfg.patch_um or (cfg.patch_px * mpps[0])) if all(m is not None for m in mpps) else None
-            )
-            if patch_um is not None and cfg.patch_um is None:
-                sizes = [patch_um / m for m in mpps]  # same tissue width on every section
-            readers = [
-                PatchReader(sp, s, cfg.scales, cfg.image_size) for sp, s in zip(secs, sizes, strict=True)
-            ]
+            readers = [PatchReader(sp, geometry.size_on(sp), cfg.scales, cfg.image_size) for sp in secs]
             n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
             if stream is None:
                 stream = n_bytes > settings.max_patch_memory
@@ -306,10 +298,11 @@ def fit(
             "target": f"log1p(counts / total * {target_sum:g}) over all genes of the table",
             "target_sum": target_sum, "layer": layer, "target_mean": mean.astype(np.float32),
             "target_std": std.astype(np.float32), "history": history, "sections": [sp.name for sp in secs],
-            "n_spots": int(len(y)), "patch_um": patch_um,
+            "n_spots": int(len(y)),
+            **(geometry.to_meta() if geometry else {"patch_um": None, "patch_px": float(cfg.patch_px)}),
             "spot_diameter_px": float(np.median([sp.diameter for sp in secs])),
             "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
-            if all(m is not None for m in mpps) else None, "patch_px": float(cfg.patch_px),
+            if all(sp.microns_per_pixel is not None for sp in secs) else None,
             "weights_source": aligner.weights_source, "device": str(dev), "seed": seed,
             "feature_dim": feature_dim, "features": provenance or None,
             "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
@@ -319,11 +312,16 @@ def fit(
 
         if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
             return model
-        # in-sample outputs, computed for every section before anything is written
+        # in-sample outputs, computed for every section before anything is written, from the patches
+        # (or features) already in memory; streamed patches are read again
         results = []
+        ends = np.cumsum([sp.n_spots for sp in secs])
         for s, sp in enumerate(secs):
-            feats = images[torch.from_numpy(section == s)].numpy() if image_features is not None else None
-            results.append(model.infer(sp, device=str(dev), features=feats))
+            held = None if images is None else images[ends[s] - sp.n_spots : ends[s]].numpy()
+            if image_features is not None:
+                results.append(model.infer(sp, device=str(dev), features=held))
+            else:
+                results.append(model.infer(sp, device=str(dev), patches=held))
         meta["fit_seconds"] = time.perf_counter() - t_start
         for sp, (emb, pred) in zip(secs, results, strict=True):
             write_outputs(sp, model, emb, pred, key_added, in_sample=True)
@@ -334,7 +332,9 @@ def fit(
         raise
 
 
-def bins_to_patches(secs: list[Spots], cfg: Any) -> tuple[list[Spots], list[tuple[Any, str, str]]]:
+def bins_to_patches(
+    secs: list[Spots], geometry: PatchGeometry
+) -> tuple[list[Spots], list[tuple[Any, str, str]]]:
     """Visium HD sections -> their bins summed into pseudo-spots as wide as the patch the model reads.
 
     Returns the sections (others unchanged) and the (SpatialData, table, shapes) keys that were added.
@@ -346,13 +346,14 @@ def bins_to_patches(secs: list[Spots], cfg: Any) -> tuple[list[Spots], list[tupl
     out, added = [], []
     for sp in secs:
         m = re.fullmatch(r"square_(\d+)um", str(sp.keys.get("table_key") or ""))
-        mpp = secs[0].microns_per_pixel
-        if (m is None or sp.keys.get("kind") != "spatialdata" or mpp is None or sp.microns_per_pixel is None
+        if (m is None or sp.keys.get("kind") != "spatialdata" or sp.microns_per_pixel is None
                 or not {"array_row", "array_col"} <= set(sp.table.obs)):
             out.append(sp)
             continue
         bin_um = int(m.group(1))
-        k = int(round((cfg.patch_um or cfg.patch_px * mpp) / bin_um))
+        # the tissue width the patch shows on this section
+        width_um = geometry.size_um or geometry.size_px * sp.microns_per_pixel
+        k = int(round(width_um / bin_um))
         if k < 2:  # the bins are about as wide as the patch already
             out.append(sp)
             continue
@@ -391,38 +392,3 @@ class SectionPatches:
         if (self.section[rows] != s).any():
             raise ValueError("A batch of training patches must hold spots of one section.")
         return self.readers[s].read(rows - self.offsets[s])
-
-
-def write_outputs(
-    sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool,
-    x_is_prediction: bool = False,
-) -> None:
-    """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
-    full, layer_format = prediction_layer(sp, list(model.genes), pred)
-    written, absent = genes_in_table(sp, model.genes)
-    if layer_format == "sparse":
-        logger.info(
-            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
-            f"genes; a dense layer would exceed sr.settings.max_dense_layer): "
-            f"genes not modelled read as 0, not NaN."
-        )
-    params = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
-    record = {
-        "params": {k: v for k, v in params.items() if v is not None},
-        "genes": written,  # the genes with a prediction in the layer
-        "genes_absent": absent,  # modelled genes the table has no column for: not written
-        "history": {
-            k: [h.get(k, np.nan) for h in model.history]
-            for k in (model.history[0] if model.history else {})
-        },
-        "target": model.meta["target"],
-        "weights_source": model.meta["weights_source"],
-        "device": model.meta["device"],
-        "train_sections": model.meta["sections"],
-        "fit_seconds": model.meta.get("fit_seconds"),
-        "in_sample": in_sample,
-        "layer_format": layer_format,
-        "x_is_prediction": x_is_prediction,
-    }
-    write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})

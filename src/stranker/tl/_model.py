@@ -10,7 +10,7 @@ import numpy as np
 
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
-from ..pp._patches import PatchReader, check_inside, patch_size_px
+from ..pp._patches import PatchGeometry, PatchReader, check_inside
 
 _FILE = "model.pt"
 _META = "model.json"
@@ -57,16 +57,14 @@ class Model:
 
         return resolve_device(device or settings.device)
 
+    @property
+    def geometry(self) -> PatchGeometry:
+        """How wide its patches are, as recorded by the fit (saved in ``meta``)."""
+        return PatchGeometry.from_meta(self.meta, self.config)
+
     def _reader(self, sp: Spots) -> PatchReader:
         c = self.config
-        size = None
-        if c.patch_um is not None and sp.microns_per_pixel is not None:
-            size = patch_size_px(sp, None, c.patch_um)
-        elif self.meta.get("patch_um") and sp.microns_per_pixel is not None:
-            size = float(self.meta["patch_um"]) / sp.microns_per_pixel
-        else:
-            size = float(self.meta.get("patch_px", c.patch_px))
-        return PatchReader(sp, size, c.scales, c.image_size)
+        return PatchReader(sp, self.geometry.size_on(sp), c.scales, c.image_size)
 
     def infer(self, sp: Spots, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
@@ -86,8 +84,13 @@ class Model:
 
     def _infer(
         self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None,
-        batch_size: int = 128, features: np.ndarray | None = None,
+        batch_size: int = 128, features: np.ndarray | None = None, patches: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
+
+        ``features`` (a model on precomputed features) or ``patches`` (its spots' patches, as its
+        reader cuts them) are inputs already in memory, used instead of reading them.
+        """
         import torch
 
         from ..model import retrieve
@@ -105,6 +108,8 @@ class Model:
                     )
                 features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
             n = len(features)
+        elif patches is not None:
+            n = len(patches)
         else:
             reader = self._reader(sp)
             n = sp.n_spots if centers is None else len(centers)
@@ -126,6 +131,8 @@ class Model:
             sl = np.arange(start, min(start + batch_size, n))
             if c.image_features is not None:
                 x = torch.from_numpy(np.asarray(features[sl], dtype=np.float32))
+            elif patches is not None:
+                x = torch.from_numpy(patches[sl])
             elif centers is None:
                 x = torch.from_numpy(reader.read(sl))
             else:

@@ -11,9 +11,8 @@ from .._docs import doc_params
 from .._predictions import genes_in_table
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
-from .._write import maybe_copy, write_results
+from .._write import maybe_copy, write_outputs, write_results
 from ..pp._patches import _TILE, check_inside
-from ._fit import write_outputs
 
 _DETECT_PX = 1 << 22  # tissue detection reads at most about this many pixels (a 2048 x 2048 level)
 
@@ -160,7 +159,8 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     ids = pd.Index(np.asarray(index).astype(str))
     obs = pd.DataFrame({Keys.INSTANCE: np.asarray(index), Keys.REGION: pd.Categorical.from_codes(
         np.zeros(len(ids), dtype=np.int8), categories=[shapes_key])}, index=ids)
-    a = ad.AnnData(X=pred.astype(np.float32, copy=False), obs=obs, var=pd.DataFrame(index=list(model.genes)))
+    # no X: the predictions are stored once, in layers[key_added] (written by write_outputs)
+    a = ad.AnnData(obs=obs, var=pd.DataFrame(index=list(model.genes)))
     a.obsm[Keys.SPATIAL] = sp.centers.copy()
     if sp.microns_per_pixel is not None:
         a.uns[Keys.MPP] = sp.microns_per_pixel
@@ -220,7 +220,8 @@ def predict(
     ``genes_absent``: modelled genes the table lacks, not written, with a warning; ``resampling``:
     slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
-    ``'{key_added}_table'`` (predictions in ``X`` and ``layers[key_added]``) annotating them.
+    ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
+    empty, so the predictions are held once: pass ``layer=key_added`` to scanpy).
     """
     model = as_model(model)
     data = maybe_copy(data, copy)
@@ -273,7 +274,7 @@ def predict(
         table = _new_table(sp, model, emb, pred, key_added, region, index)
         new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
-        write_outputs(new, model, emb, pred, key_added, in_sample=False, x_is_prediction=True)
+        write_outputs(new, model, emb, pred, key_added, in_sample=False)
         _record(new, key_added, info)
         sdata.tables[f"{key_added}_table"] = table
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
