@@ -13,7 +13,7 @@ from stranker.tl._model import Model
 
 MPP = 3.125  # synthetic spots are 32 px = 100 µm wide
 FIT = dict(seed=0, epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet",
-           n_top_genes=20, genes="heg", patch_um=150.0)
+           pretrained=False, n_top_genes=20, genes="heg", patch_um=150.0)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,11 @@ def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     del info["meta"]["microns_per_pixel"]
     (tmp_path / "m" / "model.json").write_text(json.dumps(info))
+    import torch  # an older stranker saved no checksum of model.json either
+
+    blob = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    del blob["meta_sha256"]
+    torch.save(blob, tmp_path / "m" / "model.pt")
     old = Model.load(tmp_path / "m")
     assert old.geometry.mpp is None and old.geometry.size_um == 150.0
     sps = as_spots(secs)
