@@ -513,6 +513,13 @@ def _from_spatialdata(
     else:
         rows = np.arange(len(xy))
 
+    bad = ~(np.isfinite(diam) & (diam > 0))
+    if bad.any():
+        raise InputError(
+            f"{int(bad.sum())} spot(s) of shapes {shapes_key!r} have a zero, negative or missing size "
+            f"(e.g. {list(np.asarray(diam)[bad][:3])}); "
+            "give every spot its radius (circles) or area (squares)."
+        )
     diameter = float(np.median(diam)) if len(diam) else float("nan")
     mpp = _spatialdata_mpp(sdata, table, table_key, image_key, diameter)
     name = _section_name(table, rows, table_key) if table is not None else (image_key or "section")
@@ -634,6 +641,11 @@ def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Sp
         raise InputError(f"uns['spatial'][{lib!r}] has no 'images'; stranker needs the H&E image.")
     if "spot_diameter_fullres" in scalef:
         diameter = float(scalef["spot_diameter_fullres"])
+        if not (np.isfinite(diameter) and diameter > 0):
+            raise InputError(
+                f"uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres'] must be a positive number "
+                f"of full-resolution pixels, got {diameter}."
+            )
     elif need_image:
         raise InputError(f"uns['spatial'][{lib!r}]['scalefactors'] lacks 'spot_diameter_fullres'.")
     else:

@@ -15,9 +15,9 @@ from .._write import maybe_copy, unique_tables, write_results
 
 
 def check_counts(mat: Any, where: str) -> None:
-    """Raise when a count matrix has NaN, infinite or negative values."""
+    """Raise when a count matrix has NaN, infinite or negative values or is all zero; warn on non-integers."""
     vals = mat.data if sps.issparse(mat) else np.asarray(mat)
-    if vals.size == 0:
+    if 0 in mat.shape:
         return
     if not np.isfinite(vals).all():
         n = int((~np.isfinite(vals)).sum())
@@ -28,10 +28,19 @@ def check_counts(mat: Any, where: str) -> None:
             f"{where} has {n} negative value(s); stranker expects raw counts (pass `layer=` with the counts "
             "if `X` is already transformed)."
         )
+    if not vals.any():
+        raise InputError(f"{where} is all zero: there is no expression to learn or score; check `layer=`.")
+    if np.issubdtype(vals.dtype, np.floating) and np.any(np.mod(vals, 1)):
+        logger.warning(
+            f"{where} holds non-integer values: stranker expects raw counts and normalises them itself. "
+            "If they are already normalised or log-transformed, pass `layer=` with the raw counts."
+        )
 
 
 def lognorm(mat: Any, target_sum: float = 1e4) -> np.ndarray:
     """Dense float32 ``log1p(counts / total * target_sum)`` per row (scanpy's normalize_total + log1p)."""
+    if not (np.isfinite(target_sum) and target_sum > 0):
+        raise InputError(f"`target_sum` must be a positive number, got {target_sum!r}.")
     x = mat.toarray() if sps.issparse(mat) else np.asarray(mat)
     x = x.astype(np.float32, copy=True)
     tot = x.sum(1, keepdims=True)

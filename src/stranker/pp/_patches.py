@@ -48,6 +48,14 @@ def check_inside(spots: Spots, on_outside: str = "raise") -> np.ndarray:
         raise InputError(f"Section {spots.name!r} has no image to cut patches from.")
     h, w = spots.image.shape
     c = spots.centers
+    nan = ~np.isfinite(c).all(1)
+    if nan.any():
+        bad = np.flatnonzero(nan)
+        names = list(spots.obs_names[bad[:5]]) if spots.table is not None else list(bad[:5])
+        raise InputError(
+            f"{len(bad)} of {spots.n_spots} spots of section {spots.name!r} have NaN or infinite "
+            f"coordinates, e.g. {names}: drop them from the table and shapes."
+        )
     inside = (c[:, 0] >= 0) & (c[:, 0] < w) & (c[:, 1] >= 0) & (c[:, 1] < h) & np.isfinite(c).all(1)
     if not inside.all():
         bad = np.flatnonzero(~inside)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 from .._constants import Keys
 from .._predictions import read_predictions
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import write_results
 from ..pp._genes import lognorm, section_counts
 
@@ -55,6 +57,7 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
     return pred, true
 
 
+@unchanged_on_failure()
 def evaluate(
     data: Any,
     *,
@@ -101,6 +104,8 @@ def evaluate(
     ``per_section`` (each section alone) and ``pooled`` (all spots together), and the top-level
     figures are the mean over sections.
     """
+    if isinstance(n_heg, bool) or not isinstance(n_heg, numbers.Integral) or n_heg < 1:
+        raise InputError(f"`n_heg` must be a whole number >= 1, got {n_heg!r}.")
     secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     if genes is None:
         rec = secs[0].table.uns.get(key_added, {})
@@ -111,6 +116,8 @@ def evaluate(
             )
         genes = list(rec["genes"])
     genes = list(genes)
+    if not genes:
+        raise InputError("`genes` is empty: name at least one gene to score, or pass `genes=None`.")
     pairs = [_pairs(sp, layer, genes, counts_layer, target_sum) for sp in secs]
     per = {sp.name: summarise(p, t, genes, n_heg) for sp, (p, t) in zip(secs, pairs, strict=True)}
     public = {name: {k: v for k, v in m.items() if k != "pcc"} for name, m in per.items()}

@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._key_added import check_key_added
 from .._predictions import prediction_layer
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import write_results
 from ..pp._genes import choose, lognorm, resolve_genes, section_counts
 from ..pp._patches import PatchReader, check_inside, patch_size_px
@@ -54,6 +56,7 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     return resolve_genes(secs, list(genes), "raise")
 
 
+@unchanged_on_failure()
 def fit(
     data: Any,
     *,
@@ -168,6 +171,16 @@ def fit(
     dev = distributed.setup(resolve_device(device or settings.device))
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, bin_size=bin_size, need_image=image_features is None)
+    check_key_added(secs, key_added)
+    seen: dict[tuple[int, bytes], str] = {}
+    for sp in secs:  # one section passed twice would count its spots twice
+        key = (id(sp.table), np.asarray(sp.rows).tobytes())
+        if key in seen:
+            raise InputError(
+                f"Sections {seen[key]!r} and {sp.name!r} are the same spots of the same table: "
+                "pass each training section once."
+            )
+        seen[key] = sp.name
     added: list[tuple[Any, str, str]] = []
     if aggregate and image_features is None:
         secs, added = bins_to_patches(secs, cfg)

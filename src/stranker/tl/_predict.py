@@ -7,8 +7,10 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._key_added import check_key_added
 from .._settings import logger
 from .._spots import InputError, Spots, _to_uint8_rgb, as_spots
+from .._undo import unchanged_on_failure
 from .._write import write_results
 from ..pp._patches import _TILE, check_inside
 from ._fit import write_outputs
@@ -131,6 +133,7 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     return TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
 
 
+@unchanged_on_failure()
 def predict(
     model: Any,
     data: Any,
@@ -180,6 +183,7 @@ def predict(
     need_image = model.config.image_features is None
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, bin_size=bin_size, need_image=need_image, need_table=False)
+    check_key_added(secs, key_added)
     plans = []
     for sp in secs:
         if sp.n_spots == 0:

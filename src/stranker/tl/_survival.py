@@ -113,7 +113,10 @@ def folds(strata: np.ndarray, cv: int, seed: int) -> np.ndarray:
     return out
 
 
-def _check_cv(n: int, cv: int, counts: dict[str, int]) -> None:
+def _check_cv(n: int, cv: int, counts: dict[str, int], n_pcs: int | None = None) -> None:
+    whole = isinstance(n_pcs, int | np.integer) and not isinstance(n_pcs, bool)
+    if n_pcs is not None and not (whole and n_pcs >= 1):
+        raise InputError(f"`n_pcs` must be a whole number >= 1 or None (no reduction), got {n_pcs!r}.")
     if not isinstance(cv, int | np.integer) or cv < 2:
         raise InputError(f"`cv` must be an integer >= 2, got {cv!r}.")
     if n < 2 * cv:
@@ -260,7 +263,7 @@ def survival(
     if model not in SURVIVAL_MODELS:
         raise InputError(f"`model` must be one of {list(SURVIVAL_MODELS)}, got {model!r}.")
     t, e = survival_target(cohort.obs, time, event)
-    _check_cv(len(t), cv, {"events": int(e.sum())})
+    _check_cv(len(t), cv, {"events": int(e.sum())}, n_pcs)
     fold = folds(e, cv, seed)
     censoring = float(1 - e.mean())
     use_uno = censoring > UNO_CENSORING
@@ -415,7 +418,7 @@ def classify(
     if model not in CLASSIFY_MODELS:
         raise InputError(f"`model` must be one of {list(CLASSIFY_MODELS)}, got {model!r}.")
     classes, y = _labels(cohort.obs, label)
-    _check_cv(len(y), cv, {str(c): int((y == j).sum()) for j, c in enumerate(classes)})
+    _check_cv(len(y), cv, {str(c): int((y == j).sum()) for j, c in enumerate(classes)}, n_pcs)
     fold = folds(y, cv, seed)
     if model == "attention":
         bags = _bags(cohort, tiles_key)

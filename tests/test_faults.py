@@ -1,0 +1,251 @@
+"""Fault cases a careless or hostile user hits: a clear error (or warning), and the data left as it was."""
+
+import logging
+
+import numpy as np
+import pytest
+from shapely.geometry import Point
+
+import stranker as sr
+from stranker._spots import InputError
+
+from .conftest import make_sdata
+
+TINY = dict(epochs=1, batch_size=8, patch_px=32, image_size=32, backbone="test_resnet", seed=0,
+            genes=["G0", "G1", "G2", "G3", "G4"])
+
+
+def _section(seed=1, counts=None, n=16):
+    return make_sdata(n=n, seed=seed, counts=counts)[0]
+
+
+def _state(sdata):
+    """Everything a call could change in a section: element keys, and the table's every container."""
+    t = sdata.tables["table"]
+
+    def dense(m):
+        return m.toarray() if hasattr(m, "toarray") else np.asarray(m)
+
+    return (
+        {k: sorted(getattr(sdata, k)) for k in ("images", "shapes", "tables")},
+        dense(t.X).tobytes(), {k: dense(v).tobytes() for k, v in t.layers.items()},
+        {k: np.asarray(v).tobytes() for k, v in t.obsm.items()}, sorted(t.uns),
+        t.obs.to_dict("list"), t.var.to_dict("list"),
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sr.tl.fit(_section(seed=0), **TINY)
+
+
+@pytest.fixture
+def warnings_log(caplog):
+    log = logging.getLogger("stranker")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="stranker")
+    yield caplog
+    log.removeHandler(caplog.handler)
+
+
+# --------------------------------------------------------------------------------------------
+# settings: refused before any data is read, with the name of the argument
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "value", "match"), [
+    ("epochs", 1.5, "`epochs` must be a whole number"),
+    ("batch_size", 8.0, "`batch_size` must be a whole number"),
+    ("lr", 0.0, "`lr` must be a positive number"),
+    ("temperature", -1.0, "`temperature` must be a positive number"),
+    ("dropout", 1.0, r"`dropout` must be in \[0, 1\)"),
+])
+def test_fit_refuses_settings_that_are_not_whole_or_positive(option, value, match):
+    sdata = _section()
+    before = _state(sdata)
+    with pytest.raises(ValueError, match=match):
+        sr.tl.fit(sdata, **{**TINY, option: value})
+    assert _state(sdata) == before
+
+
+def test_target_sum_must_be_positive():
+    sdata = _section()
+    before = _state(sdata)
+    with pytest.raises(InputError, match="`target_sum` must be a positive number"):
+        sr.tl.fit(sdata, target_sum=0, **TINY)
+    with pytest.raises(InputError, match="`target_sum`"):
+        sr.pp.normalize(sdata, target_sum=-1)
+    assert _state(sdata) == before
+
+
+# --------------------------------------------------------------------------------------------
+# counts
+# --------------------------------------------------------------------------------------------
+def test_all_zero_counts_are_refused_not_trained_on():
+    sdata = _section(counts=np.zeros((16, 5), np.float32))
+    before = _state(sdata)
+    with pytest.raises(InputError, match="all zero"):
+        sr.tl.fit(sdata, **TINY)
+    with pytest.raises(InputError, match="all zero"):
+        sr.pp.normalize(sdata)
+    assert _state(sdata) == before
+
+
+def test_non_integer_counts_warn_that_they_look_normalised(warnings_log):
+    counts = np.random.default_rng(0).poisson(3.0, (16, 5)).astype(np.float32)
+    sr.pp.normalize(_section(counts=counts))
+    assert "non-integer" not in warnings_log.text
+    sr.pp.normalize(_section(counts=np.log1p(counts)))  # X already log-transformed: a common slip
+    assert "non-integer values" in warnings_log.text and "layer=" in warnings_log.text
+
+
+# --------------------------------------------------------------------------------------------
+# spots
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("radius", [0.0, -3.0, np.nan])
+def test_spots_without_a_size_are_refused(radius):
+    sdata = _section()
+    sdata.shapes["spots"]["radius"] = radius
+    before = _state(sdata)
+    with pytest.raises(InputError, match="zero, negative or missing size"):
+        sr.tl.fit(sdata, **TINY)
+    assert _state(sdata) == before
+
+
+def test_nan_coordinates_are_named_as_such(model):
+    sdata = _section()
+    sdata.shapes["spots"].loc["s3", "geometry"] = Point(np.nan, np.nan)
+    before = _state(sdata)
+    with pytest.raises(InputError, match=r"NaN or infinite coordinates, e.g. \['s3'\]"):
+        sr.tl.predict(model, sdata)
+    assert _state(sdata) == before
+
+
+def test_the_same_section_twice_is_refused():
+    sdata = _section()
+    before = _state(sdata)
+    with pytest.raises(InputError, match="pass each training section once"):
+        sr.tl.fit([sdata, sdata], **TINY)
+    assert _state(sdata) == before
+
+
+# --------------------------------------------------------------------------------------------
+# key_added
+# --------------------------------------------------------------------------------------------
+def test_key_added_never_overwrites_the_users_own_data(model):
+    sdata = _section()
+    before = _state(sdata)
+    with pytest.raises(InputError, match=r"would overwrite layers\['counts'\].*another `key_added=`"):
+        sr.tl.predict(model, sdata, key_added="counts")
+    sdata.tables["table"].uns["spatial"] = {"lib": {}}
+    before = _state(sdata)
+    with pytest.raises(InputError, match=r"uns\['spatial'\]"):
+        sr.tl.fit(sdata, key_added="spatial", **TINY)
+    for bad in ("", 5):
+        with pytest.raises(InputError, match="`key_added` must be a non-empty string"):
+            sr.tl.predict(model, sdata, key_added=bad)
+    assert _state(sdata) == before
+
+
+def test_key_added_replaces_an_earlier_stranker_result(model):
+    sdata = _section()
+    sr.tl.predict(model, sdata)
+    sr.tl.predict(model, sdata)  # run again: the previous result is replaced
+    assert sdata.tables["table"].uns["stranker"]["in_sample"] is False
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate / survival arguments
+# --------------------------------------------------------------------------------------------
+def test_evaluate_refuses_empty_genes_and_bad_n_heg(model):
+    sdata = _section()
+    sr.tl.predict(model, sdata)
+    before = _state(sdata)
+    with pytest.raises(InputError, match="`genes` is empty"):
+        sr.tl.evaluate(sdata, genes=[])
+    for n_heg in (0, -1, 2.5):
+        with pytest.raises(InputError, match="`n_heg` must be a whole number"):
+            sr.tl.evaluate(sdata, n_heg=n_heg)
+    with pytest.raises(InputError, match="`target_sum`"):
+        sr.tl.evaluate(sdata, target_sum=0)
+    assert _state(sdata) == before
+
+
+@pytest.mark.parametrize("task", ["survival", "classify"])
+def test_n_pcs_must_be_positive(task):
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    cohort = ad.AnnData(rng.normal(size=(20, 4)).astype(np.float32))
+    cohort.obs["time"] = rng.uniform(1, 100, 20)
+    cohort.obs["event"] = np.tile([0, 1], 10)
+    cohort.obs["label"] = np.tile(["a", "b"], 10)
+    with pytest.raises(InputError, match="`n_pcs` must be a whole number >= 1"):
+        getattr(sr.tl, task)(cohort, cv=2, use_rep=None, n_pcs=0)
+    assert "stranker_risk" not in cohort.obs and "stranker_pred" not in cohort.obs
+
+
+# --------------------------------------------------------------------------------------------
+# a failure while writing (one section written, the next fails) leaves every object as it was
+# --------------------------------------------------------------------------------------------
+def _fail_on_call(monkeypatch, module, n):
+    """Make ``module.write_results`` raise on its ``n``-th call (the earlier ones write)."""
+    real = module.write_results
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("interrupted while writing")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "write_results", flaky)
+    return calls
+
+
+def test_predict_interrupted_mid_write_leaves_every_section_unchanged(model, monkeypatch):
+    import stranker.tl._fit as fit_module
+
+    secs = [_section(seed=1), _section(seed=2)]
+    before = [_state(s) for s in secs]
+    calls = _fail_on_call(monkeypatch, fit_module, 2)  # section 1 written, section 2 interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sr.tl.predict(model, secs)
+    assert len(calls) == 2
+    assert [_state(s) for s in secs] == before
+
+
+def test_fit_interrupted_mid_write_leaves_every_section_unchanged(monkeypatch):
+    import stranker.tl._fit as fit_module
+
+    secs = [_section(seed=1), _section(seed=2)]
+    before = [_state(s) for s in secs]
+    _fail_on_call(monkeypatch, fit_module, 2)
+    with pytest.raises(KeyboardInterrupt):
+        sr.tl.fit(secs, **TINY)
+    assert [_state(s) for s in secs] == before
+
+
+def test_evaluate_interrupted_mid_write_leaves_every_section_unchanged(model, monkeypatch):
+    import stranker.tl._evaluate as evaluate_module
+
+    secs = [_section(seed=1), _section(seed=2)]
+    sr.tl.predict(model, secs)
+    before = [_state(s) for s in secs]
+    _fail_on_call(monkeypatch, evaluate_module, 2)
+    with pytest.raises(KeyboardInterrupt):
+        sr.tl.evaluate(secs)
+    assert [_state(s) for s in secs] == before
+
+
+def test_predict_on_a_slide_interrupted_after_adding_tiles_removes_them(model, monkeypatch):
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    import stranker.tl._fit as fit_module
+
+    tissue = np.random.default_rng(0).integers(60, 200, (3, 128, 128), dtype=np.uint8)  # stained everywhere
+    sdata = SpatialData(images={"he": Image2DModel.parse(tissue, dims=("c", "y", "x"))})
+    elements = {k: sorted(getattr(sdata, k)) for k in ("images", "shapes", "tables")}
+    _fail_on_call(monkeypatch, fit_module, 1)
+    with pytest.raises(KeyboardInterrupt):
+        sr.tl.predict(model, sdata, tile_px=16)
+    assert {k: sorted(getattr(sdata, k)) for k in ("images", "shapes", "tables")} == elements
