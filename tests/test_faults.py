@@ -249,3 +249,50 @@ def test_predict_on_a_slide_interrupted_after_adding_tiles_removes_them(model, m
     with pytest.raises(KeyboardInterrupt):
         sr.tl.predict(model, sdata, tile_px=16)
     assert {k: sorted(getattr(sdata, k)) for k in ("images", "shapes", "tables")} == elements
+
+
+# --------------------------------------------------------------------------------------------
+# a model on data of another shape; squidpy-layout AnnData with a misplaced image or scale
+# --------------------------------------------------------------------------------------------
+def test_predict_refuses_features_of_another_width_or_with_nan():
+    train = _section(seed=0)
+    train.tables["table"].obsm["feat"] = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    m = sr.tl.fit(train, image_features="feat", **TINY)
+    for feats, match in ((np.ones((16, 12), np.float32), r"shape \(16, 12\).*trained on 8 features"),
+                         (np.full((16, 8), np.nan, np.float32), "NaN or infinite")):
+        sdata = _section()
+        sdata.tables["table"].obsm["feat"] = feats
+        before = _state(sdata)
+        with pytest.raises(InputError, match=match):
+            sr.tl.predict(m, sdata)
+        assert _state(sdata) == before
+
+
+def _squidpy_adata():
+    adata = _section().tables["table"].copy()
+    adata.obsm["spatial"] = np.random.default_rng(0).uniform(20, 180, (16, 2))
+    adata.uns["spatial"] = {"lib": {
+        "images": {"hires": np.full((200, 240, 3), 120, np.uint8)},
+        "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 16.0},
+    }}
+    return adata
+
+
+@pytest.mark.parametrize(("spoil", "match"), [
+    (lambda a: a.uns["spatial"]["lib"]["images"].update(hires=np.zeros((3, 200, 240), np.uint8)),
+     r"stores \(y, x, channels\).*np.moveaxis"),
+    (lambda a: a.uns["spatial"]["lib"]["scalefactors"].update(tissue_hires_scalef=0.0),
+     "tissue_hires_scalef.*must be a positive number"),
+    (lambda a: a.obsm.__setitem__("spatial", a.obsm["spatial"][:, :1]), r"expected \(n_spots, 2\)"),
+])
+def test_squidpy_layout_mistakes_are_named(model, spoil, match):
+    adata = _squidpy_adata()
+    spoil(adata)
+    with pytest.raises(InputError, match=match):
+        sr.tl.predict(model, adata)
+    assert "stranker" not in adata.layers
+
+
+def test_patches_need_at_least_one_scale():
+    with pytest.raises(InputError, match="`scales` must be positive"):
+        sr.pp.patches(_section(), size=32, scales=[])

@@ -595,7 +595,12 @@ def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Sp
             f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); "
             "pass a SpatialData or add the coordinates."
         )
-    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InputError(
+            f"obsm['spatial'] of {where} has shape {xy.shape}; expected (n_spots, 2): x, y in pixels."
+        )
+    xy = xy[:, :2]
     spatial = adata.uns.get(Keys.SPATIAL, {})
     libs = list(spatial.keys()) if isinstance(spatial, dict) else []
     if not libs:
@@ -627,8 +632,20 @@ def _from_anndata(adata: Any, *, library_id: str | None, need_image: bool) -> Sp
                 img = np.asarray(images[res])
                 if img.ndim == 2:
                     img = img[..., None]
+                if img.ndim != 3 or (img.shape[-1] not in (1, 3, 4) and img.shape[0] in (1, 3, 4)):
+                    raise InputError(
+                        f"uns['spatial'][{lib!r}]['images'][{res!r}] has shape {img.shape}; "
+                        "the squidpy layout stores (y, x, channels): "
+                        "pass `np.moveaxis(img, 0, -1)` for a (c, y, x) image."
+                    )
+                sf = float(scalef[sf_key])
+                if not (np.isfinite(sf) and sf > 0):
+                    raise InputError(
+                        f"uns['spatial'][{lib!r}]['scalefactors'][{sf_key!r}] must be a positive number, "
+                        f"got {sf}."
+                    )
                 levels.append(np.moveaxis(img, -1, 0))
-                scales.append(1.0 / float(scalef[sf_key]))
+                scales.append(1.0 / sf)
         others = sorted(set(images) - {"hires", "lowres"})
         if not levels:
             raise InputError(f"uns['spatial'][{lib!r}]['images'] has {others}; expected 'hires' or 'lowres'.")

@@ -101,7 +101,7 @@ class PatchReader:
         self.spots = spots
         self.size = float(size)
         self.scales = [float(s) for s in scales]
-        if any(s <= 0 for s in self.scales):
+        if not self.scales or any(not np.isfinite(s) or s <= 0 for s in self.scales):
             raise InputError(f"`scales` must be positive, got {list(scales)}.")
         self.out_px = int(round(size)) if out_px is None else int(out_px)
         if self.out_px < 4:
