@@ -296,3 +296,12 @@ def test_squidpy_layout_mistakes_are_named(model, spoil, match):
 def test_patches_need_at_least_one_scale():
     with pytest.raises(InputError, match="`scales` must be positive"):
         sr.pp.patches(_section(), size=32, scales=[])
+
+
+def test_cli_fit_refuses_a_store_given_twice(tmp_path, capsys):
+    from stranker._cli import main
+
+    store = str(tmp_path / "a.zarr")
+    assert main(["fit", store, f"{tmp_path}/./a.zarr", "--out", str(tmp_path / "m")]) == 2
+    assert "given more than once" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
