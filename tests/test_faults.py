@@ -305,3 +305,36 @@ def test_cli_fit_refuses_a_store_given_twice(tmp_path, capsys):
     assert main(["fit", store, f"{tmp_path}/./a.zarr", "--out", str(tmp_path / "m")]) == 2
     assert "given more than once" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_select_genes_interrupted_mid_write_leaves_every_section_unchanged(monkeypatch):
+    import stranker.pp._genes as genes_module
+
+    secs = [_section(seed=1), _section(seed=2)]
+    before = [_state(s) for s in secs]
+    _fail_on_call(monkeypatch, genes_module, 2)
+    with pytest.raises(KeyboardInterrupt):
+        sr.pp.select_genes(secs, flavor="heg", n_top=3)
+    assert [_state(s) for s in secs] == before
+
+
+def test_survival_interrupted_mid_write_leaves_the_cohort_unchanged(monkeypatch):
+    import anndata as ad
+
+    import stranker.tl._survival as survival_module
+    from stranker._write import write_cohort
+
+    rng = np.random.default_rng(0)
+    cohort = ad.AnnData(rng.normal(size=(20, 4)).astype(np.float32))
+    cohort.obs["time"] = rng.uniform(1, 100, 20)
+    cohort.obs["event"] = np.tile([0, 1], 10)
+    obs_before, uns_before = cohort.obs.copy(), dict(cohort.uns)
+
+    def obs_then_interrupt(adata, *, obs=None, obsm=None, uns=None):
+        write_cohort(adata, obs=obs)
+        raise KeyboardInterrupt("interrupted between obs and uns")
+
+    monkeypatch.setattr(survival_module, "write_cohort", obs_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sr.tl.survival(cohort, cv=2, use_rep=None, model="coxph")
+    assert cohort.obs.equals(obs_before) and dict(cohort.uns) == uns_before

@@ -9,8 +9,10 @@ import numpy as np
 from .._constants import Keys
 from .._settings import logger
 from .._spots import InputError, as_spots
+from .._undo import unchanged_on_failure
 
 
+@unchanged_on_failure("sdata")
 def aggregate_bins(
     sdata: Any,
     *,

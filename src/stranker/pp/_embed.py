@@ -9,10 +9,12 @@ import numpy as np
 
 from .._settings import settings
 from .._spots import InputError, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_results
 from ._patches import PatchReader, check_inside, patch_size_px
 
 
+@unchanged_on_failure()
 def embed_patches(
     data: Any,
     backbone: Any = "resnet18",

@@ -11,6 +11,7 @@ import scipy.sparse as sps
 from .._constants import Keys
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, unique_tables, write_results
 
 
@@ -55,6 +56,7 @@ def section_counts(sp: Spots, layer: str | None) -> Any:
     return mat
 
 
+@unchanged_on_failure()
 def normalize(
     data: Any,
     *,
@@ -210,6 +212,7 @@ def choose(
     return genes
 
 
+@unchanged_on_failure()
 def select_genes(
     data: Any,
     *,

@@ -9,6 +9,7 @@ import scipy.sparse as sps
 
 from .._constants import Keys
 from .._spots import InputError, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_results
 
 
@@ -32,6 +33,7 @@ def neighbour_weights(centers: np.ndarray, n_neighs: int = 6, include_self: bool
     return sps.diags(1.0 / deg) @ w
 
 
+@unchanged_on_failure()
 def smooth(
     data: Any,
     *,

@@ -15,6 +15,7 @@ import numpy as np
 from .._constants import Keys
 from .._settings import logger
 from .._spots import InputError
+from .._undo import unchanged_on_failure
 from .._write import write_cohort
 
 #: Uno's IPCW concordance is reported beside Harrell's when more than this fraction is censored.
@@ -200,6 +201,7 @@ def _fit_survival(name: str, x: np.ndarray, t: np.ndarray, e: np.ndarray, seed: 
     return m.predict, {"n_estimators": 200, "min_samples_leaf": 3}
 
 
+@unchanged_on_failure("cohort")
 def survival(
     cohort: Any,
     *,
@@ -362,6 +364,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, seed: int):
     return LogisticRegression(C=float(cs[int(np.argmin(loss))]), max_iter=500).fit(x, y)
 
 
+@unchanged_on_failure("cohort")
 def classify(
     cohort: Any,
     *,
