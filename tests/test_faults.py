@@ -338,3 +338,12 @@ def test_survival_interrupted_mid_write_leaves_the_cohort_unchanged(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         sr.tl.survival(cohort, cv=2, use_rep=None, model="coxph")
     assert cohort.obs.equals(obs_before) and dict(cohort.uns) == uns_before
+
+
+def test_evaluate_refuses_a_section_of_one_spot(model):
+    one = _section(n=1)
+    sr.tl.predict(model, one)
+    before = _state(one)
+    with pytest.raises(InputError, match="fewer than 2 spots"):
+        sr.tl.evaluate([_section(), one], genes=["G0", "G1"], layer="counts")
+    assert _state(one) == before

@@ -107,6 +107,9 @@ def evaluate(
     if isinstance(n_heg, bool) or not isinstance(n_heg, numbers.Integral) or n_heg < 1:
         raise InputError(f"`n_heg` must be a whole number >= 1, got {n_heg!r}.")
     secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    few = [f"{sp.name!r} ({sp.n_spots})" for sp in secs if sp.n_spots < 2]
+    if few:
+        raise InputError(f"Section(s) {', '.join(few)} have fewer than 2 spots: r across spots needs 2.")
     if genes is None:
         rec = secs[0].table.uns.get(key_added, {})
         if "genes" not in rec:
