@@ -347,3 +347,23 @@ def test_evaluate_refuses_a_section_of_one_spot(model):
     with pytest.raises(InputError, match="fewer than 2 spots"):
         sr.tl.evaluate([_section(), one], genes=["G0", "G1"], layer="counts")
     assert _state(one) == before
+
+
+def test_aggregate_bins_refuses_a_min_fraction_beyond_one(tmp_path):
+    pytest.importorskip("spatialdata_io")
+    from .test_visium import _read_hd, write_visium_hd
+
+    write_visium_hd(tmp_path)
+    sdata = _read_hd(tmp_path)
+    tables = sorted(sdata.tables)
+    with pytest.raises(InputError, match=r"`min_fraction`.*must be in \(0, 1\]"):
+        sr.io.aggregate_bins(sdata, bin_size=8, size_um=32, min_fraction=2)
+    assert sorted(sdata.tables) == tables
+
+
+def test_read_hest_patches_names_a_missing_or_foreign_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="HEST patch file .* does not exist"):
+        sr.io.read_hest_patches(tmp_path / "nope.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match="is not a HEST patch file"):
+        sr.io.read_hest_patches(tmp_path / "junk.h5")
