@@ -367,3 +367,11 @@ def test_read_hest_patches_names_a_missing_or_foreign_file(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(InputError, match="is not a HEST patch file"):
         sr.io.read_hest_patches(tmp_path / "junk.h5")
+
+
+def test_embed_patches_never_overwrites_the_spot_coordinates():
+    adata = _squidpy_adata()
+    xy = adata.obsm["spatial"].copy()
+    with pytest.raises(InputError, match="would overwrite the spot coordinates"):
+        sr.pp.embed_patches(adata, "test_resnet", size=32, image_size=32, key_added="spatial")
+    np.testing.assert_array_equal(adata.obsm["spatial"], xy)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .._constants import Keys
 from .._settings import settings
 from .._spots import InputError, as_spots
 from .._undo import unchanged_on_failure
@@ -111,6 +112,8 @@ def embed_patches(
     if batch_size < 1:
         raise InputError(f"`batch_size` must be at least 1, got {batch_size}.")
     key = key_added or f"X_{name}"
+    if key == Keys.SPATIAL:
+        raise InputError("`key_added='spatial'` would overwrite the spot coordinates: choose another name.")
     data = maybe_copy(data, copy)
     secs = as_spots(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
