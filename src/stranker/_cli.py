@@ -107,6 +107,10 @@ def _fit(args: argparse.Namespace) -> int:
     from stranker.tl._model import check_target
 
     check_target(args.out, args.overwrite)  # before the fit, not after it
+    stores = [os.path.realpath(p) for p in args.zarr]
+    twice = sorted({p for p in args.zarr if stores.count(os.path.realpath(p)) > 1})
+    if twice:
+        raise ValueError(f"{twice} given more than once: pass each section's store once.")
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         import subprocess
 

@@ -540,6 +540,13 @@ def _from_spatialdata(
     else:
         rows = np.arange(len(xy))
 
+    bad = ~(np.isfinite(diam) & (diam > 0))
+    if bad.any():
+        raise InputError(
+            f"{int(bad.sum())} spot(s) of shapes {shapes_key!r} have a zero, negative or missing size "
+            f"(e.g. {list(np.asarray(diam)[bad][:3])}); "
+            "give every spot its radius (circles) or area (squares)."
+        )
     diameter = float(np.median(diam)) if len(diam) else float("nan")
     mpp = _spatialdata_mpp(sdata, table, table_key, image_key, diameter)
     name = _section_name(table, rows, table_key) if table is not None else (image_key or "section")
@@ -649,7 +656,12 @@ def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None
             f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); "
             "pass a SpatialData or add the coordinates."
         )
-    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InputError(
+            f"obsm['spatial'] of {where} has shape {xy.shape}; expected (n_spots, 2): x, y in pixels."
+        )
+    xy = xy[:, :2]
     spatial = adata.uns.get(Keys.SPATIAL, {})
     libs = list(spatial.keys()) if isinstance(spatial, dict) else []
     if not libs:
@@ -678,8 +690,20 @@ def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None
                 img = np.asarray(images[res])
                 if img.ndim == 2:
                     img = img[..., None]
+                if img.ndim != 3 or (img.shape[-1] not in (1, 3, 4) and img.shape[0] in (1, 3, 4)):
+                    raise InputError(
+                        f"uns['spatial'][{lib!r}]['images'][{res!r}] has shape {img.shape}; "
+                        "the squidpy layout stores (y, x, channels): "
+                        "pass `np.moveaxis(img, 0, -1)` for a (c, y, x) image."
+                    )
+                sf = float(scalef[sf_key])
+                if not (np.isfinite(sf) and sf > 0):
+                    raise InputError(
+                        f"uns['spatial'][{lib!r}]['scalefactors'][{sf_key!r}] must be a positive number, "
+                        f"got {sf}."
+                    )
                 levels.append(np.moveaxis(img, -1, 0))
-                scales.append(1.0 / float(scalef[sf_key]))
+                scales.append(1.0 / sf)
         others = sorted(set(images) - {"hires", "lowres"})
         if not levels:
             raise InputError(f"uns['spatial'][{lib!r}]['images'] has {others}; expected 'hires' or 'lowres'.")
@@ -692,6 +716,11 @@ def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None
         raise InputError(f"uns['spatial'][{lib!r}] has no 'images'; stranker needs the H&E image.")
     if "spot_diameter_fullres" in scalef:
         diameter = float(scalef["spot_diameter_fullres"])
+        if not (np.isfinite(diameter) and diameter > 0):
+            raise InputError(
+                f"uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres'] must be a positive number "
+                f"of full-resolution pixels, got {diameter}."
+            )
     elif need_image:
         raise InputError(f"uns['spatial'][{lib!r}]['scalefactors'] lacks 'spot_diameter_fullres'.")
     else:

@@ -9,8 +9,10 @@ import numpy as np
 from .._constants import Keys
 from .._settings import logger
 from .._spots import InputError, as_spots
+from .._undo import unchanged_on_failure
 
 
+@unchanged_on_failure("sdata")
 def aggregate_bins(
     sdata: Any,
     *,
@@ -75,6 +77,8 @@ def aggregate(
     k = int(round(float(size_um) / bin_size))
     if k < 1:
         raise InputError(f"`size_um={size_um}` is smaller than the bins ({bin_size} µm).")
+    if not 0 < min_fraction <= 1:
+        raise InputError(f"`min_fraction` (share of the bins present) must be in (0, 1], got {min_fraction}.")
     width = k * bin_size
     missing = [c for c in ("array_row", "array_col") if c not in t.obs]
     if missing:

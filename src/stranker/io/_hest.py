@@ -351,7 +351,13 @@ def read_hest_patches(path: str | Path, rows: Any = None) -> tuple[np.ndarray, n
     """
     import h5py
 
-    with h5py.File(path, "r") as f:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"HEST patch file {path} does not exist.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(f"{path} is not a HEST patch file (HDF5 with img, coords, barcode): {err}") from err
+    with f:
         n = f["img"].shape[0]
         idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
         uniq, inv = np.unique(idx, return_inverse=True)  # h5py reads increasing, distinct rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -121,7 +123,19 @@ def make_config(method: str = "stranker", **overrides: Any) -> Config:
         raise ValueError(f"`blend` must be in [0, 1], got {cfg.blend}.")
     if cfg.freeze not in (None, True, False) and not re.fullmatch(r"last:\d+", str(cfg.freeze)):
         raise ValueError(f"`freeze` must be True, False or 'last:N' (N blocks trained), got {cfg.freeze!r}.")
-    for k in ("epochs", "batch_size", "image_size", "embed_dim", "top_k"):
-        if getattr(cfg, k) < 1:
-            raise ValueError(f"`{k}` must be at least 1, got {getattr(cfg, k)}.")
+    for k in ("epochs", "batch_size", "image_size", "embed_dim", "top_k", "cnn_scales", "gene_hidden",
+              "context_layers", "context_heads", "position_bins"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"`{k}` must be a whole number, got {v!r}.")
+        if v < 1:
+            raise ValueError(f"`{k}` must be at least 1, got {v}.")
+    for k in ("lr", "temperature", "rank_temperature"):
+        v = getattr(cfg, k)
+        if not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0):
+            raise ValueError(f"`{k}` must be a positive number, got {v!r}.")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"`dropout` must be in [0, 1), got {cfg.dropout}.")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise ValueError(f"`ema_decay` must be in [0, 1], got {cfg.ema_decay}.")
     return cfg

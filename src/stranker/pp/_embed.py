@@ -8,13 +8,16 @@ from typing import Any
 
 import numpy as np
 
+from .._constants import Keys
 from .._docs import doc_params
 from .._settings import logger, settings
 from .._spots import InputError, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_results
 from ._patches import PatchReader, check_inside, patch_size_px
 
 
+@unchanged_on_failure()
 @doc_params()
 def embed_patches(
     data: Any,
@@ -124,6 +127,8 @@ def embed_patches(
     if image_size is None:
         image_size = spec.input_px if spec is not None else 112
     key = key_added or f"X_{name.split(':')[-1].split('/')[-1]}"
+    if key == Keys.SPATIAL:
+        raise InputError("`key_added='spatial'` would overwrite the spot coordinates: choose another name.")
     data = maybe_copy(data, copy)
     secs = as_spots(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,

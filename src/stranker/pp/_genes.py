@@ -13,13 +13,14 @@ from .._constants import Keys
 from .._docs import doc_params
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, unique_tables, write_results
 
 
 def check_counts(mat: Any, where: str) -> None:
-    """Raise when a count matrix has NaN, infinite or negative values."""
+    """Raise when a count matrix has NaN, infinite or negative values or is all zero; warn on non-integers."""
     vals = mat.data if sps.issparse(mat) else np.asarray(mat)
-    if vals.size == 0:
+    if 0 in mat.shape:
         return
     if not np.isfinite(vals).all():
         n = int((~np.isfinite(vals)).sum())
@@ -29,6 +30,13 @@ def check_counts(mat: Any, where: str) -> None:
         raise InputError(
             f"{where} has {n} negative value(s); stranker expects raw counts (pass `layer=` with the counts "
             "if `X` is already transformed)."
+        )
+    if not vals.any():
+        raise InputError(f"{where} is all zero: there is no expression to learn or score; check `layer=`.")
+    if np.issubdtype(vals.dtype, np.floating) and np.any(np.mod(vals, 1)):
+        logger.warning(
+            f"{where} holds non-integer values: stranker expects raw counts and normalises them itself. "
+            "If they are already normalised or log-transformed, pass `layer=` with the raw counts."
         )
 
 
@@ -41,6 +49,8 @@ def library_sizes(mat: Any) -> np.ndarray:
 
 def _log_scaled(vals: np.ndarray, totals: np.ndarray, target_sum: float) -> np.ndarray:
     """In place: ``log1p(vals * target_sum / totals)`` (float32; rows with no counts stay 0)."""
+    if not (np.isfinite(target_sum) and target_sum > 0):
+        raise InputError(f"`target_sum` must be a positive number, got {target_sum!r}.")
     np.divide(vals * np.float32(target_sum), totals, out=vals, where=totals > 0)
     return np.log1p(vals, out=vals)
 
@@ -100,6 +110,7 @@ def section_counts(sp: Spots, layer: str | None) -> Any:
     return mat
 
 
+@unchanged_on_failure()
 @doc_params()
 def normalize(
     data: Any,
@@ -288,6 +299,7 @@ def choose(
     return genes
 
 
+@unchanged_on_failure()
 @doc_params()
 def select_genes(
     data: Any,

@@ -125,6 +125,14 @@ def check_inside(spots: Spots, on_outside: str = "raise") -> np.ndarray:
         raise InputError(f"Section {spots.name!r} has no image to cut patches from.")
     h, w = spots.image.shape
     c = spots.centers
+    nan = ~np.isfinite(c).all(1)
+    if nan.any():
+        bad = np.flatnonzero(nan)
+        names = list(spots.obs_names[bad[:5]]) if spots.table is not None else list(bad[:5])
+        raise InputError(
+            f"{len(bad)} of {spots.n_spots} spots of section {spots.name!r} have NaN or infinite "
+            f"coordinates, e.g. {names}: drop them from the table and shapes."
+        )
     inside = (c[:, 0] >= 0) & (c[:, 0] < w) & (c[:, 1] >= 0) & (c[:, 1] < h) & np.isfinite(c).all(1)
     if not inside.all():
         bad = np.flatnonzero(~inside)
@@ -170,7 +178,7 @@ class PatchReader:
         self.spots = spots
         self.size = float(size)
         self.scales = [float(s) for s in scales]
-        if any(s <= 0 for s in self.scales):
+        if not self.scales or any(not np.isfinite(s) or s <= 0 for s in self.scales):
             raise InputError(f"`scales` must be positive, got {list(scales)}.")
         self.out_px = int(round(size)) if out_px is None else int(out_px)
         if self.out_px < 4:

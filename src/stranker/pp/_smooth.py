@@ -10,6 +10,7 @@ import scipy.sparse as sps
 from .._constants import Keys
 from .._docs import doc_params
 from .._spots import InputError, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_results
 
 
@@ -33,6 +34,7 @@ def neighbour_weights(centers: np.ndarray, n_neighs: int = 6, include_self: bool
     return sps.diags(1.0 / deg) @ w
 
 
+@unchanged_on_failure()
 @doc_params()
 def smooth(
     data: Any,

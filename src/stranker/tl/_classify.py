@@ -13,6 +13,7 @@ from .._constants import Keys
 from .._deprecate import _UNSET, renamed
 from .._settings import logger, resolve_seed
 from .._spots import InputError
+from .._undo import unchanged_on_failure
 from .._write import write_cohort
 from ._crossval import bags, check_cv, features, folds, one_blas_thread, standardise_bags, transform
 
@@ -59,6 +60,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, seed: int):
     return LogisticRegression(C=float(cs[int(np.argmin(loss))]), max_iter=500).fit(x, y)
 
 
+@unchanged_on_failure("cohort")
 def classify(
     cohort: Any,
     *,
@@ -124,7 +126,7 @@ def classify(
         raise InputError(f"`method` must be one of {list(CLASSIFY_METHODS)}, got {method!r}.")
     seed = resolve_seed(seed)
     classes, y = labels(cohort.obs, label)
-    check_cv(len(y), cv, {str(c): int((y == j).sum()) for j, c in enumerate(classes)})
+    check_cv(len(y), cv, {str(c): int((y == j).sum()) for j, c in enumerate(classes)}, n_pcs)
     fold = folds(y, cv, seed)
     if method == "attention":
         tile_bags = bags(cohort, tiles_key)

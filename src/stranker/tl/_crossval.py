@@ -65,7 +65,11 @@ def folds(strata: np.ndarray, cv: int, seed: int) -> np.ndarray:
     return out
 
 
-def check_cv(n: int, cv: int, counts: dict[str, int]) -> None:
+def check_cv(n: int, cv: int, counts: dict[str, int], n_pcs: int | None = None) -> None:
+    """Refuse a fold count (or ``n_pcs``) that the slides cannot support, naming what to change."""
+    whole = isinstance(n_pcs, int | np.integer) and not isinstance(n_pcs, bool)
+    if n_pcs is not None and not (whole and n_pcs >= 1):
+        raise InputError(f"`n_pcs` must be a whole number >= 1 or None (no reduction), got {n_pcs!r}.")
     if not isinstance(cv, int | np.integer) or cv < 2:
         raise InputError(f"`cv` must be an integer >= 2, got {cv!r}.")
     if n < 2 * cv:

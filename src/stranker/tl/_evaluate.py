@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from .._docs import doc_params
 from .._predictions import read_predictions
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import write_results
 from ..pp._genes import lognorm, section_counts
 
@@ -70,6 +72,7 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
     return pred, true
 
 
+@unchanged_on_failure()
 def _scored_genes(secs: list[Spots], key_added: str) -> tuple[list[str], list[str]]:
     """Genes predicted in every section (``uns[key_added]['genes']``), and the modelled ones left out."""
     recs = []
@@ -151,6 +154,8 @@ def evaluate(
     (``genes_undefined``) have no r (constant prediction or measurement) and are left out of every r
     figure; ``genes_not_scored`` lists modelled genes that some table lacks.
     """
+    if isinstance(n_heg, bool) or not isinstance(n_heg, numbers.Integral) or n_heg < 1:
+        raise InputError(f"`n_heg` must be a whole number >= 1, got {n_heg!r}.")
     if key is _UNSET and key_added is not None:
         warnings.warn(
             "sr.tl.evaluate(): `key_added=` alone also named the predictions to read; pass `key=` for "
@@ -165,10 +170,15 @@ def evaluate(
     layer = key if layer is None else layer
     secs = as_spots(data, table_key=table_key, library_id=library_id, library_key=library_key,
                     bin_size=bin_size, need_image=False)
+    few = [f"{sp.name!r} ({sp.n_spots})" for sp in secs if sp.n_spots < 2]
+    if few:
+        raise InputError(f"Section(s) {', '.join(few)} have fewer than 2 spots: r across spots needs 2.")
     not_scored: list[str] = []
     if genes is None:
         genes, not_scored = _scored_genes(secs, key)
     genes = list(genes)
+    if not genes:
+        raise InputError("`genes` is empty: name at least one gene to score, or pass `genes=None`.")
     pairs = [_pairs(sp, layer, genes, counts_layer, target_sum) for sp in secs]
     per = {sp.name: summarise(p, t, genes, n_heg) for sp, (p, t) in zip(secs, pairs, strict=True)}
     public = {name: {k: v for k, v in m.items() if k != "pcc"} for name, m in per.items()}

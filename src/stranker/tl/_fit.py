@@ -10,8 +10,10 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
+from .._key_added import check_key_added
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import write_outputs
 from ..model.backbones import find_weights, named, resolve
 from ..pp._genes import choose, log_expression, resolve_genes
@@ -79,6 +81,7 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     return resolve_genes(secs, list(genes), "raise")
 
 
+@unchanged_on_failure()
 @doc_params()
 def fit(
     data: Any,
@@ -216,6 +219,16 @@ def fit(
     geometry = (
         PatchGeometry.of(secs, cfg.patch_px, cfg.patch_um, cfg.image_size) if image_features is None else None
     )
+    check_key_added(secs, key_added)
+    seen: dict[tuple[int, bytes], str] = {}
+    for sp in secs:  # one section passed twice would count its spots twice
+        key = (id(sp.table), np.asarray(sp.rows).tobytes())
+        if key in seen:
+            raise InputError(
+                f"Sections {seen[key]!r} and {sp.name!r} are the same spots of the same table: "
+                "pass each training section once."
+            )
+        seen[key] = sp.name
     added: list[tuple[Any, str, str]] = []
     if aggregate and geometry is not None:
         secs, added = bins_to_patches(secs, geometry)

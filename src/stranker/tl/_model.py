@@ -107,6 +107,16 @@ class Model:
                         f"missing from section {sp.name!r}."
                     )
                 features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
+            dim = self.meta.get("feature_dim")
+            if np.ndim(features) != 2 or (dim is not None and features.shape[1] != dim):
+                raise InputError(
+                    f"`obsm[{c.image_features!r}]` of section {sp.name!r} has shape {np.shape(features)}; "
+                    f"the model was trained on {dim} features per spot: compute them with the same backbone."
+                )
+            if not np.isfinite(features).all():
+                raise InputError(
+                    f"`obsm[{c.image_features!r}]` of section {sp.name!r} has NaN or infinite values."
+                )
             n = len(features)
         elif patches is not None:
             n = len(patches)

@@ -8,9 +8,11 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
+from .._key_added import check_key_added
 from .._predictions import genes_in_table
 from .._settings import logger
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_outputs, write_results
 from ..pp._patches import _TILE, check_inside
 
@@ -167,6 +169,7 @@ def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_add
     return TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
 
 
+@unchanged_on_failure()
 @doc_params()
 def predict(
     model: Any,
@@ -229,6 +232,7 @@ def predict(
     secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, library_key=library_key, bin_size=bin_size,
                     need_image=need_image, need_table=False)
+    check_key_added(secs, key_added)
     plans = []
     for sp in secs:
         check_scale(sp, model, tile_px)

@@ -13,6 +13,7 @@ from .._constants import Keys
 from .._deprecate import _UNSET, renamed
 from .._settings import logger, resolve_seed
 from .._spots import InputError
+from .._undo import unchanged_on_failure
 from .._write import write_cohort
 from ._crossval import bags, check_cv, features, folds, one_blas_thread, standardise_bags, transform
 
@@ -106,6 +107,7 @@ def _fit_survival(name: str, x: np.ndarray, t: np.ndarray, e: np.ndarray, seed: 
     return m.predict, {"n_estimators": 200, "min_samples_leaf": 3}
 
 
+@unchanged_on_failure("cohort")
 def survival(
     cohort: Any,
     *,
@@ -178,7 +180,7 @@ def survival(
         raise InputError(f"`method` must be one of {list(SURVIVAL_METHODS)}, got {method!r}.")
     seed = resolve_seed(seed)
     t, e = survival_target(cohort.obs, time, event)
-    check_cv(len(t), cv, {"events": int(e.sum())})
+    check_cv(len(t), cv, {"events": int(e.sum())}, n_pcs)
     fold = folds(e, cv, seed)
     censoring = float(1 - e.mean())
     use_uno = censoring > UNO_CENSORING
