@@ -11,7 +11,7 @@ from stranker._spots import InputError
 
 from .conftest import make_sdata
 
-TINY = dict(epochs=1, batch_size=8, patch_px=32, image_size=32, backbone="test_resnet", seed=0,
+TINY = dict(epochs=1, batch_size=8, patch_px=32, image_size=32, backbone="test_resnet", seed=0, pretrained=False,
             genes=["G0", "G1", "G2", "G3", "G4"])
 
 
@@ -373,5 +373,6 @@ def test_embed_patches_never_overwrites_the_spot_coordinates():
     adata = _squidpy_adata()
     xy = adata.obsm["spatial"].copy()
     with pytest.raises(InputError, match="would overwrite the spot coordinates"):
-        sr.pp.embed_patches(adata, "test_resnet", size=32, image_size=32, key_added="spatial")
+        sr.pp.embed_patches(adata, "test_resnet", size=32, image_size=32, key_added="spatial",
+                              pretrained=False)
     np.testing.assert_array_equal(adata.obsm["spatial"], xy)
