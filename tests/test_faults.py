@@ -374,5 +374,5 @@ def test_embed_patches_never_overwrites_the_spot_coordinates():
     xy = adata.obsm["spatial"].copy()
     with pytest.raises(InputError, match="would overwrite the spot coordinates"):
         sr.pp.embed_patches(adata, "test_resnet", size=32, image_size=32, key_added="spatial",
-                              pretrained=False)
+                            pretrained=False)
     np.testing.assert_array_equal(adata.obsm["spatial"], xy)
