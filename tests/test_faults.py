@@ -11,8 +11,8 @@ from stranker._spots import InputError
 
 from .conftest import make_sdata
 
-TINY = dict(epochs=1, batch_size=8, patch_px=32, image_size=32, backbone="test_resnet", seed=0, pretrained=False,
-            genes=["G0", "G1", "G2", "G3", "G4"])
+TINY = dict(epochs=1, batch_size=8, patch_px=32, image_size=32, backbone="test_resnet", seed=0,
+            pretrained=False, genes=["G0", "G1", "G2", "G3", "G4"])
 
 
 def _section(seed=1, counts=None, n=16):
