@@ -25,13 +25,23 @@ def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return r
 
 
+def spearman_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each column across rows: Pearson r of average ranks (NaN if constant)."""
+    from scipy.stats import rankdata
+
+    return pearson_per_gene(rankdata(pred, axis=0), rankdata(true, axis=0))
+
+
 def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int = 50) -> dict[str, Any]:
     """ACG, HEG (the ``n_heg`` genes most expressed in ``true``), median r, fraction r > 0, MAE, MSE."""
     r = pearson_per_gene(pred, true)
+    rho = spearman_per_gene(pred, true)
     heg = np.argsort(-true.mean(0), kind="stable")[: min(n_heg, len(genes))]
     return {
         "pcc_all": float(np.nanmean(r)),
         "pcc_heg": float(np.nanmean(r[heg])),
+        "spearman_all": float(np.nanmean(rho)),
+        "spearman_heg": float(np.nanmean(rho[heg])),
         "pcc_median": float(np.nanmedian(r)),
         "frac_positive": float(np.mean(np.nan_to_num(r, nan=0.0) > 0)),
         "mae": float(np.mean(np.abs(pred - true))),
@@ -96,7 +106,8 @@ def evaluate(
 
     Returns
     -------
-    Metrics ``pcc_all`` (ACG), ``pcc_heg`` (HEG), ``pcc_median``, ``frac_positive``, ``mae``, ``mse``.
+    Metrics ``pcc_all`` (ACG), ``pcc_heg`` (HEG), ``spearman_all`` and ``spearman_heg`` (the same with
+    Spearman's rank correlation), ``pcc_median``, ``frac_positive``, ``mae``, ``mse``.
     With one section, Pearson r is per gene across its spots. With several, the dict has
     ``per_section`` (each section alone) and ``pooled`` (all spots together), and the top-level
     figures are the mean over sections.
@@ -121,7 +132,8 @@ def evaluate(
         pooled = summarise(
             np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]), genes, n_heg
         )
-        keys = ("pcc_all", "pcc_heg", "pcc_median", "frac_positive", "mae", "mse")
+        keys = ("pcc_all", "pcc_heg", "spearman_all", "spearman_heg", "pcc_median", "frac_positive", "mae",
+                "mse")
         metrics = {k: float(np.mean([public[n][k] for n in public])) for k in keys}
         metrics.update(
             scope="mean over sections of per-section figures; 'pooled' pools all spots",
