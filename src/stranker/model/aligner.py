@@ -25,6 +25,7 @@ class Aligner(nn.Module):
             n_scales=len(cfg.scales), cnn_scales=cfg.cnn_scales, use_stain=cfg.use_stain,
             embed_dim=cfg.embed_dim, dropout=cfg.dropout,
             feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on,
+            stain_norm=cfg.stain_norm,
         )
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         context = (

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .augment import dihedral
-from .stain import N_STAIN, stain_features
+from .stain import N_STAIN, reinhard, stain_features
 
 
 class ProjectionHead(nn.Module):
@@ -119,8 +119,10 @@ class ImageBranch(nn.Module):
         feature_dim: int | None = None,
         probe_only: bool = False,
         head_on: str = "embedding",
+        stain_norm: str | None = None,
     ) -> None:
         super().__init__()
+        self.stain_norm = stain_norm
         self.n_scales = n_scales
         self.cnn_scales = max(1, min(cnn_scales, n_scales))
         self.use_stain = use_stain and feature_dim is None
@@ -163,6 +165,8 @@ class ImageBranch(nn.Module):
             parts.append((x.float() - self.feat_mean) / self.feat_std)
         else:
             b = x.shape[0]
+            if self.stain_norm == "reinhard":
+                x = reinhard(x.flatten(0, 1)).view(x.shape)
             flat = ((x[:, : self.cnn_scales].flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(
                 memory_format=torch.channels_last
             )
