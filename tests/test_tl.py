@@ -288,3 +288,18 @@ def test_sparse_layer_of_one_library_keeps_the_rows_of_the_others():
         t.layers["p"].toarray(),
         [[1, 0, 2, 0], [7, 0, 8, 0], [9, 0, 9, 0], [0, 0, 0, 0], [5, 0, 6, 0]],
     )
+
+
+def test_spearman_per_gene_matches_scipy_and_ignores_scale():
+    from scipy.stats import spearmanr
+
+    from stranker.tl._evaluate import spearman_per_gene, summarise
+
+    rng = np.random.default_rng(0)
+    true = rng.poisson(2.0, (40, 5)).astype(float)  # ties, as in counts
+    pred = true + rng.normal(0, 1.5, true.shape)
+    rho = spearman_per_gene(pred, true)
+    np.testing.assert_allclose(rho, [spearmanr(pred[:, j], true[:, j])[0] for j in range(5)], atol=1e-12)
+    np.testing.assert_allclose(spearman_per_gene(np.exp(pred), true), rho, atol=1e-12)  # monotone map
+    m = summarise(pred, true, list("abcde"), n_heg=2)
+    assert m["spearman_all"] == pytest.approx(np.mean(rho))
