@@ -259,6 +259,12 @@ def main(argv=None):
     stats = dict(np.load(spath)) if spath.exists() else {}
     rows = [r for r in rows if r["test"] != "pooled"]
     done = {(r["method"], r["test"], r["seed"]) for r in rows if _key(r) in stats}
+    clash = sorted({json.dumps(r.get("opts", {}), sort_keys=True) for r in rows}
+                   - {json.dumps(opts, sort_keys=True)})
+    if clash and not args.force:  # a resumed grid must not mix settings (e.g. 4-epoch rows with 12-epoch)
+        raise SystemExit(f"{jpath} holds rows run with options {', '.join(clash)}, not this run's "
+                         f"{json.dumps(opts, sort_keys=True)}: pass --out with another folder "
+                         "(or --force to recompute the rows this run makes).")
     for seed in args.seeds:  # seed-major, so that a partial run holds whole seeds
         for test in tests:
             train = [data[s] for s in names if s != test]  # every section of patient C for A1
