@@ -12,9 +12,14 @@ so that pooled Pearson r over all held-out spots is exact without keeping predic
     python benchmarks/accuracy.py --smoke --out /tmp/a # seconds, synthetic data (what CI runs)
     python benchmarks/accuracy.py --ablations --seeds 0 # the default with one part out or in
     python benchmarks/accuracy.py --backbone uni        # rows on a pretrained backbone ("stranker@uni")
+    python benchmarks/accuracy.py --tests A1 --seeds 0 # the other patient: train C2-C5, test A1
 
 Without ``--backbone`` the rows use a randomly initialised ResNet-18 (``pretrained=False``: no weights
 offline); with it, pretrained weights (cache or download) or an error saying how to get them.
+
+Besides the leave-one-section-out folds over patient C, the fold C2-C5 -> A1 (patient A, run when
+A1's files are in ``$STRANKER_DATA_DIR``) asks what a model does on a patient it never saw. Each row
+carries Spearman's rank correlation per gene (``spearman_all``, ``spearman_heg``) beside Pearson's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from stranker.pp._genes import lognorm
 HERE = Path(__file__).resolve().parent
 SECTIONS = ["C5", "C2", "C3", "C4"]  # C5 first: that fold is the dev split
 DEV_TEST = "C5"
+OTHER_PATIENT = ["A1"]  # held out after training on every section of SECTIONS (split 'patient')
 BASELINES = ("mean", "ridge-stain", "ridge-backbone")
 PRESETS = ("bleep", "mclstexp", "rankbygene", "stranker")
 # `--ablations`: the default with one part taken out or one option put back, each against `stranker`
@@ -47,6 +53,9 @@ ABLATIONS = {
     "stranker+context": ("stranker", {"spot_context": True}),
     "stranker+stain": ("stranker", {"use_stain": True}),
     "stranker+2scales": ("stranker", {"scales": (1.0, 2.0), "cnn_scales": 2}),
+    "stranker-no-rank-distill": ("stranker", {"w_rank": 0.0, "w_distill": 0.0}),
+    "stranker+hed": ("stranker", {"hed_jitter": 0.02}),  # stain jitter in HED space (Tellez et al. 2018)
+    "stranker+reinhard": ("stranker", {"stain_norm": "reinhard"}),  # per-patch Reinhard normalisation
 }
 STATS = ("n", "mx", "my", "sxx", "syy", "sxy", "sae", "sse")
 SMOKE = dict(epochs=1, backbone="test_resnet", patch_px=64, image_size=32)
@@ -107,6 +116,17 @@ def scores_from_stats(st: np.ndarray, heg: np.ndarray | None, heg_train: np.ndar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN, stored as null
         return _scores(r, heg, heg_train, st)
+
+
+def spearman_scores(pred: np.ndarray, true: np.ndarray, st: np.ndarray) -> dict:
+    """Mean Spearman rho over all genes and over the test's 50 most expressed (HEG)."""
+    from stranker.tl._evaluate import spearman_per_gene
+
+    rho = spearman_per_gene(pred, true)
+    heg = np.argsort(-st[2])[:50]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"spearman_all": float(np.nanmean(rho)), "spearman_heg": float(np.nanmean(rho[heg]))}
 
 
 def _scores(r, heg, heg_train, st):
@@ -206,6 +226,15 @@ def load_sections(args):
     return data, genes_785(), DEV_TEST
 
 
+def other_patient(args) -> dict:
+    """The sections of OTHER_PATIENT that this run tests and whose files are present."""
+    if args.smoke:
+        return {}
+    folder = Path(os.environ.get("STRANKER_DATA_DIR", SHARED))
+    want = [s for s in OTHER_PATIENT if args.tests is None or s in args.tests]
+    return {s: sr.datasets.her2st(s) for s in want if (folder / f"{s}.tsv.gz").exists()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -234,6 +263,8 @@ def main(argv=None):
         args.methods = list(ABLATIONS)
     data, genes, dev_test = load_sections(args)
     names = list(data)
+    data.update(other_patient(args))
+    tests = args.tests or list(data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jpath, spath = out / "accuracy.json", out / "accuracy_stats.npz"
@@ -241,18 +272,27 @@ def main(argv=None):
     stats = dict(np.load(spath)) if spath.exists() else {}
     rows = [r for r in rows if r["test"] != "pooled"]
     done = {(r["method"], r["test"], r["seed"]) for r in rows if _key(r) in stats}
+    clash = sorted({json.dumps(r.get("opts", {}), sort_keys=True) for r in rows}
+                   - {json.dumps(opts, sort_keys=True)})
+    if clash and not args.force:  # a resumed grid must not mix settings (e.g. 4-epoch rows with 12-epoch)
+        raise SystemExit(f"{jpath} holds rows run with options {', '.join(clash)}, not this run's "
+                         f"{json.dumps(opts, sort_keys=True)}: pass --out with another folder "
+                         "(or --force to recompute the rows this run makes).")
     for seed in args.seeds:  # seed-major, so that a partial run holds whole seeds
-        for test in args.tests or names:
-            train = [data[s] for s in names if s != test]
+        for test in tests:
+            train = [data[s] for s in names if s != test]  # every section of patient C for A1
             for method in args.methods:
                 s = 0 if method == "mean" else seed
                 label = f"{method}@{args.backbone}" if args.backbone and method != "mean" else method
                 if (label, test, s) in done and not args.force:
                     continue
                 pred, ytr, fit_s, pred_s = run_one(method, train, data[test], genes, s, opts)
-                st = suff_stats(pred, truth(data[test], genes))
-                row = {"method": label, "split": "loso", "test": test, "dev": test == dev_test, "seed": s,
+                true = truth(data[test], genes)
+                st = suff_stats(pred, true)
+                split = "loso" if test in names else "patient"
+                row = {"method": label, "split": split, "test": test, "dev": test == dev_test, "seed": s,
                        **scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
+                       **spearman_scores(pred, true, st),
                        "fit_s": round(fit_s, 2), "predict_s": round(pred_s, 2), "opts": opts}
                 rows = [r for r in rows if (r["method"], r["test"], r["seed"]) != (label, test, s)] + [row]
                 stats[_key(row)] = st.astype(np.float64)
@@ -310,15 +350,16 @@ def table(rows):
 
     df = pd.DataFrame(rows)
     df = df[df["method"].str.split("@").str[0].isin(BASELINES + PRESETS)]  # ablations have their own table
-    folds = df[df["test"] != "pooled"]
+    folds = df[(df["test"] != "pooled") & (df["split"] == "loso")]
     # compare like with like: only the held-out sections that every method has run on
     n_methods = folds["method"].nunique()
     common = [t for t, d in folds.groupby("test") if d["method"].nunique() == n_methods]
     label = f"LOSO, mean of folds ({', '.join(sorted(common))})"
     parts = [("dev (→ C5)" if "C5" in set(df["test"]) else "dev", df[df["dev"]]),
              (label, folds[folds["test"].isin(common)]), ("LOSO, pooled", df[df["test"] == "pooled"])]
-    lines = ["| split | method | runs | ACG | HEG (test) | HEG (train) | MAE | MSE | fit s | predict s |",
-             "|---" * 10 + "|"]
+    parts += [(f"C2–C5 → {t} (other patient)", df[df["test"] == t]) for t in OTHER_PATIENT]
+    lines = ["| split | method | runs | ACG | HEG (test) | Spearman (all / HEG) | HEG (train) | MAE | MSE "
+             "| fit s | predict s |", "|---" * 11 + "|"]
     order = {m: i for i, m in enumerate(BASELINES + PRESETS)}
     for label, d in parts:
         if label.startswith("LOSO, mean"):  # a seed counts once it has every common fold
@@ -339,7 +380,9 @@ def table(rows):
                 return f"{s[k].mean():.3f} ± {sd:.3f}"
 
             t = lambda k, s=s: "–" if k not in s or s[k].isna().all() else f"{s[k].mean():.0f}"  # noqa: E731
-            lines.append(f"| {label} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | "
+            rho = "–" if "spearman_all" not in s or s["spearman_all"].isna().all() else (
+                f"{s['spearman_all'].mean():.3f} / {s['spearman_heg'].mean():.3f}")
+            lines.append(f"| {label} | {method} | {n} | {f('pcc_all')} | {f('pcc_heg')} | {rho} | "
                          f"{f('pcc_heg_train')} | {s['mae'].mean():.3f} | {s['mse'].mean():.3f} | "
                          f"{t('fit_s')} | {t('predict_s')} |")
     return "\n".join(lines)
@@ -397,8 +440,9 @@ def ablation_table(rows):
             continue
         per_test = d.groupby(level="test").mean()
         cells = [f"{per_test.loc[t, 'pcc_all']:.3f} / {per_test.loc[t, 'pcc_heg']:.3f}" for t in tests]
-        diff = (d - ref.loc[d.index]).mean()
-        delta = "–" if method == "stranker" else f"{diff['pcc_all']:+.3f} / {diff['pcc_heg']:+.3f}"
+        diff = (d - ref.reindex(d.index)).mean()  # NaN where stranker has not run on those folds and seeds
+        delta = "–" if method == "stranker" or diff.isna().any() else (
+            f"{diff['pcc_all']:+.3f} / {diff['pcc_heg']:+.3f}")
         lines.append(f"| {method} | " + " | ".join(cells)
                      + f" | {d['pcc_all'].mean():.3f} / {d['pcc_heg'].mean():.3f} | {delta} |")
     return "\n".join(lines)

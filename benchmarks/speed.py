@@ -13,7 +13,12 @@ Each measurement runs in its own subprocess, so that its peak memory is its own 
 - ``full`` (needs the scverse stack): ``sr.tl.fit`` / ``sr.Model.predict`` on a synthetic
   SpatialData, patch reading from the image included.
 
+On a shared, noisy machine a part's throughput drifts between runs, so the parts are interleaved:
+each of ``--rounds`` rounds runs the bare backbone and ours back to back (A B A B ...), each round's
+efficiency is ours / bare of that round, and the report gives the median over rounds with its range.
+
     python benchmarks/speed.py                 # this machine's device, writes results/speed.json
+    python benchmarks/speed.py --rounds 5      # more rounds: a tighter median on a busy machine
     python benchmarks/speed.py --smoke --out /tmp/s
 """
 
@@ -197,12 +202,42 @@ def full_fit_predict(a, dev):
     return out
 
 
-PARTS = {
-    "bare_train": bare_train, "bare_forward": bare_forward, "core_fit": core_fit,
+PARTS = {  # in the order of a round: each bare measurement right before the ones compared with it
+    "bare_train": bare_train, "core_fit": core_fit, "full": full_fit_predict, "bare_forward": bare_forward,
     "core_predict": lambda a, d: core_predict(a, d, False),
     "core_predict_tta": lambda a, d: core_predict(a, d, True),
-    "full": full_fit_predict,
 }
+# efficiency: (ours part, its key, bare part), each a ratio within one round
+RATIOS = {
+    "fit_core": ("core_fit", "spots_per_s", "bare_train"),
+    "predict_core": ("core_predict", "spots_per_s", "bare_forward"),
+    "predict_core_tta_per_view": ("core_predict_tta", "spots_per_s", "bare_forward"),  # x 8 views
+    "fit_full": ("full", "fit_spots_per_s", "bare_train"),
+    "predict_full": ("full", "predict_spots_per_s", "bare_forward"),
+}
+
+
+def summarise_rounds(rounds: list[dict]) -> tuple[dict, dict, dict]:
+    """Per part: the median of each figure over rounds (peak memory: the largest), with the rounds kept;
+    efficiency: the median over rounds of each round's ratio, and its [min, max] over rounds."""
+    res = {}
+    for part in rounds[0]:
+        runs = [r[part] for r in rounds]
+        if "skipped" in runs[0]:
+            res[part] = runs[0]
+            continue
+        med = {k: (max(x[k] for x in runs) if k in ("peak_mb", "baseline_mb") else
+                   float(np.median([x[k] for x in runs])))
+               for k, v in runs[0].items() if isinstance(v, int | float)}
+        res[part] = {**runs[0], **med, "rounds": runs}
+    eff, spread = {}, {}
+    for name, (ours, key, bare) in RATIOS.items():
+        if "skipped" in rounds[0][ours]:
+            continue
+        views = 8 if name.endswith("per_view") else 1
+        per = [r[ours][key] / r[bare]["spots_per_s"] * views for r in rounds]
+        eff[name], spread[name] = float(np.median(per)), [float(min(per)), float(max(per))]
+    return res, eff, spread
 
 
 def run_part(a, part):
@@ -252,38 +287,35 @@ def main(argv=None):
     ap.add_argument("--genes", type=int, default=785)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every part (A B A B ...)")
     ap.add_argument("--smoke", action="store_true",
                     help="seconds-long run with a tiny backbone, in one process (CI)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.smoke:
-        a.backbone, a.image_size, a.batch, a.predict_batch, a.spots, a.genes, a.epochs, a.iters = (
-            "test_resnet", 32, 16, 32, 96, 20, 2, 2)
+        a.backbone, a.image_size, a.batch, a.predict_batch, a.spots, a.genes, a.epochs, a.iters, a.rounds = (
+            "test_resnet", 32, 16, 32, 96, 20, 2, 2, 2)
     if a.part:
         return print(json.dumps(run_part(a, a.part)))
     sub = ["--device", a.device, "--backbone", a.backbone, "--image-size", str(a.image_size),
            "--batch", str(a.batch), "--predict-batch", str(a.predict_batch),
            "--spots", str(a.spots), "--genes", str(a.genes),
            "--epochs", str(a.epochs), "--iters", str(a.iters)]
-    res = {}
-    for part in PARTS:
-        res[part] = run_part(a, part) if a.smoke else spawn(part, sub)
-        print(part, json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res[part].items()}),
-              flush=True)
-    bt, bf = res["bare_train"]["spots_per_s"], res["bare_forward"]["spots_per_s"]
-    eff = {
-        "fit_core": res["core_fit"]["spots_per_s"] / bt,
-        "predict_core": res["core_predict"]["spots_per_s"] / bf,
-        "predict_core_tta_per_view": 8 * res["core_predict_tta"]["spots_per_s"] / bf,
-    }
-    if "skipped" not in res["full"]:
-        eff["fit_full"] = res["full"]["fit_spots_per_s"] / bt
-        eff["predict_full"] = res["full"]["predict_spots_per_s"] / bf
+    rounds = []
+    for i in range(a.rounds):
+        res = {}
+        for part in PARTS:
+            res[part] = run_part(a, part) if a.smoke else spawn(part, sub)
+            print(f"round {i + 1}", part,
+                  json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res[part].items()}),
+                  flush=True)
+        rounds.append(res)
+    res, eff, spread = summarise_rounds(rounds)
     settings = {k: getattr(a, k) for k in ("backbone", "image_size", "batch", "predict_batch", "spots",
-                                           "genes", "epochs", "iters")}
+                                           "genes", "epochs", "iters", "rounds")}
     report = {"machine": machine(a.device), "device": res["bare_train"]["device"], "settings": settings,
-              "results": res, "efficiency": eff}
+              "results": res, "efficiency": eff, "efficiency_range": spread}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "speed.json" if report["device"] == "cpu" else "speed_gpu.json"
@@ -293,31 +325,35 @@ def main(argv=None):
 
 
 def table(rep):
+    """Markdown table: medians over rounds; efficiency with its range over rounds in brackets."""
     r, e = rep["results"], rep["efficiency"]
+    rng = rep.get("efficiency_range", {})
     dev = rep["machine"]["gpu"] or f"CPU ({rep['machine']['cpu_count']} cores)"
     rows = [
         ("bare backbone fwd+bwd", r["bare_train"]["spots_per_s"], "", r["bare_train"]["peak_mb"]),
-        ("fit, core loop", r["core_fit"]["spots_per_s"], e["fit_core"], r["core_fit"]["peak_mb"]),
+        ("fit, core loop", r["core_fit"]["spots_per_s"], "fit_core", r["core_fit"]["peak_mb"]),
         ("bare backbone forward", r["bare_forward"]["spots_per_s"], "", r["bare_forward"]["peak_mb"]),
-        ("predict, core (no TTA)", r["core_predict"]["spots_per_s"], e["predict_core"],
+        ("predict, core (no TTA)", r["core_predict"]["spots_per_s"], "predict_core",
          r["core_predict"]["peak_mb"]),
-        ("predict, core (8-view TTA)", r["core_predict_tta"]["spots_per_s"], e["predict_core_tta_per_view"],
+        ("predict, core (8-view TTA)", r["core_predict_tta"]["spots_per_s"], "predict_core_tta_per_view",
          r["core_predict_tta"]["peak_mb"]),
     ]
     if "fit_full" in e:
         f = r["full"]
         rows += [
-            ("sr.tl.fit (epochs after the first)", f["fit_spots_per_s"], e["fit_full"], f["peak_mb"]),
+            ("sr.tl.fit (epochs after the first)", f["fit_spots_per_s"], "fit_full", f["peak_mb"]),
             ("sr.tl.fit end to end", f["fit_end_to_end_spots_per_s"], "", f["peak_mb"]),
-            ("Model.predict (no TTA)", f["predict_spots_per_s"], e["predict_full"], f["peak_mb"]),
+            ("Model.predict (no TTA)", f["predict_spots_per_s"], "predict_full", f["peak_mb"]),
             ("Model.predict (8-view TTA)", f["predict_spots_per_s_tta"], "", f["peak_mb"]),
         ]
     s = rep["settings"]
     lines = [f"{dev}, {s['backbone']} at {s['image_size']} px, batch {s['batch']} "
-             f"(predict {s['predict_batch']})",
-             "", "| what | spots/s | efficiency | peak memory MiB |", "|---|---|---|---|"]
-    for name, v, eff, mem in rows:
-        lines.append(f"| {name} | {v:.1f} | {eff if eff == '' else f'{eff:.2f}'} | {mem:.0f} |")
+             f"(predict {s['predict_batch']})"
+             f", median of {s.get('rounds', 1)} interleaved rounds",
+             "", "| what | spots/s | efficiency (range over rounds) | peak memory MiB |", "|---|---|---|---|"]
+    for name, v, k, mem in rows:
+        cell = "" if k == "" else f"{e[k]:.2f}" + (f" ({rng[k][0]:.2f}–{rng[k][1]:.2f})" if k in rng else "")
+        lines.append(f"| {name} | {v:.1f} | {cell} | {mem:.0f} |")
     return "\n".join(lines)
 
 

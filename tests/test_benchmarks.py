@@ -33,7 +33,7 @@ def test_accuracy_smoke_rows_pooled_and_resume(tmp_path):
     assert len(folds) == len(methods) * 3  # three synthetic sections, one seed
     for r in folds:
         assert set(r) >= {"method", "split", "test", "seed", "pcc_all", "pcc_heg", "mae", "mse", "fit_s",
-                          "predict_s"}
+                          "predict_s", "spearman_all", "spearman_heg"}
     pooled = {r["method"]: r for r in saved["rows"] if r["test"] == "pooled"}
     assert set(pooled) == methods
     # colour statistics carry the synthetic programs: the ridge on them must find signal
@@ -42,6 +42,11 @@ def test_accuracy_smoke_rows_pooled_and_resume(tmp_path):
     # a second run finds every row done and recomputes nothing
     again = acc.main(["--smoke", "--out", str(tmp_path)])
     assert [r.get("fit_s") for r in again] == [r.get("fit_s") for r in rows]
+    # a run with other settings refuses to resume into those results, and leaves them as they were
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match="--out"):
+        acc.main(["--smoke", "--out", str(tmp_path), "--epochs", "2"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_pooled_statistics_equal_concatenation():

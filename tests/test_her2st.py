@@ -213,7 +213,7 @@ def test_untampered_copy_loads(tmp_path, c2):
 # --------------------------------------------------------------------------------------------
 def test_sections_list():
     secs = sr.datasets.her2st_sections()
-    assert secs == ["B4", "C2", "C3", "C4", "C5", "C6"]
+    assert secs == ["A1", "B4", "C2", "C3", "C4", "C5", "C6"]
 
 
 def test_unknown_section(tmp_path):
@@ -226,9 +226,9 @@ def test_unknown_section(tmp_path):
 
 
 def test_section_without_image(tmp_path):
-    with pytest.raises(InputError, match="'A1' has no full-resolution H&E image") as err:
-        sr.datasets.her2st("A1", data_dir=tmp_path)
-    assert str(["B4", "C2", "C3", "C4", "C5", "C6"]) in str(err.value)
+    with pytest.raises(InputError, match="'A2' has no H&E image") as err:
+        sr.datasets.her2st("A2", data_dir=tmp_path)
+    assert str(["A1", "B4", "C2", "C3", "C4", "C5", "C6"]) in str(err.value)
     assert not any(tmp_path.iterdir())
 
 
@@ -327,3 +327,78 @@ def test_download_of_a_missing_file(tmp_path, http_root):
     # a second call finds it in the cache (the server is no longer needed)
     (http_root / upstream).unlink()
     assert _her2st._fetch("C2_selection.tsv", upstream, digest, cache) == got
+
+
+# --------------------------------------------------------------------------------------------
+# A1: patient A, the viewer's lower-resolution rendering
+# --------------------------------------------------------------------------------------------
+needs_a1 = pytest.mark.skipif(
+    not all((her2st_dir() / f).exists() for f in ("A1.png", "A1.tsv.gz", "A1_selection.tsv")),
+    reason="A1.png, A1.tsv.gz, A1_selection.tsv not found in STRANKER_DATA_DIR",
+)
+
+
+@pytest.mark.her2st
+@needs_a1
+def test_a1_loads_in_the_png_frame_at_its_own_resolution():
+    from PIL import Image
+
+    a1 = sr.datasets.her2st("A1")
+    t = a1.tables["table"]
+    d = her2st_dir()
+    sel = pd.read_csv(d / "A1_selection.tsv", sep="\t")
+    counts = pd.read_csv(d / "A1.tsv.gz", sep="\t", index_col=0)
+    assert t.n_obs == 346 == len(set(counts.index) & set(sel["x"].astype(str) + "x" + sel["y"].astype(str)))
+    with Image.open(d / "A1.png") as im:
+        w, h = im.size
+        rgb = np.asarray(im.convert("RGB"))
+    assert a1.images["he"]["scale0"]["image"].shape == (3, h, w)
+    # spot centres: the original scan's frame (6954 px wide) scaled onto the 2000 px PNG
+    sel.index = sel["x"].astype(str) + "x" + sel["y"].astype(str)
+    ids = [i.split("_", 1)[1] for i in t.obs_names]
+    scan_xy = sel.loc[ids, ["pixel_x", "pixel_y"]].to_numpy(float)
+    np.testing.assert_allclose(t.obsm["spatial"], scan_xy * 2000 / 6954)
+    # µm/px, independently: 200 µm over the median distance between array neighbours, in PNG pixels
+    xy = dict(zip(zip(sel["x"], sel["y"], strict=True), sel[["pixel_x", "pixel_y"]].to_numpy() * 2000 / 6954,
+                  strict=True))
+    gaps = [np.hypot(*(xy[(x + dx, y + dy)] - p)) for (x, y), p in xy.items() for dx, dy in ((1, 0), (0, 1))
+            if (x + dx, y + dy) in xy]
+    mpp = t.uns["microns_per_pixel"]
+    np.testing.assert_allclose(mpp, 200.0 / np.median(gaps), rtol=0.01)
+    assert 3.0 < mpp < 3.4  # against about 0.69 on C2-C5
+    sp = as_spots(a1)[0]
+    assert sp.microns_per_pixel == pytest.approx(mpp)
+    np.testing.assert_allclose(sp.diameter, 100.0 / mpp, rtol=1e-9)
+    # every spot lands on tissue, not on the blacked-out background
+    c = np.round(t.obsm["spatial"]).astype(int)
+    assert (rgb[c[:, 1], c[:, 0]].sum(1) > 60).all()
+
+
+@pytest.mark.her2st
+@needs_a1
+def test_a1_patches_cover_the_same_tissue_width_as_c2():
+    """A model fitted on C2 reads A1 patches of the same micrometres, resampled to the same pixels."""
+    from stranker.tl._predict import resampling
+
+    a1, c2 = sr.datasets.her2st("A1"), sr.datasets.her2st("C2")
+    model = sr.tl.fit(c2, genes=list(c2.tables["table"].var_names[:8]), epochs=1, backbone="test_resnet",
+                      image_size=32, w_clip=0.0, w_rank=0.0, w_distill=0.0, predict="head", tta=False)
+    r = resampling(as_spots(a1)[0], model)
+    mpp_a1, mpp_c2 = a1.tables["table"].uns["microns_per_pixel"], c2.tables["table"].uns["microns_per_pixel"]
+    assert r["patch_px"] * mpp_a1 == pytest.approx(224 * mpp_c2, rel=1e-6)
+    pred = model.predict(a1)
+    assert np.asarray(pred if isinstance(pred, np.ndarray) else pred[0]).shape == (346, 8)
+
+
+@pytest.mark.her2st
+def test_a1_tampered_png_fails_the_hash_check(tmp_path):
+    d = her2st_dir()
+    if not (d / "A1.tsv.gz").exists():
+        pytest.skip("A1 not in STRANKER_DATA_DIR")
+    for f in ("A1.tsv.gz", "A1_selection.tsv"):
+        shutil.copy(d / f, tmp_path / f)
+    (tmp_path / "A1.png").write_bytes((d / "A1.png").read_bytes()[:-10])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(_her2st.HashMismatchError, match="A1.png"):
+        sr.datasets.her2st("A1", data_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

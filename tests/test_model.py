@@ -80,3 +80,98 @@ def test_make_config_validates():
         make_config(predict="x")
     assert make_config("bleep").predict == "retrieval"
     assert make_config(scales=2).scales == (2.0,)
+
+
+# --------------------------------------------------------------------------------------------
+# stain shift: HED jitter and Reinhard normalisation
+# --------------------------------------------------------------------------------------------
+def test_colour_conversions_match_scikit_image_and_invert():
+    from skimage.color import rgb2lab
+
+    from stranker.model.stain import hed_to_rgb, lab_to_rgb, rgb_to_lab
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(1, 256, (2, 12, 12, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255
+    lab = rgb_to_lab(x)
+    ref = np.stack([rgb2lab(i) for i in img])
+    np.testing.assert_allclose(lab.permute(0, 2, 3, 1).numpy(), ref, atol=2e-3)
+    np.testing.assert_allclose(lab_to_rgb(lab).numpy(), x.numpy(), atol=1e-4)
+    np.testing.assert_allclose(hed_to_rgb(rgb_to_hed(x, clamp=False)).numpy(), x.numpy(), atol=1e-4)
+
+
+def test_hed_jitter_scales_and_shifts_each_stain_channel_within_sigma():
+    from stranker.model.augment import hed_jitter
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.3 * torch.rand(16, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    sigma = 0.02
+    out = hed_jitter(x, g, sigma)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    assert 0 < out.min() and out.max() < 1  # nothing clipped: the map is exactly affine in HED
+    h_in, h_out = rgb_to_hed(x, clamp=False).double(), rgb_to_hed(out, clamp=False).double()
+    for i in range(len(x)):
+        for c in range(3):
+            a = h_in[i, c].flatten()
+            slope, icpt = np.polyfit(a.numpy(), h_out[i, c].flatten().numpy(), 1)
+            assert 1 - sigma - 1e-4 <= slope <= 1 + sigma + 1e-4 and abs(icpt) <= sigma + 1e-4
+    # per-sample draws, and a process's rows are those of the whole batch (distributed training)
+    assert not torch.allclose(out[0] - x[0], out[1] - x[1])
+    whole = hed_jitter(x, torch.Generator().manual_seed(5), sigma)
+    part = hed_jitter(x[4:9], torch.Generator().manual_seed(5), sigma, part=(4, 9, 16))
+    torch.testing.assert_close(part, whole[4:9])
+
+
+def test_augment_without_hed_draws_as_before():
+    """hed=0 takes no random draws, so default fits reproduce the earlier augmentation exactly."""
+    x = torch.rand(6, 1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = augment(x, torch.Generator().manual_seed(3), True)
+    b = augment(x, torch.Generator().manual_seed(3), True, hed=0.0)
+    torch.testing.assert_close(a, b)
+    c = augment(x, torch.Generator().manual_seed(3), True, hed=0.05)
+    assert not torch.allclose(a, c)
+
+
+def test_reinhard_sets_tissue_statistics_and_ignores_black_background():
+    from stranker.model.stain import REINHARD_TARGET, reinhard, rgb_to_lab
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor([0.55, 0.45, 0.7]).view(1, 3, 1, 1)
+    tissue = (base + 0.08 * torch.randn(2, 3, 16, 16, generator=g)).clamp(0.2, 0.9)
+    out = rgb_to_lab(reinhard(tissue))
+    np.testing.assert_allclose(out.mean((2, 3)).numpy(), np.tile(REINHARD_TARGET[0], (2, 1)), atol=1.5)
+    np.testing.assert_allclose(out.std((2, 3), unbiased=False).numpy(), np.tile(REINHARD_TARGET[1], (2, 1)),
+                               rtol=0.15)
+    # a blacked-out band (as on her2st A1) does not change how the tissue pixels are mapped
+    framed = tissue.clone()
+    framed[:, :, :, :4] = 0.0
+    np.testing.assert_allclose(reinhard(framed)[:, :, :, 4:].numpy(),
+                               reinhard(tissue[:, :, :, 4:]).numpy(), atol=1e-4)
+
+
+def test_make_config_validates_stain_options():
+    with pytest.raises(ValueError, match="`stain_norm` must be None or 'reinhard'"):
+        make_config(stain_norm="macenko")
+    with pytest.raises(ValueError, match="`hed_jitter`"):
+        make_config(hed_jitter=-0.1)
+    c = make_config()
+    assert c.stain_norm is None and c.hed_jitter == 0.0
+    assert make_config(stain_norm="reinhard", hed_jitter=0.02).to_dict()["stain_norm"] == "reinhard"
+
+
+def test_image_branch_normalises_before_the_backbone():
+    """With stain_norm='reinhard', two patches that differ only by a colour cast embed alike."""
+    from stranker.model.encoders import ImageBranch
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.tensor([0.55, 0.45, 0.7]).view(1, 1, 3, 1, 1)
+         + 0.1 * torch.randn(2, 1, 3, 16, 16, generator=g)).clamp(0.1, 0.95)
+    cast = (x * torch.tensor([0.9, 0.8, 1.0]).view(1, 1, 3, 1, 1)).clamp(0, 1)
+    gap = {}
+    for norm in (None, "reinhard"):
+        torch.manual_seed(0)
+        br = ImageBranch(5, backbone="test_resnet", pretrained=False, use_stain=False, stain_norm=norm).eval()
+        with torch.no_grad():
+            gap[norm] = (br(x)[0] - br(cast)[0]).norm() / br(x)[0].norm()
+    assert gap["reinhard"] < 0.5 * gap[None]  # 1.0 if the option were not wired through

@@ -415,3 +415,18 @@ def test_duplicated_gene_names_are_refused_naming_the_fix(fitted):
     assert set(t.layers) == set(before.layers) and set(t.uns) == set(before.uns)
     with pytest.raises(InputError, match=r"var_names_make_unique\(\)"):
         sr.tl.fit([sd], **dict(FAST, epochs=1))
+
+
+def test_spearman_per_gene_matches_scipy_and_ignores_scale():
+    from scipy.stats import spearmanr
+
+    from stranker.tl._evaluate import spearman_per_gene, summarise
+
+    rng = np.random.default_rng(0)
+    true = rng.poisson(2.0, (40, 5)).astype(float)  # ties, as in counts
+    pred = true + rng.normal(0, 1.5, true.shape)
+    rho = spearman_per_gene(pred, true)
+    np.testing.assert_allclose(rho, [spearmanr(pred[:, j], true[:, j])[0] for j in range(5)], atol=1e-12)
+    np.testing.assert_allclose(spearman_per_gene(np.exp(pred), true), rho, atol=1e-12)  # monotone map
+    m = summarise(pred, true, list("abcde"), n_heg=2)
+    assert m["spearman_all"] == pytest.approx(np.mean(rho))

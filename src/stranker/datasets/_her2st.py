@@ -16,6 +16,9 @@ from .._spots import InputError
 BASE_URL = "https://github.com/almaan/her2st/raw/master/"
 SPOT_DIAMETER_UM = 100.0  # legacy ST spots
 SPOT_PITCH_UM = 200.0  # centre to centre on the array
+# Sections whose only upstream image is the viewer's rendering (``app/www/imgs``): the width in pixels of
+# the original scan, the frame of ``pixel_x``/``pixel_y`` in their spot files (upstream does not carry it)
+VIEWER_SCAN_WIDTH = {"A1": 6954}
 
 
 class HashMismatchError(InputError):
@@ -37,12 +40,21 @@ def _registry() -> dict[str, dict[str, tuple[str, str]]]:
             reg.setdefault(parts[-1].split("_")[0], {})["spots"] = (path, digest)
         elif "ST-imgs" in parts:
             reg.setdefault(parts[-2], {})["image"] = (path, digest)
+        elif "imgs" in parts and parts[-1].split("_")[0] in VIEWER_SCAN_WIDTH:
+            reg.setdefault(parts[-1].split("_")[0], {})["viewer"] = (path, digest)
     return reg
 
 
+def _image_kind(files: dict[str, tuple[str, str]]) -> str | None:
+    """'image' (full-resolution scan), 'viewer' (upstream's lower-resolution rendering) or None."""
+    return "image" if "image" in files else "viewer" if "viewer" in files else None
+
+
 def sections() -> list[str]:
-    """Sections of the HER2+ dataset that have counts, spots and a full-resolution image upstream."""
-    return sorted(s for s, f in _registry().items() if {"counts", "spots", "image"} <= set(f))
+    """Sections of the HER2+ dataset that have counts, spots and an H&E image upstream."""
+    return sorted(
+        s for s, f in _registry().items() if {"counts", "spots"} <= set(f) and _image_kind(f) is not None
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -92,6 +104,13 @@ def her2st(section: str | list[str], *, data_dir: str | Path | None = None) -> A
     ``$STRANKER_DATA_DIR`` when set) under the names ``C2.jpg``, ``C2.tsv.gz``, ``C2_selection.tsv``,
     and downloaded there when missing.
 
+    Section ``'A1'`` (patient A) has no full-resolution scan upstream: its image is the viewer's
+    rendering ``A1.png`` (2000 px wide, background blacked out, about 3.2 µm/px against about
+    0.69 µm/px for C2–C5). Its spot centres are rescaled from the original scan's frame (6954 px
+    wide) to the PNG, and ``uns['microns_per_pixel']`` is measured on the PNG from the 200 µm spot
+    pitch, so that :func:`stranker.tl.fit` and :func:`stranker.tl.predict` cut patches of the same
+    physical size as on the other sections.
+
     Parameters
     ----------
     section
@@ -111,21 +130,33 @@ def her2st(section: str | list[str], *, data_dir: str | Path | None = None) -> A
     reg = _registry()
     if section not in reg:
         raise InputError(f"Section {section!r} is not in the HER2+ dataset; sections: {sorted(reg)}.")
-    if "image" not in reg[section]:
+    kind = _image_kind(reg[section])
+    if kind is None:
         raise InputError(
-            f"Section {section!r} has no full-resolution H&E image upstream; "
-            f"sections with images: {sections()}."
+            f"Section {section!r} has no H&E image upstream; sections with images: {sections()}."
         )
     folder = Path(data_dir).expanduser() if data_dir is not None else settings.data_dir
+    suffix = ".jpg" if kind == "image" else ".png"
     paths = {
-        kind: _fetch(name, *reg[section][kind], folder)
-        for kind, name in (("counts", f"{section}.tsv.gz"), ("spots", f"{section}_selection.tsv"),
-                           ("image", f"{section}.jpg"))
+        k: _fetch(name, *reg[section][k], folder)
+        for k, name in (("counts", f"{section}.tsv.gz"), ("spots", f"{section}_selection.tsv"),
+                        (kind, f"{section}{suffix}"))
     }
-    return _build(section, paths)
+    paths["image"] = paths.pop(kind)
+    return _build(section, paths, VIEWER_SCAN_WIDTH.get(section) if kind == "viewer" else None)
 
 
-def _build(section: str, paths: dict[str, Path]) -> Any:
+def microns_per_pixel(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
+    """Microns per image pixel from the 200 µm array pitch: slope of pixel against array position.
+
+    ``array_xy``: the spots' (sub-spot) array coordinates (``new_x``, ``new_y``); ``pixel_xy``: their
+    centres in the image's pixels. The mean of the x and y slopes of a least-squares line.
+    """
+    slope = np.mean([abs(np.polyfit(array_xy[:, i], pixel_xy[:, i], 1)[0]) for i in (0, 1)])
+    return float(SPOT_PITCH_UM / slope)
+
+
+def _build(section: str, paths: dict[str, Path], scan_width: int | None = None) -> Any:
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sps
@@ -147,12 +178,6 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
         )
     counts, spots = counts.loc[keep], spots.loc[keep]
 
-    # resolution from the array pitch: pixel = slope * array + offset
-    slope = np.mean([abs(np.polyfit(spots["new_x"], spots["pixel_x"], 1)[0]),
-                     abs(np.polyfit(spots["new_y"], spots["pixel_y"], 1)[0])])
-    mpp = SPOT_PITCH_UM / slope
-    radius = SPOT_DIAMETER_UM / 2 / mpp
-
     max_pixels, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a trusted, hash-checked image
     try:
         with Image.open(paths["image"]) as im:
@@ -162,6 +187,11 @@ def _build(section: str, paths: dict[str, Path]) -> Any:
     image = multiscale(np.moveaxis(rgb, -1, 0), [2, 2, 2], chunks=(3, 2048, 2048))
     ids = [f"{section}_{s}" for s in keep]
     xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+    if scan_width is not None:  # spot file in the original scan's frame, image a rendering of it
+        xy = xy * (rgb.shape[1] / scan_width)
+    # resolution from the array pitch, in the image's own pixels
+    mpp = microns_per_pixel(spots[["new_x", "new_y"]].to_numpy(dtype=np.float64), xy)
+    radius = SPOT_DIAMETER_UM / 2 / mpp
     shapes = ShapesModel.parse(
         xy, geometry=0, radius=np.full(len(xy), radius), index=pd.Index(ids, name="spot")
     )

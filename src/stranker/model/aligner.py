@@ -27,7 +27,7 @@ class Aligner(nn.Module):
             n_scales=len(cfg.scales), cnn_scales=cfg.cnn_scales, use_stain=cfg.use_stain,
             embed_dim=cfg.embed_dim, dropout=cfg.dropout,
             feature_dim=feature_dim, probe_only=cfg.probe_only, head_on=cfg.head_on, freeze=cfg.freeze,
-            download=download,
+            download=download, stain_norm=cfg.stain_norm,
         )
         # a wholly frozen backbone is shared by student and teacher (a foundation model held once)
         shared = {id(self.student.backbone): self.student.backbone} if self.student.frozen else {}

@@ -62,14 +62,54 @@ def colour_jitter(
     return x.clamp(0, 1)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None) -> torch.Tensor:
+def hed_jitter(x: torch.Tensor, gen: torch.Generator, sigma: float, part: Part | None = None) -> torch.Tensor:
+    """Per-sample stain jitter in haematoxylin-eosin-DAB space (Tellez et al. 2018).
+
+    Each image's HED optical densities (Ruifrok & Johnston vectors, scikit-image's ``rgb2hed``
+    scaling) become ``alpha * hed + beta`` with ``alpha ~ U(1 - sigma, 1 + sigma)`` and
+    ``beta ~ U(-sigma, sigma)`` drawn per channel, then go back to RGB. Tellez et al. call
+    ``sigma = 0.05`` light and ``0.2`` strong.
+
+    Parameters
+    ----------
+    x
+        ``(b, ..., 3, h, w)`` RGB in [0, 1].
+    gen
+        Generator of the random draws (on the CPU).
+    sigma
+        Strength of the jitter.
+    part
+        As in :func:`augment`.
+
+    Returns
+    -------
+    The jittered images, in [0, 1].
+    """
+    from .stain import hed_to_rgb, rgb_to_hed
+
+    b = _n(x, part)
+    shape = (b,) + (1,) * (x.dim() - 4) + (3, 1, 1)
+    alpha = _rows(1 + sigma * (2 * torch.rand(shape, generator=gen) - 1), part).to(x.device, x.dtype)
+    beta = _rows(sigma * (2 * torch.rand(shape, generator=gen) - 1), part).to(x.device, x.dtype)
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    hed = rgb_to_hed(flat, clamp=False).reshape(x.shape)
+    return hed_to_rgb((hed * alpha + beta).reshape(flat.shape)).reshape(*lead, *x.shape[-3:])
+
+
+def augment(
+    x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None, hed: float = 0.0
+) -> torch.Tensor:
     """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise.
 
     ``part=(start, stop, total)`` says that ``x`` holds rows ``start:stop`` of a batch of ``total``
     rows (one process's share under distributed training): the random draws are those of the whole
-    batch, so each process augments its rows exactly as a single process would.
+    batch, so each process augments its rows exactly as a single process would. ``hed > 0`` adds
+    :func:`hed_jitter` of that strength to both views (no random draws are taken when it is 0).
     """
     x = random_dihedral(x, gen, part)
+    if hed > 0:
+        x = hed_jitter(x, gen, hed, part)
     if strong:
         x = colour_jitter(x, gen, 1.0, part)
         noise = _rows(torch.randn((_n(x, part), *x.shape[1:]), generator=gen), part)

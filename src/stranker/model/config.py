@@ -26,6 +26,8 @@ class Config:
     cnn_scales: int = 1  # the backbone sees the first scales; stain statistics are taken at all
     image_size: int = 112  # pixels fed to the backbone
     use_stain: bool = False  # measured on her2st: stain statistics beside the CNN lowered held-out PCC
+    stain_norm: str | None = None  # 'reinhard': each patch's tissue L*a*b* mean/sd set to a fixed target
+    hed_jitter: float = 0.0  # strength of per-channel HED scale/shift augmentation (Tellez et al. 2018)
     embed_dim: int = 256
     dropout: float = 0.0
     # gene branch
@@ -119,6 +121,10 @@ def make_config(method: str = "stranker", **overrides: Any) -> Config:
     cfg = replace(cfg, **overrides)
     if cfg.predict not in ("head", "retrieval", "blend"):
         raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
+    if cfg.stain_norm not in (None, "reinhard"):
+        raise ValueError(f"`stain_norm` must be None or 'reinhard', got {cfg.stain_norm!r}.")
+    if not 0 <= cfg.hed_jitter < 1:
+        raise ValueError(f"`hed_jitter` must be in [0, 1) (0.02 is mild), got {cfg.hed_jitter}.")
     if not 0 <= cfg.blend <= 1:
         raise ValueError(f"`blend` must be in [0, 1], got {cfg.blend}.")
     if cfg.freeze not in (None, True, False) and not re.fullmatch(r"last:\d+", str(cfg.freeze)):

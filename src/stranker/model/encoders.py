@@ -7,7 +7,7 @@ from torch import nn
 
 from .augment import dihedral
 from .backbones import apply_freeze, create_backbone, lookup
-from .stain import N_STAIN, stain_features
+from .stain import N_STAIN, reinhard, stain_features
 
 
 class ProjectionHead(nn.Module):
@@ -50,8 +50,10 @@ class ImageBranch(nn.Module):
         head_on: str = "embedding",
         freeze: bool | str | None = None,
         download: bool = False,
+        stain_norm: str | None = None,
     ) -> None:
         super().__init__()
+        self.stain_norm = stain_norm
         self.n_scales = n_scales
         self.cnn_scales = max(1, min(cnn_scales, n_scales))
         self.use_stain = use_stain and feature_dim is None
@@ -105,6 +107,8 @@ class ImageBranch(nn.Module):
             parts.append((x.float() - self.feat_mean) / self.feat_std)
         else:
             b = x.shape[0]
+            if self.stain_norm == "reinhard":
+                x = reinhard(x.flatten(0, 1)).view(x.shape)
             flat = ((x[:, : self.cnn_scales].flatten(0, 1) - self.pix_mean) / self.pix_std).contiguous(
                 memory_format=torch.channels_last
             )

@@ -31,6 +31,13 @@ def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return r
 
 
+def spearman_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each column across rows: Pearson r of average ranks (NaN if constant)."""
+    from scipy.stats import rankdata
+
+    return pearson_per_gene(rankdata(pred, axis=0), rankdata(true, axis=0))
+
+
 def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int = 50) -> dict[str, Any]:
     """ACG, HEG (the ``n_heg`` genes most expressed in ``true``), median r, fraction r > 0, MAE, MSE.
 
@@ -39,6 +46,7 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
     """
     r = pearson_per_gene(pred, true)
     ok = np.isfinite(r)
+    rho = spearman_per_gene(pred, true)
     heg = np.argsort(-true.mean(0), kind="stable")[: min(n_heg, len(genes))]
 
     def mean(x: np.ndarray) -> float:
@@ -47,6 +55,8 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
     return {
         "pcc_all": mean(r[ok]),
         "pcc_heg": mean(r[heg][ok[heg]]),
+        "spearman_all": float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan"),
+        "spearman_heg": float(np.nanmean(rho[heg])) if np.isfinite(rho[heg]).any() else float("nan"),
         "pcc_median": float(np.median(r[ok])) if ok.any() else float("nan"),
         "frac_positive": mean(r[ok] > 0),
         "mae": float(np.mean(np.abs(pred - true))),
@@ -147,7 +157,8 @@ def evaluate(
 
     Returns
     -------
-    Metrics ``pcc_all`` (ACG), ``pcc_heg`` (HEG), ``pcc_median``, ``frac_positive``, ``mae``, ``mse``.
+    Metrics ``pcc_all`` (ACG), ``pcc_heg`` (HEG), ``spearman_all`` and ``spearman_heg`` (the same with
+    Spearman's rank correlation), ``pcc_median``, ``frac_positive``, ``mae``, ``mse``.
     With one section, Pearson r is per gene across its spots. With several, the dict has
     ``per_section`` (each section alone) and ``pooled`` (all spots together), and the top-level
     figures are the mean over sections. ``n_genes`` genes are scored; ``n_genes_undefined`` of them
@@ -189,7 +200,8 @@ def evaluate(
         pooled = summarise(
             np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]), genes, n_heg
         )
-        keys = ("pcc_all", "pcc_heg", "pcc_median", "frac_positive", "mae", "mse")
+        keys = ("pcc_all", "pcc_heg", "spearman_all", "spearman_heg", "pcc_median", "frac_positive", "mae",
+                "mse")
         metrics = {k: float(np.mean([public[n][k] for n in public])) for k in keys}
         metrics.update(
             scope="mean over sections of per-section figures; 'pooled' pools all spots",

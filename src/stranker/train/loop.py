@@ -300,8 +300,9 @@ def _train(
                 it = torch.from_numpy(li)
                 x = to_input(x_cpu, device)
                 if data.pixels:
-                    weak = augment(x, gen, strong=False, part=part)
-                    strong = augment(x, gen, strong=cfg.student_view == "strong", part=part)
+                    hed = cfg.hed_jitter
+                    weak = augment(x, gen, strong=False, part=part, hed=hed)
+                    strong = augment(x, gen, strong=cfg.student_view == "strong", part=part, hed=hed)
                 else:
                     weak = strong = x
                 e, p = expr_all[it.to(device)], pos_all[it.to(device)]
