@@ -202,7 +202,7 @@ def _fail_on_call(monkeypatch, module, n):
 
 
 def test_predict_interrupted_mid_write_leaves_every_section_unchanged(model, monkeypatch):
-    import stranker.tl._fit as fit_module
+    import stranker._write as fit_module  # write_outputs' module: the one writer of model outputs
 
     secs = [_section(seed=1), _section(seed=2)]
     before = [_state(s) for s in secs]
@@ -214,7 +214,7 @@ def test_predict_interrupted_mid_write_leaves_every_section_unchanged(model, mon
 
 
 def test_fit_interrupted_mid_write_leaves_every_section_unchanged(monkeypatch):
-    import stranker.tl._fit as fit_module
+    import stranker._write as fit_module  # write_outputs' module: the one writer of model outputs
 
     secs = [_section(seed=1), _section(seed=2)]
     before = [_state(s) for s in secs]
@@ -240,7 +240,7 @@ def test_predict_on_a_slide_interrupted_after_adding_tiles_removes_them(model, m
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
 
-    import stranker.tl._fit as fit_module
+    import stranker._write as fit_module  # write_outputs' module: the one writer of model outputs
 
     tissue = np.random.default_rng(0).integers(60, 200, (3, 128, 128), dtype=np.uint8)  # stained everywhere
     sdata = SpatialData(images={"he": Image2DModel.parse(tissue, dims=("c", "y", "x"))})

@@ -82,7 +82,6 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
     return pred, true
 
 
-@unchanged_on_failure()
 def _scored_genes(secs: list[Spots], key_added: str) -> tuple[list[str], list[str]]:
     """Genes predicted in every section (``uns[key_added]['genes']``), and the modelled ones left out."""
     recs = []
@@ -110,6 +109,7 @@ def _scored_genes(secs: list[Spots], key_added: str) -> tuple[list[str], list[st
     return genes, left
 
 
+@unchanged_on_failure()
 @doc_params()
 def evaluate(
     data: Any,
