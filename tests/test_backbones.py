@@ -14,14 +14,6 @@ REPO = "stranker-test/tiny-vit"
 MEAN, STD = (0.6, 0.5, 0.7), (0.2, 0.25, 0.15)
 
 
-@pytest.fixture
-def log(caplog):
-    """The stranker logger does not propagate: attach pytest's handler to it."""
-    logger = logging.getLogger("stranker")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="stranker")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture
@@ -111,7 +103,7 @@ def test_uncached_gated_model_offline_says_how_to_get_it(hub_cache, download):
     assert source == "random" and net.num_features == 2048
 
 
-def test_fit_never_trains_on_random_weights_unless_asked(section, log, hub_cache):
+def test_fit_never_trains_on_random_weights_unless_asked(section, stranker_log, hub_cache):
     # before: a backbone without cached weights trained from random initialisation without a word
     before = set(section.tables["table"].obsm) | set(section.tables["table"].layers)
     with pytest.raises(bb.WeightsNotFoundError, match="timm/test_resnet"):
@@ -119,12 +111,14 @@ def test_fit_never_trains_on_random_weights_unless_asked(section, log, hub_cache
     assert set(section.tables["table"].obsm) | set(section.tables["table"].layers) == before
     # asked: trains, says so once, and the model shows where its weights came from
     model = sr.tl.fit(section, backbone="test_resnet", pretrained=False, patch_px=64, image_size=32, **TINY)
-    warned = [r for r in log.records if r.levelno == logging.WARNING and "randomly initialised" in r.message]
+    warned = [r for r in stranker_log.records
+              if r.levelno == logging.WARNING and "randomly initialised" in r.message]
     assert len(warned) == 1
     assert "weights='random'" in repr(model)
 
 
-def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, monkeypatch, log, tmp_path):
+def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, monkeypatch, stranker_log,
+                                                             tmp_path):
     # a registry entry: its input size and physical patch size are the defaults; frozen by default
     import torch
 
@@ -134,7 +128,7 @@ def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, m
     model = sr.tl.fit(section, backbone="tiny", **TINY)
     assert model.config.image_size == 32 and model.config.patch_um == pytest.approx(64.0)
     assert model.meta["weights_source"] == f"hf:{REPO}" and "weights='hf:" in repr(model)
-    assert not any("randomly" in r.message for r in log.records)
+    assert not any("randomly" in r.message for r in stranker_log.records)
     student = model.aligner.student
     assert not any(p.requires_grad for p in student.backbone.parameters())  # frozen by default
     for a, b in zip(student.backbone.state_dict().values(), hub_cache.state_dict().values(), strict=True):
@@ -160,7 +154,7 @@ def test_embed_patches_then_fit_records_where_features_came_from(section, hub_ca
     assert model.meta["features"]["weights_source"] == f"hf:{REPO}"
 
 
-def test_weights_file_must_fill_the_backbone(tmp_path, log):
+def test_weights_file_must_fill_the_backbone(tmp_path, stranker_log):
     # before: a file matching one tensor of the backbone was accepted silently
     import timm
     import torch
@@ -174,7 +168,8 @@ def test_weights_file_must_fill_the_backbone(tmp_path, log):
     torch.save(state, tmp_path / "most.pth")
     net, source = bb.create_backbone("test_resnet", weights=str(tmp_path / "most.pth"))
     assert source == "file:most.pth"
-    assert any("layer4.0.conv1.weight" in r.message and r.levelno == logging.WARNING for r in log.records)
+    assert any("layer4.0.conv1.weight" in r.message and r.levelno == logging.WARNING
+               for r in stranker_log.records)
 
 
 def test_freeze_last_blocks_only():

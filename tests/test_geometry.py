@@ -1,7 +1,6 @@
 """Patch geometry: one record, computed by fit, read by predict; in-sample outputs from patches in memory."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -34,13 +33,6 @@ def um_fit(synthetic_small):
     return model, secs, reads
 
 
-@pytest.fixture
-def warnings_log(caplog):
-    log = logging.getLogger("stranker")
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="stranker")
-    yield caplog
-    log.removeHandler(caplog.handler)
 
 
 def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
@@ -67,7 +59,7 @@ def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
     assert [old._reader(sp).size for sp in sps] == [model._reader(sp).size for sp in sps]
 
 
-def test_section_of_unknown_resolution_is_read_at_the_training_width_with_a_warning(um_fit, warnings_log):
+def test_section_of_unknown_resolution_is_read_at_the_training_width_with_a_warning(um_fit, stranker_log):
     from spatialdata import deepcopy
 
     model, secs, _ = um_fit
@@ -77,7 +69,7 @@ def test_section_of_unknown_resolution_is_read_at_the_training_width_with_a_warn
     assert sp.microns_per_pixel is None
     # 150 µm at the first training section's 3.125 µm/px (was: the configured patch_px, 64 px)
     assert model._reader(sp).size == pytest.approx(150.0 / MPP)
-    assert "no known resolution" in warnings_log.text and "uns['microns_per_pixel']" in warnings_log.text
+    assert "no known resolution" in stranker_log.text and "uns['microns_per_pixel']" in stranker_log.text
 
 
 def test_in_sample_outputs_come_from_the_patches_in_memory(um_fit):

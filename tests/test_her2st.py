@@ -382,7 +382,8 @@ def test_a1_patches_cover_the_same_tissue_width_as_c2():
 
     a1, c2 = sr.datasets.her2st("A1"), sr.datasets.her2st("C2")
     model = sr.tl.fit(c2, genes=list(c2.tables["table"].var_names[:8]), epochs=1, backbone="test_resnet",
-                      image_size=32, w_clip=0.0, w_rank=0.0, w_distill=0.0, predict="head", tta=False)
+                      image_size=32, pretrained=False, w_clip=0.0, w_rank=0.0, w_distill=0.0, predict="head",
+                      tta=False)
     r = resampling(as_spots(a1)[0], model)
     mpp_a1, mpp_c2 = a1.tables["table"].uns["microns_per_pixel"], c2.tables["table"].uns["microns_per_pixel"]
     assert r["patch_px"] * mpp_a1 == pytest.approx(224 * mpp_c2, rel=1e-6)

@@ -10,7 +10,7 @@ import stranker as sr
 from stranker._spots import InputError, as_spots
 
 FAST = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", genes="heg",
-            n_top_genes=20, tta=False)
+            n_top_genes=20, tta=False, pretrained=False)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +194,7 @@ def test_datasets_hest_downloads_only_what_it_reads(hest_root, tmp_path, monkeyp
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(sr.settings, "allow_download", True)  # the suite forbids it; the hub here is fake
     sr.settings.data_dir = tmp_path
     try:
         [s] = sr.datasets.hest(["SYN2"], token="hf_x", patches=False)

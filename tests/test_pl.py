@@ -219,7 +219,7 @@ def test_gene_map_of_an_image_only_slide_shows_predictions(fitted, read_levels):
     sr.tl.predict(model, slide)
     assert "stranker_table" in slide.tables
     read_levels.clear()
-    fig = sr.pl.gene_map(slide, model.genes[:3], show=False, max_px=200)
+    fig = sr.pl.gene_map(slide, model.genes[:3], show=False, max_px=200, scalebar=False)
     titles = [a.get_title() for a in fig.axes if a.get_title()]
     assert titles == [f"{g} predicted" for g in model.genes[:3]]
     assert 0 not in read_levels  # the 736-px image is read at its half-resolution level
@@ -280,10 +280,11 @@ def test_gene_map_scale_bar_in_microns(fitted):
 
     model, secs = fitted
     sdata = deepcopy(secs[3])
+    table = sdata.tables["table"]
+    mpp = table.uns.pop("microns_per_pixel")  # synthetic sections record it; without it, no bar
     fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100)
     assert not [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]  # µm/px unknown
-    table = sdata.tables["table"]
-    mpp = table.uns["microns_per_pixel"] = table.uns["synthetic"]["microns_per_pixel"]
+    table.uns["microns_per_pixel"] = mpp
     fig = sr.pl.gene_map(sdata, model.genes[:1], show=False, max_px=100)
     first = [a for a in fig.axes if a.get_title()][0]
     (bar,) = [a for a in first.artists if isinstance(a, AnchoredSizeBar)]

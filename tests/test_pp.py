@@ -47,14 +47,6 @@ def synth(synthetic_small):
     return [deepcopy(s) for s in synthetic_small]
 
 
-@pytest.fixture
-def warnings_log(caplog):
-    """The stranker logger does not propagate: attach pytest's handler to it."""
-    log = logging.getLogger("stranker")
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="stranker")
-    yield caplog
-    log.removeHandler(caplog.handler)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +240,7 @@ def _different_gene_sets(n=60):
 
 
 @pytest.mark.parametrize("flavor", ["hvg", "heg"])
-def test_hvg_heg_use_genes_present_everywhere(flavor, warnings_log):
+def test_hvg_heg_use_genes_present_everywhere(flavor, stranker_log):
     sa, sb = _different_gene_sets()
     genes = sr.pp.select_genes([sa, sb], flavor=flavor, n_top=8, key_added="sel")
     assert len(genes) == 8 == len(set(genes))
@@ -261,7 +253,7 @@ def test_hvg_heg_use_genes_present_everywhere(flavor, warnings_log):
         assert t.uns["sel"]["genes"] == genes
         assert t.uns["sel"]["flavor"] == flavor
         assert "stranker_selected" not in t.var
-    assert any("20 genes not present in every section" in r.getMessage() for r in warnings_log.records)
+    assert any("20 genes not present in every section" in r.getMessage() for r in stranker_log.records)
 
 
 def test_hvg_matches_scanpy_on_one_section(synth):
@@ -287,11 +279,11 @@ def test_explicit_list_with_missing_gene():
     _same(before[1], _state(sb))
 
 
-def test_explicit_list_drop_missing(warnings_log):
+def test_explicit_list_drop_missing(stranker_log):
     sa, sb = _different_gene_sets(n=12)
     genes = sr.pp.select_genes([sa, sb], flavor=["G12", "G45", "G3", "G20", "G12"], on_missing="drop")
     assert genes == ["G12", "G20"]
-    warn = [r for r in warnings_log.records if r.levelno == logging.WARNING]
+    warn = [r for r in stranker_log.records if r.levelno == logging.WARNING]
     assert len(warn) == 1
     assert "Dropping 2 of 4 genes" in warn[0].getMessage()
     assert "G45" in warn[0].getMessage() and "G3" in warn[0].getMessage()

@@ -28,8 +28,28 @@ library_key
     AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
     ``library_key``; default ``'library_id'``)."""
 
-PARAMS = {"doc_elements": doc_elements, "doc_library_key": doc_library_key, "doc_tables": doc_tables,
-          "doc_bin_size": doc_bin_size}
+doc_crossval = """\
+cv
+    Number of folds.
+seed
+    Seed of the folds and of the models (default ``sr.settings.seed``).
+use_rep
+    ``obsm`` key of the slide features (``None``: ``X``). Unused by ``'attention'``.
+n_pcs
+    Reduce the standardised features to this many principal components within each fold.
+tiles_key
+    ``uns`` key of the tile embeddings (for ``'attention'``).
+epochs
+    Training steps of the attention network.
+key_added
+    Prefix of the written keys.
+copy
+    Write into a copy of ``cohort`` and return it (the dict is in its ``uns``) instead of the dict.
+model
+    Deprecated name of ``method``."""
+
+PARAMS = {"doc_crossval": doc_crossval, "doc_elements": doc_elements, "doc_library_key": doc_library_key,
+          "doc_tables": doc_tables, "doc_bin_size": doc_bin_size}
 
 
 def doc_params(**params: str) -> Callable[[F], F]:

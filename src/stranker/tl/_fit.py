@@ -15,7 +15,6 @@ from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._undo import unchanged_on_failure
 from .._write import write_outputs
-from ..model.backbones import find_weights, named, resolve
 from ..pp._genes import choose, log_expression, resolve_genes
 from ..pp._patches import PatchGeometry, PatchReader, check_inside
 
@@ -23,6 +22,8 @@ from ..pp._patches import PatchGeometry, PatchReader, check_inside
 def backbone_defaults(cfg: Any, options: dict[str, Any], mpps: list[float | None]) -> Any:
     """Apply a named backbone's input size and physical patch size, where the user did not choose them."""
     from dataclasses import replace
+
+    from ..model.backbones import named
 
     spec = named(cfg.backbone)
     if spec is None:
@@ -207,6 +208,8 @@ def fit(
                       image_features=image_features, pretrained=pretrained, freeze=freeze, **options)
     checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)  # before reading any data
     if image_features is None:  # an unknown backbone or missing weights fail before any work
+        from ..model.backbones import find_weights, resolve
+
         spec = resolve(cfg.backbone, settings.allow_download)
         find_weights(spec, cfg.weights, cfg.pretrained, settings.allow_download)
     dev = distributed.setup(resolve_device(device or settings.device))

@@ -11,6 +11,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._deprecate import _UNSET, renamed
+from .._docs import doc_params
 from .._settings import logger, resolve_seed
 from .._spots import InputError
 from .._undo import unchanged_on_failure
@@ -108,6 +109,7 @@ def _fit_survival(name: str, x: np.ndarray, t: np.ndarray, e: np.ndarray, seed: 
 
 
 @unchanged_on_failure("cohort")
+@doc_params()
 def survival(
     cohort: Any,
     *,
@@ -144,24 +146,7 @@ def survival(
         ``'coxnet'`` (elastic-net Cox, penalty chosen by inner 3-fold CV), ``'coxph'`` (ridge Cox,
         ``alpha=1``), ``'rsf'`` (random survival forest) or ``'attention'`` (gated-attention MIL on the
         tile embeddings, trained with the Cox partial likelihood).
-    cv
-        Number of folds.
-    seed
-        Seed of the folds and of the models (default ``sr.settings.seed``).
-    use_rep
-        ``obsm`` key of the slide features (``None``: ``X``). Unused by ``'attention'``.
-    n_pcs
-        Reduce the standardised features to this many principal components within each fold.
-    tiles_key
-        ``uns`` key of the tile embeddings (for ``'attention'``).
-    epochs
-        Training steps of the attention network.
-    key_added
-        Prefix of the written keys.
-    copy
-        Write into a copy of ``cohort`` and return it (the dict is in its ``uns``) instead of the dict.
-    model
-        Deprecated name of ``method``.
+    {doc_crossval}
 
     Returns
     -------
