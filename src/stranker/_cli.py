@@ -156,27 +156,24 @@ def write_store(sdata, target, *, replace: bool) -> None:
 
     With ``replace``, an existing ``target`` is swapped out only after the new store is complete.
     """
-    import os
     import shutil
     from pathlib import Path
 
+    from stranker._atomic import move_into_place, sibling
+
+    def check(path: Path) -> None:
+        if not replace:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it.")
+
     target = Path(target)
-    if target.exists() and not replace:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it.")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if target.exists():
+        check(target)
+    tmp = sibling(target, "writing")
     try:
         sdata.write(tmp)
-    except BaseException:
+        move_into_place(tmp, target, check)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not target.exists():
-        tmp.rename(target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import move_into_place
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from ..pp._patches import PatchGeometry, PatchReader, check_inside
@@ -240,7 +241,7 @@ class Model:
             )
             for f in (_META, _FILE):
                 sync(tmp / f)
-            _move_into_place(tmp, path, overwrite)
+            move_into_place(tmp, path, lambda p: check_target(p, overwrite))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             for p in made:  # a failed save leaves no new folder behind
@@ -333,41 +334,3 @@ def check_target(path: str | Path, overwrite: bool) -> None:
             f"{path} holds a saved model ({', '.join(names)}); pass `overwrite=True` "
             f"(`stranker fit --overwrite`) to replace it."
         )
-
-
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Rename the written folder ``tmp`` to ``path``, first moving a model saved there aside (then deleted).
-
-    On failure, the model that was at ``path`` is put back.
-    """
-    import os
-    import shutil
-    import uuid
-
-    aside: list[Path] = []
-    done = False
-    try:
-        for _ in range(100):
-            try:
-                os.rename(tmp, path)  # atomic; succeeds when path is absent or an empty folder
-                done = True
-                return
-            except OSError:
-                if not path.exists() and not path.is_symlink():
-                    raise  # not a clash with what is there: e.g. permissions
-                check_target(path, overwrite)  # it may have changed since (another process saved)
-                old = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:12]}")
-                try:
-                    os.rename(path, old)
-                except FileNotFoundError:  # another process moved it first
-                    continue
-                aside.append(old)
-        raise OSError(f"Could not move the saved model into {path}: other processes keep saving there.")
-    finally:
-        if not done and aside and not path.exists():
-            os.rename(aside.pop(0), path)  # put back what was there
-        for old in aside:
-            if old.is_symlink():  # a link to the folder was moved aside, not the folder
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
