@@ -232,120 +232,114 @@ def fit(
                 "pass each training section once."
             )
         seen[key] = sp.name
-    added: list[tuple[Any, str, str]] = []
-    if aggregate and geometry is not None:
-        secs, added = bins_to_patches(secs, geometry)
-    try:
+    if aggregate and geometry is not None:  # removed again if the fit fails (@unchanged_on_failure)
+        secs, _ = bins_to_patches(secs, geometry)
+    for sp in secs:
+        if sp.n_spots < 2:
+            raise InputError(
+                f"Section {sp.name!r} has {sp.n_spots} spot(s); training needs spots with expression."
+            )
+    gene_list = choose_genes(secs, genes, layer, n_top_genes)
+    y_secs = targets(secs, gene_list, layer, target_sum)
+    y = np.concatenate(y_secs)
+    mean, std = y.mean(0), y.std(0)
+    std[std < 1e-6] = 1.0
+
+    # inputs: patches (uint8, in memory) or precomputed features
+    feature_dim = None
+    if image_features is not None:
         for sp in secs:
-            if sp.n_spots < 2:
+            if image_features not in sp.table.obsm:
                 raise InputError(
-                    f"Section {sp.name!r} has {sp.n_spots} spot(s); training needs spots with expression."
+                    f"`obsm[{image_features!r}]` not found in the table of section {sp.name!r}."
                 )
-        gene_list = choose_genes(secs, genes, layer, n_top_genes)
-        y_secs = targets(secs, gene_list, layer, target_sum)
-        y = np.concatenate(y_secs)
-        mean, std = y.mean(0), y.std(0)
-        std[std < 1e-6] = 1.0
-
-        # inputs: patches (uint8, in memory) or precomputed features
-        feature_dim = None
-        if image_features is not None:
-            for sp in secs:
-                if image_features not in sp.table.obsm:
-                    raise InputError(
-                        f"`obsm[{image_features!r}]` not found in the table of section {sp.name!r}."
-                    )
-            x = np.concatenate(
-                [np.asarray(sp.table.obsm[image_features], dtype=np.float32)[sp.rows] for sp in secs]
-            )
-            if not np.isfinite(x).all():
-                raise InputError(f"`obsm[{image_features!r}]` has NaN or infinite values.")
-            feature_dim = x.shape[1]
-            images = torch.from_numpy(x)
-        else:
-            for sp in secs:
-                check_inside(sp)
-            readers = [PatchReader(sp, geometry.size_on(sp), cfg.scales, cfg.image_size) for sp in secs]
-            n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
-            if stream is None:
-                stream = n_bytes > settings.max_patch_memory
-                if stream:
-                    logger.info(f"Streaming the training patches ({n_bytes / 2**30:.1f} GiB > "
-                                f"sr.settings.max_patch_memory) with {settings.num_workers} worker(s).")
-            images = None if stream else torch.from_numpy(np.concatenate([r.read_all() for r in readers]))
-        pos = np.concatenate([section_positions(sp.centers) for sp in secs])
-        section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
-        tdata = TrainData(
-            images=images, expr=torch.from_numpy((y - mean) / std).float(), pos=torch.from_numpy(pos),
-            section=torch.from_numpy(section),
-            read=SectionPatches(readers, section) if images is None else None,
+        x = np.concatenate(
+            [np.asarray(sp.table.obsm[image_features], dtype=np.float32)[sp.rows] for sp in secs]
         )
-        with kept_rng(dev):  # the caller's global random state is theirs again after the fit
-            torch.manual_seed(seed)
-            aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim, download=settings.allow_download)
-        record = secs[0].table.uns.get(image_features) if image_features is not None else None
-        provenance = {  # where the features came from (sr.pp.embed_patches), as plain JSON values
-            k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in record.items()
-        } if isinstance(record, dict) else {}
-        source = provenance.get("weights_source") if image_features is not None else aligner.weights_source
-        if aligner.student.frozen:
-            logger.info(f"The backbone {cfg.backbone!r} is frozen: stranker trains its heads on it "
-                        "(freeze=False fine-tunes it, freeze='last:N' its last N blocks).")
-        if source == "random":
-            logger.warning(
-                f"Training on a randomly initialised backbone ({provenance.get('backbone', cfg.backbone)!r}, "
-                "asked with pretrained=False): expect much lower accuracy than with pretrained weights."
-            )
-        t_train = time.perf_counter()
-        history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
-                        checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
-                        identity={"genes": list(gene_list)}, num_workers=settings.num_workers)
-        train_s = time.perf_counter() - t_train
+        if not np.isfinite(x).all():
+            raise InputError(f"`obsm[{image_features!r}]` has NaN or infinite values.")
+        feature_dim = x.shape[1]
+        images = torch.from_numpy(x)
+    else:
+        for sp in secs:
+            check_inside(sp)
+        readers = [PatchReader(sp, geometry.size_on(sp), cfg.scales, cfg.image_size) for sp in secs]
+        n_bytes = len(y) * len(cfg.scales) * cfg.image_size**2 * 3
+        if stream is None:
+            stream = n_bytes > settings.max_patch_memory
+            if stream:
+                logger.info(f"Streaming the training patches ({n_bytes / 2**30:.1f} GiB > "
+                            f"sr.settings.max_patch_memory) with {settings.num_workers} worker(s).")
+        images = None if stream else torch.from_numpy(np.concatenate([r.read_all() for r in readers]))
+    pos = np.concatenate([section_positions(sp.centers) for sp in secs])
+    section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
+    tdata = TrainData(
+        images=images, expr=torch.from_numpy((y - mean) / std).float(), pos=torch.from_numpy(pos),
+        section=torch.from_numpy(section),
+        read=SectionPatches(readers, section) if images is None else None,
+    )
+    with kept_rng(dev):  # the caller's global random state is theirs again after the fit
+        torch.manual_seed(seed)
+        aligner = Aligner(cfg, len(gene_list), feature_dim=feature_dim, download=settings.allow_download)
+    record = secs[0].table.uns.get(image_features) if image_features is not None else None
+    provenance = {  # where the features came from (sr.pp.embed_patches), as plain JSON values
+        k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in record.items()
+    } if isinstance(record, dict) else {}
+    source = provenance.get("weights_source") if image_features is not None else aligner.weights_source
+    if aligner.student.frozen:
+        logger.info(f"The backbone {cfg.backbone!r} is frozen: stranker trains its heads on it "
+                    "(freeze=False fine-tunes it, freeze='last:N' its last N blocks).")
+    if source == "random":
+        logger.warning(
+            f"Training on a randomly initialised backbone ({provenance.get('backbone', cfg.backbone)!r}, "
+            "asked with pretrained=False): expect much lower accuracy than with pretrained weights."
+        )
+    t_train = time.perf_counter()
+    history = train(aligner, tdata, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
+                    identity={"genes": list(gene_list)}, num_workers=settings.num_workers)
+    train_s = time.perf_counter() - t_train
 
-        # reference bank: gene-branch embeddings of the training spots (each section read in context)
-        with torch.no_grad():
-            keys = []
-            for s in range(len(secs)):
-                m = torch.from_numpy(section == s)
-                keys.append(aligner.gene(tdata.expr[m].to(dev), tdata.pos[m].to(dev)).float().cpu())
-            bank = {"keys": torch.cat(keys).numpy(), "values": y.astype(np.float32)}
-        meta = {
-            "genes_source": genes if isinstance(genes, str) or genes is None else "list",
-            "target": f"log1p(counts / total * {target_sum:g}) over all genes of the table",
-            "target_sum": target_sum, "layer": layer, "target_mean": mean.astype(np.float32),
-            "target_std": std.astype(np.float32), "history": history, "sections": [sp.name for sp in secs],
-            "n_spots": int(len(y)),
-            **(geometry.to_meta() if geometry else {"patch_um": None, "patch_px": float(cfg.patch_px)}),
-            "spot_diameter_px": float(np.median([sp.diameter for sp in secs])),
-            "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
-            if all(sp.microns_per_pixel is not None for sp in secs) else None,
-            "weights_source": aligner.weights_source, "device": str(dev), "seed": seed,
-            "feature_dim": feature_dim, "features": provenance or None,
-            "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
-            "world_size": distributed.world_size(),
-        }
-        model = Model(aligner, cfg, gene_list, meta, bank)
+    # reference bank: gene-branch embeddings of the training spots (each section read in context)
+    with torch.no_grad():
+        keys = []
+        for s in range(len(secs)):
+            m = torch.from_numpy(section == s)
+            keys.append(aligner.gene(tdata.expr[m].to(dev), tdata.pos[m].to(dev)).float().cpu())
+        bank = {"keys": torch.cat(keys).numpy(), "values": y.astype(np.float32)}
+    meta = {
+        "genes_source": genes if isinstance(genes, str) or genes is None else "list",
+        "target": f"log1p(counts / total * {target_sum:g}) over all genes of the table",
+        "target_sum": target_sum, "layer": layer, "target_mean": mean.astype(np.float32),
+        "target_std": std.astype(np.float32), "history": history, "sections": [sp.name for sp in secs],
+        "n_spots": int(len(y)),
+        **(geometry.to_meta() if geometry else {"patch_um": None, "patch_px": float(cfg.patch_px)}),
+        "spot_diameter_px": float(np.median([sp.diameter for sp in secs])),
+        "spot_diameter_um": float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
+        if all(sp.microns_per_pixel is not None for sp in secs) else None,
+        "weights_source": aligner.weights_source, "device": str(dev), "seed": seed,
+        "feature_dim": feature_dim, "features": provenance or None,
+        "torch": torch.__version__, "train_seconds": train_s, "streamed": tdata.streamed,
+        "world_size": distributed.world_size(),
+    }
+    model = Model(aligner, cfg, gene_list, meta, bank)
 
-        if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
-            return model
-        # in-sample outputs, computed for every section before anything is written, from the patches
-        # (or features) already in memory; streamed patches are read again
-        results = []
-        ends = np.cumsum([sp.n_spots for sp in secs])
-        for s, sp in enumerate(secs):
-            held = None if images is None else images[ends[s] - sp.n_spots : ends[s]].numpy()
-            if image_features is not None:
-                results.append(model.infer(sp, device=str(dev), features=held))
-            else:
-                results.append(model.infer(sp, device=str(dev), patches=held))
-        meta["fit_seconds"] = time.perf_counter() - t_start
-        for sp, (emb, pred) in zip(secs, results, strict=True):
-            write_outputs(sp, model, emb, pred, key_added, in_sample=True)
+    if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
         return model
-    except BaseException:
-        for sdata, tkey, skey in added:  # a failed fit leaves the data as it was
-            del sdata.tables[tkey], sdata.shapes[skey]
-        raise
+    # in-sample outputs, computed for every section before anything is written, from the patches
+    # (or features) already in memory; streamed patches are read again
+    results = []
+    ends = np.cumsum([sp.n_spots for sp in secs])
+    for s, sp in enumerate(secs):
+        held = None if images is None else images[ends[s] - sp.n_spots : ends[s]].numpy()
+        if image_features is not None:
+            results.append(model.infer(sp, device=str(dev), features=held))
+        else:
+            results.append(model.infer(sp, device=str(dev), patches=held))
+    meta["fit_seconds"] = time.perf_counter() - t_start
+    for sp, (emb, pred) in zip(secs, results, strict=True):
+        write_outputs(sp, model, emb, pred, key_added, in_sample=True)
+    return model
 
 
 def bins_to_patches(
