@@ -219,6 +219,7 @@ def embed(sdata, net, *, image_size: int, batch_size: int) -> None:
     import torch
 
     from stranker.io._hest import PATCH_UM
+    from stranker.model.backbones import pixel_stats
 
     t = sdata.tables["table"]
     path = t.uns["hest"].get("patches_file")
@@ -227,9 +228,7 @@ def embed(sdata, net, *, image_size: int, batch_size: int) -> None:
                             key_added=FEATURES)
         return
     rows = t.obs["hest_patch"].to_numpy()
-    cfg = getattr(net, "pretrained_cfg", {}) or {}
-    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+    mean, std = pixel_stats(net)
     net = net.eval()
     out = []
     with torch.no_grad():

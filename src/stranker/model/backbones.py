@@ -311,6 +311,14 @@ def build(spec: Backbone) -> nn.Module:
     return ClassMeanTokens(net) if spec.pool == "cls+mean" else net
 
 
+def pixel_stats(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (1, 3, 1, 1) mean and std a backbone expects (its ``pretrained_cfg``; else ImageNet's)."""
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN), dtype=torch.float32)
+    std = torch.tensor(cfg.get("std", IMAGENET_STD), dtype=torch.float32)
+    return mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read the tensors of a ``.safetensors`` file or a torch checkpoint (``weights_only``: no code runs)."""
     path = Path(path)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .augment import dihedral
-from .backbones import apply_freeze, create_backbone, lookup
+from .backbones import apply_freeze, create_backbone, lookup, pixel_stats
 from .stain import N_STAIN, reinhard, stain_features
 
 
@@ -67,11 +67,9 @@ class ImageBranch(nn.Module):
                 spec = lookup(backbone)
                 freeze = spec is not None and spec.frozen
             self.frozen = apply_freeze(self.backbone, freeze)
-            cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
-            mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
-            std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
-            self.register_buffer("pix_mean", mean.view(1, 3, 1, 1))
-            self.register_buffer("pix_std", std.view(1, 3, 1, 1))
+            mean, std = pixel_stats(self.backbone)
+            self.register_buffer("pix_mean", mean)
+            self.register_buffer("pix_std", std)
             d_img = self.backbone.num_features * self.cnn_scales
         else:
             self.backbone, self.weights_source, self.frozen = None, "features", False

@@ -88,7 +88,7 @@ def embed_patches(
     import torch
     from tqdm.auto import tqdm
 
-    from ..model.backbones import create_backbone, named
+    from ..model.backbones import create_backbone, named, pixel_stats
     from ..train.loop import resolve_device, to_input
 
     dev = resolve_device(device or settings.device)
@@ -110,9 +110,7 @@ def embed_patches(
         if source == "random":
             logger.warning(f"Embedding with a randomly initialised {backbone!r} (pretrained=False).")
         name, spec = backbone, named(backbone)
-        cfg = getattr(net, "pretrained_cfg", {}) or {}
-        mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+        mean, std = pixel_stats(net)
     elif isinstance(backbone, torch.nn.Module):
         net, name = backbone, type(backbone).__name__.lower()
         mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
