@@ -25,8 +25,8 @@ def _missing(folder: Path, sid: str) -> list[str]:
 
 
 def downloads_allowed() -> bool:
-    """Whether stranker may download: ``sr.settings.allow_download`` (if set) and no ``HF_HUB_OFFLINE``."""
-    if not getattr(settings, "allow_download", True):
+    """Whether stranker may download: ``sr.settings.allow_download`` and no ``HF_HUB_OFFLINE``."""
+    if not settings.allow_download:
         return False
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
 
