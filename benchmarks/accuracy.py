@@ -74,7 +74,7 @@ def genes_785() -> list[str]:
 def truth(sdata, genes):
     """The target of ``sr.tl.fit``'s default: log1p of counts per 1e4 over all genes of the table."""
     sp = as_spots(sdata, need_image=False)[0]
-    return lognorm(sp.expression())[:, sp.table.var_names.get_indexer(genes)]
+    return lognorm(sp.expression(), cols=sp.gene_columns(genes))
 
 
 def suff_stats(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

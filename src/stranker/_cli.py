@@ -25,8 +25,8 @@ def _demo(args: argparse.Namespace) -> int:
     from stranker.pp._genes import lognorm
 
     idx = test.tables["table"].var_names.get_indexer(genes)
-    y = lognorm(test.tables["table"].X)[:, idx]
-    base = np.concatenate([lognorm(t.tables["table"].X)[:, idx] for t in train]).mean(0)
+    y = lognorm(test.tables["table"].X, cols=idx)
+    base = np.concatenate([lognorm(t.tables["table"].X, cols=idx) for t in train]).mean(0)
     base_mse = float(np.mean((y - base) ** 2))
     print(f"  held-out section: mean PCC over {len(genes)} genes (ACG) {m['pcc_all']:.3f}, "
           f"over the 50 most expressed (HEG) {m['pcc_heg']:.3f}, MSE {m['mse']:.3f} "
