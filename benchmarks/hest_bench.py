@@ -359,10 +359,9 @@ def smoke_task(task: Path) -> Path:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(obj, fh, indent=1, allow_nan=False)
-    os.replace(fh.name, path)
+    from stranker._atomic import write_file
+
+    write_file(path, lambda p: p.write_text(json.dumps(obj, indent=1, allow_nan=False)))
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,4 @@
-"""Folders written whole: built beside their target, then renamed into place (stdlib only)."""
+"""Files and folders written whole: built beside their target, then renamed into place (stdlib only)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,15 @@ def move_into_place(tmp: Path, path: Path, check: Callable[[Path], None]) -> Non
                 old.unlink()
             else:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file through ``write(tmp)`` into a temporary name beside it, then rename: whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix (writers choose by it)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._atomic import write_file
 from .._constants import Keys
 from ..io._hest import PATCH_MPP, PATCH_UM
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float, levels: int = 3) -> None:
@@ -148,7 +136,7 @@ def synthetic_hest(
         scalef = {"spot_diameter_fullres": spot_px,
                   "tissue_downscaled_fullres_scalef": thumb.shape[0] / rgb.shape[0]}
         a.uns["spatial"] = {"ST": {"images": {"downscaled_fullres": thumb}, "scalefactors": scalef}}
-        _atomic(root / "st" / f"{sid}.h5ad", lambda p, a=a: a.write_h5ad(p))
+        write_file(root / "st" / f"{sid}.h5ad", lambda p, a=a: a.write_h5ad(p))
 
         meta = {"id": sid, "dataset_title": "stranker synthetic", "organ": "Synthetic",
                 "species": "Homo sapiens", "oncotree_code": "SYN", "patient": patients[i],
@@ -156,10 +144,10 @@ def synthetic_hest(
                 "pixel_size_um_estimated": m, "pixel_size_um_embedded": m, "spot_diameter": spot_px * m,
                 "inter_spot_dist": 2 * spot_px * m, "spots_under_tissue": int(table.n_obs),
                 "fullres_px_width": int(rgb.shape[1]), "fullres_px_height": int(rgb.shape[0])}
-        _atomic(root / "metadata" / f"{sid}.json", lambda p, meta=meta: p.write_text(json.dumps(meta)))
+        write_file(root / "metadata" / f"{sid}.json", lambda p, meta=meta: p.write_text(json.dumps(meta)))
 
         if wsi:
-            _atomic(root / "wsis" / f"{sid}.tif", lambda p, rgb=rgb, m=m: _pyramid_tiff(p, rgb, m))
+            write_file(root / "wsis" / f"{sid}.tif", lambda p, rgb=rgb, m=m: _pyramid_tiff(p, rgb, m))
         if patches:
             pimg, corners = hest_patches_like(rgb, xy, m)
 
@@ -170,12 +158,12 @@ def synthetic_hest(
                     h.create_dataset("barcode", data=np.array(barcodes, dtype="S")[:, None])
                     h["img"].attrs["pixel_size"] = PATCH_MPP
 
-            _atomic(root / "patches" / f"{sid}.h5", write_h5)
+            write_file(root / "patches" / f"{sid}.h5", write_h5)
         lo, hi = xy.min(0) - spot_px, xy.max(0) + spot_px
         ring = [[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]], [lo[0], lo[1]]]
         gj = {"type": "FeatureCollection", "features": [
             {"type": "Feature", "properties": {"tissue_id": 0},
              "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in ring]]}}]}
         seg = root / "tissue_seg" / f"{sid}_contours.geojson"
-        _atomic(seg, lambda p, gj=gj: p.write_text(json.dumps(gj)))
+        write_file(seg, lambda p, gj=gj: p.write_text(json.dumps(gj)))
     return ids
