@@ -19,6 +19,7 @@ SPOT_PITCH_UM = 200.0  # centre to centre on the array
 # Sections whose only upstream image is the viewer's rendering (``app/www/imgs``): the width in pixels of
 # the original scan, the frame of ``pixel_x``/``pixel_y`` in their spot files (upstream does not carry it)
 VIEWER_SCAN_WIDTH = {"A1": 6954}
+BLACK_BELOW = 8  # a viewer rendering's pixels darker than this in every channel are its blacked-out glass
 
 
 class HashMismatchError(InputError):
@@ -109,7 +110,9 @@ def her2st(section: str | list[str], *, data_dir: str | Path | None = None) -> A
     0.69 µm/px for C2–C5). Its spot centres are rescaled from the original scan's frame (6954 px
     wide) to the PNG, and ``uns['microns_per_pixel']`` is measured on the PNG from the 200 µm spot
     pitch, so that :func:`stranker.tl.fit` and :func:`stranker.tl.predict` cut patches of the same
-    physical size as on the other sections.
+    physical size as on the other sections. Its blacked-out background (every channel below 8) is
+    made white again, as glass looks in a scan, so that patches at the tissue's edge look like those
+    of the other sections.
 
     Parameters
     ----------
@@ -184,6 +187,8 @@ def _build(section: str, paths: dict[str, Path], scan_width: int | None = None) 
             rgb = np.asarray(im.convert("RGB"))
     finally:
         Image.MAX_IMAGE_PIXELS = max_pixels
+    if scan_width is not None:  # the viewer blacked out the glass; a scanner shows it near white
+        rgb = np.where((rgb.max(-1) < BLACK_BELOW)[..., None], np.uint8(255), rgb)
     image = multiscale(np.moveaxis(rgb, -1, 0), [2, 2, 2], chunks=(3, 2048, 2048))
     ids = [f"{section}_{s}" for s in keep]
     xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)

@@ -97,17 +97,69 @@ def hed_jitter(x: torch.Tensor, gen: torch.Generator, sigma: float, part: Part |
     return hed_to_rgb((hed * alpha + beta).reshape(flat.shape)).reshape(*lead, *x.shape[-3:])
 
 
+def degrade(
+    x: torch.Tensor, gen: torch.Generator, max_factor: float, part: Part | None = None, levels: int = 4
+) -> torch.Tensor:
+    """Per-sample loss of resolution: downsample by a random factor in [1, ``max_factor``], upsample back.
+
+    The factor of each image is one of ``levels + 1`` steps, log-uniform from 1 (unchanged) to
+    ``max_factor``; images of one step are resampled together (a loop over steps, not spots). A model
+    trained so reads a slide scanned or rendered at a coarser resolution than its training slides
+    (whose patches are upsampled to the input size) as it reads its own.
+
+    Parameters
+    ----------
+    x
+        ``(b, ..., 3, h, w)`` images.
+    gen
+        Generator of the random draws (on the CPU).
+    max_factor
+        The coarsest loss of resolution, e.g. 3: down to a third of the pixels per side.
+    part
+        As in :func:`augment`.
+    levels
+        Number of steps above 1.
+
+    Returns
+    -------
+    Images of the same shape.
+    """
+    import torch.nn.functional as F
+
+    if max_factor <= 1:
+        return x
+    steps = _rows(torch.randint(0, levels + 1, (_n(x, part),), generator=gen), part)
+    h, w = x.shape[-2:]
+    out = x.clone()
+    flat_shape = x.shape[1:-3]
+    for k in range(1, levels + 1):
+        m = (steps == k).to(x.device)
+        if not m.any():
+            continue
+        f = max_factor ** (k / levels)
+        xs = x[m].reshape(-1, *x.shape[-3:])
+        small = F.interpolate(xs, size=(max(1, round(h / f)), max(1, round(w / f))), mode="bilinear",
+                              antialias=True, align_corners=False)
+        back = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        out[m] = back.reshape(-1, *flat_shape, *x.shape[-3:]).clamp(0, 1)
+    return out
+
+
 def augment(
-    x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None, hed: float = 0.0
+    x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None, hed: float = 0.0,
+    resolution: float = 1.0,
 ) -> torch.Tensor:
     """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise.
 
     ``part=(start, stop, total)`` says that ``x`` holds rows ``start:stop`` of a batch of ``total``
     rows (one process's share under distributed training): the random draws are those of the whole
     batch, so each process augments its rows exactly as a single process would. ``hed > 0`` adds
-    :func:`hed_jitter` of that strength to both views (no random draws are taken when it is 0).
+    :func:`hed_jitter` of that strength to both views (no random draws are taken when it is 0);
+    ``resolution > 1`` adds :func:`degrade` up to that factor.
     """
     x = random_dihedral(x, gen, part)
+    if resolution > 1:
+        x = degrade(x, gen, resolution, part)
     if hed > 0:
         x = hed_jitter(x, gen, hed, part)
     if strong:

@@ -28,6 +28,7 @@ class Config:
     use_stain: bool = False  # measured on her2st: stain statistics beside the CNN lowered held-out PCC
     stain_norm: str | None = None  # 'reinhard': each patch's tissue L*a*b* mean/sd set to a fixed target
     hed_jitter: float = 0.0  # strength of per-channel HED scale/shift augmentation (Tellez et al. 2018)
+    resolution_jitter: float = 1.0  # >1: train on patches downsampled by up to this factor (then upsampled)
     embed_dim: int = 256
     dropout: float = 0.0
     # gene branch
@@ -49,6 +50,7 @@ class Config:
     probe_only: bool = False  # the regression head sees a detached embedding (linear probe)
     ema_decay: float = 0.99
     student_view: str = "weak"  # augmentation of the student's view: 'strong' or 'weak'
+    target_scale: str = "pooled"  # 'section': each section's targets standardised on their own
     # optimisation
     epochs: int = 12
     batch_size: int = 32
@@ -125,6 +127,10 @@ def make_config(method: str = "stranker", **overrides: Any) -> Config:
         raise ValueError(f"`stain_norm` must be None or 'reinhard', got {cfg.stain_norm!r}.")
     if not 0 <= cfg.hed_jitter < 1:
         raise ValueError(f"`hed_jitter` must be in [0, 1) (0.02 is mild), got {cfg.hed_jitter}.")
+    if not (math.isfinite(cfg.resolution_jitter) and 1 <= cfg.resolution_jitter <= 16):
+        raise ValueError(f"`resolution_jitter` must be in [1, 16] (1: off), got {cfg.resolution_jitter}.")
+    if cfg.target_scale not in ("pooled", "section"):
+        raise ValueError(f"`target_scale` must be 'pooled' or 'section', got {cfg.target_scale!r}.")
     if not 0 <= cfg.blend <= 1:
         raise ValueError(f"`blend` must be in [0, 1], got {cfg.blend}.")
     if cfg.freeze not in (None, True, False) and not re.fullmatch(r"last:\d+", str(cfg.freeze)):

@@ -63,6 +63,28 @@ def targets(secs: list[Spots], genes: list[str], layer: str | None, target_sum: 
     return [log_expression(sp, genes, layer, target_sum) for sp in secs]
 
 
+def standardise(y_secs: list[np.ndarray], scale: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All training targets and the per-gene ``mean`` and ``std`` the model learns ``(y - mean) / std`` in.
+
+    ``scale='pooled'``: mean and sd over all spots. ``'section'``: each section's targets are first
+    centred and scaled to its own mean and sd, then put on the mean over sections of those: the model
+    learns the differences between spots within a section, not the differences in level between
+    sections (depth, batch, patient), which an image cannot tell.
+    """
+    if scale == "section":
+        mus = np.stack([ys.mean(0) for ys in y_secs])
+        sds = np.stack([ys.std(0) for ys in y_secs])
+        mean, std = mus.mean(0), np.sqrt((sds**2).mean(0))
+        std[std < 1e-6] = 1.0
+        sds[sds < 1e-6] = 1.0
+        y = np.concatenate([(ys - m) / s * std + mean for ys, m, s in zip(y_secs, mus, sds, strict=True)])
+        return y.astype(np.float32), mean, std
+    y = np.concatenate(y_secs)
+    mean, std = y.mean(0), y.std(0)
+    std[std < 1e-6] = 1.0
+    return y, mean, std
+
+
 def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: int) -> list[str]:
     """Genes to model: an explicit list, ``var[Keys.SELECTED]`` when every table has it, else HVGs."""
     if genes is None:
@@ -241,9 +263,7 @@ def fit(
             )
     gene_list = choose_genes(secs, genes, layer, n_top_genes)
     y_secs = targets(secs, gene_list, layer, target_sum)
-    y = np.concatenate(y_secs)
-    mean, std = y.mean(0), y.std(0)
-    std[std < 1e-6] = 1.0
+    y, mean, std = standardise(y_secs, cfg.target_scale)
 
     # inputs: patches (uint8, in memory) or precomputed features
     feature_dim = None

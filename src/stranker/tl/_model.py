@@ -86,6 +86,7 @@ class Model:
     def _infer(
         self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None,
         batch_size: int = 128, features: np.ndarray | None = None, patches: np.ndarray | None = None,
+        adapt: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
 
@@ -132,6 +133,10 @@ class Model:
         if c.predict != "head":
             keys = torch.as_tensor(self.bank["keys"], device=dev)
             values = torch.as_tensor(self.bank["values"], device=dev)
+        branch = al.teacher
+        if adapt:
+            branch = self._adapted(branch, n, batch_size, dev, features, patches,
+                                   None if c.image_features is not None or patches is not None else reader, centers)
         from tqdm.auto import tqdm
 
         starts = range(0, n, batch_size)
@@ -149,7 +154,7 @@ class Model:
             else:
                 x = torch.from_numpy(reader.read(centers=centers[sl]))
             with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                e, p = al.teacher.forward_tta(to_input(x, dev), c.tta and c.image_features is None)
+                e, p = branch.forward_tta(to_input(x, dev), c.tta and c.image_features is None)
             e, head = e.float(), p.float() * std + mean
             if c.predict == "head":
                 out = head
@@ -159,6 +164,30 @@ class Model:
             emb_out[start : start + len(sl)] = e.cpu().numpy()
             pred_out[start : start + len(sl)] = out.cpu().numpy()
         return emb_out, pred_out
+
+    def _adapted(self, branch, n, batch_size, dev, features, patches, reader, centers, most: int = 2048):
+        """The teacher with batch-norm statistics of (up to ``most``, evenly spread) inputs of this section."""
+        import torch
+
+        from ..model.adapt import adapt_norm
+        from ..train.loop import to_input
+
+        if self.config.image_features is not None:
+            raise InputError("`adapt=True` renews the backbone's statistics: a model on features has none.")
+        rows = np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(np.int64))
+
+        def batches():
+            for start in range(0, len(rows), batch_size):
+                sl = rows[start : start + batch_size]
+                if patches is not None:
+                    x = patches[sl]
+                elif centers is None:
+                    x = reader.read(sl)
+                else:
+                    x = reader.read(centers=centers[sl])
+                yield to_input(torch.from_numpy(np.asarray(x)), dev)
+
+        return adapt_norm(branch, batches())
 
     def _each(self, data: Any, which: int, device: str | None, keys: dict[str, Any]) -> Any:
         """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""

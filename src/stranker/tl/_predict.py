@@ -184,6 +184,7 @@ def predict(
     library_id: str | None = None,
     library_key: str | None = None,
     bin_size: int | None = None,
+    adapt: bool = False,
     copy: bool = False,
 ) -> Any:
     """Predict expression and image embeddings on any section.
@@ -211,6 +212,10 @@ def predict(
     bin_size
         Visium HD: the bin size (µm) whose table and squares to predict on (2, 8 or 16). Each bin is
         one spot: the model reads its own patch (its training width in µm) centred on the bin.
+    adapt
+        Test-time adaptation: the backbone's batch-norm statistics are recomputed on each section's
+        own patches (AdaBN; up to 2048 of them, evenly spread) before it is read; the model itself is
+        not changed. For a slide from another scanner, stain or patient than the training slides.
     copy
         Write into a copy of ``data`` and return it instead of ``None``.
 
@@ -252,7 +257,7 @@ def predict(
             logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
                         f"{info['model_microns_per_pixel']:.4g}: patches resampled x{1 / info['factor']:.3g} "
                         f"from pyramid level {info['level']}.")
-        plans.append((kind, sp, info, *model.infer(sp, device=device)))
+        plans.append((kind, sp, info, *model.infer(sp, device=device, adapt=adapt)))
     # everything computed: write
     for kind, sp, info, emb, pred in plans:
         if kind == "spots" and sp.table is not None:

@@ -300,9 +300,9 @@ def _train(
                 it = torch.from_numpy(li)
                 x = to_input(x_cpu, device)
                 if data.pixels:
-                    hed = cfg.hed_jitter
-                    weak = augment(x, gen, strong=False, part=part, hed=hed)
-                    strong = augment(x, gen, strong=cfg.student_view == "strong", part=part, hed=hed)
+                    aug = dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter)
+                    weak = augment(x, gen, strong=False, **aug)
+                    strong = augment(x, gen, strong=cfg.student_view == "strong", **aug)
                 else:
                     weak = strong = x
                 e, p = expr_all[it.to(device)], pos_all[it.to(device)]

@@ -1,0 +1,76 @@
+"""Options for another slide than the training slides: resolution jitter, per-section targets, adaptation."""
+
+import numpy as np
+import pytest
+import torch
+
+import stranker as sr
+from stranker.model.adapt import adapt_norm, has_batchnorm
+from stranker.model.augment import augment, degrade
+from stranker.tl._fit import standardise
+
+TINY = dict(backbone="test_resnet", pretrained=False, epochs=1, patch_px=64, image_size=32)
+
+
+def test_degrade_blurs_some_images_and_keeps_shape():
+    x = torch.rand(64, 1, 3, 32, 32)
+    y = degrade(x, torch.Generator().manual_seed(0), 4.0)
+    assert y.shape == x.shape
+    changed = (y - x).abs().flatten(1).mean(1) > 1e-3
+    assert 0 < int(changed.sum()) < 64  # the step 1 leaves an image as it is
+    # a downsampled image has lost fine detail: less energy in neighbour differences
+    assert (y[changed].diff(dim=-1).abs().mean() < x[changed].diff(dim=-1).abs().mean() * 0.8)
+    assert degrade(x, torch.Generator().manual_seed(0), 1.0) is x
+
+
+def test_augment_without_resolution_jitter_draws_as_before():
+    x = torch.rand(8, 1, 3, 16, 16)
+    a = augment(x, torch.Generator().manual_seed(3), strong=True)
+    b = augment(x, torch.Generator().manual_seed(3), strong=True, resolution=1.0)
+    assert torch.equal(a, b)
+
+
+def test_resolution_jitter_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="resolution_jitter"):
+        sr.model.make_config(resolution_jitter=0.5)
+
+
+def test_section_targets_remove_each_sections_level():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (50, 3)), rng.normal(5, 3, (40, 3))
+    y, mean, std = standardise([a, b], "section")
+    ya, yb = y[:50], y[50:]
+    np.testing.assert_allclose(ya.mean(0), yb.mean(0), atol=1e-5)  # same level in both sections
+    np.testing.assert_allclose(ya.std(0), yb.std(0), rtol=1e-5)
+    np.testing.assert_allclose((ya - ya.mean(0)) / ya.std(0), (a - a.mean(0)) / a.std(0), atol=1e-5)
+    y2, m2, s2 = standardise([a, b], "pooled")
+    np.testing.assert_allclose(y2, np.concatenate([a, b]))
+    np.testing.assert_allclose(m2, y2.mean(0))
+
+
+def test_adapt_norm_renews_batchnorm_statistics_only():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.rand(16, 3, 8, 8) * 5 + 2
+    out = adapt_norm(net, [x[:8], x[8:]])
+    assert has_batchnorm(net)
+    assert torch.equal(net[1].running_mean, torch.zeros(4))  # the original is untouched
+    conv = net[0](x)
+    np.testing.assert_allclose(out[1].running_mean.numpy(), conv.mean((0, 2, 3)).detach().numpy(), rtol=1e-4)
+    assert torch.equal(out[0].weight, net[0].weight)
+    assert not out.training
+    with pytest.raises(ValueError, match="no batch-norm"):
+        adapt_norm(torch.nn.Sequential(torch.nn.Linear(2, 2)), [torch.zeros(1, 2)])
+
+
+def test_predict_with_adapt_changes_predictions_not_the_model():
+    train, test = sr.datasets.synthetic(2, 40, n_genes=20, seed=0)
+    model = sr.tl.fit(train, **TINY)
+    before = {k: v.clone() for k, v in model.aligner.state_dict().items()}
+    plain = sr.tl.predict(model, test, copy=True).tables["table"].layers["stranker"]
+    adapted = sr.tl.predict(model, test, adapt=True, copy=True).tables["table"].layers["stranker"]
+    assert not np.allclose(plain, adapted)
+    after = sr.tl.predict(model, test, copy=True).tables["table"].layers["stranker"]
+    np.testing.assert_array_equal(after, plain)
+    assert all(torch.equal(v, model.aligner.state_dict()[k]) for k, v in before.items())
+    again = sr.tl.predict(model, test, adapt=True, copy=True).tables["table"].layers["stranker"]
+    np.testing.assert_array_equal(again, adapted)  # deterministic
