@@ -16,7 +16,7 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def adapt_norm(branch: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """A copy of ``branch`` whose batch-norm statistics are those of ``batches`` (AdaBN, Li et al. 2018).
+    """Return a copy of ``branch`` with batch-norm statistics of ``batches`` (AdaBN, Li et al. 2018).
 
     The weights stay as trained; only the running mean and variance of every batch-norm layer are
     recomputed, as the mean over ``batches`` of each batch's statistics, from the inputs of the

@@ -135,8 +135,8 @@ class Model:
             values = torch.as_tensor(self.bank["values"], device=dev)
         branch = al.teacher
         if adapt:
-            branch = self._adapted(branch, n, batch_size, dev, features, patches,
-                                   None if c.image_features is not None or patches is not None else reader, centers)
+            own = None if c.image_features is not None or patches is not None else reader
+            branch = self._adapted(branch, n, batch_size, dev, features, patches, own, centers)
         from tqdm.auto import tqdm
 
         starts = range(0, n, batch_size)
@@ -166,7 +166,7 @@ class Model:
         return emb_out, pred_out
 
     def _adapted(self, branch, n, batch_size, dev, features, patches, reader, centers, most: int = 2048):
-        """The teacher with batch-norm statistics of (up to ``most``, evenly spread) inputs of this section."""
+        """Return the teacher with batch-norm statistics of up to ``most`` inputs of this section."""
         import torch
 
         from ..model.adapt import adapt_norm
