@@ -85,7 +85,7 @@ def test_several_images_need_image_key():
     sdata, _ = make_sdata(extra_images=1)
     with pytest.raises(InputError, match=r"several images \['he', 'he2'\].*image_key"):
         as_spots(sdata)
-    assert as_spots(sdata, image_key="he2")[0].keys["image_key"] == "he2"
+    assert as_spots(sdata, image_key="he2")[0].keys.image_key == "he2"
     with pytest.raises(InputError, match="'nope' not found"):
         as_spots(sdata, image_key="nope")
 

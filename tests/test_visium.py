@@ -228,7 +228,7 @@ def test_visium_spots_images_and_resolution(visium_dir, full):
     assert {"V1_hires_image", "V1_lowres_image"} <= set(sdata.images) and "V1" in sdata.shapes
     sp, colours = _centre_colour(sdata)
     scale = 1.0 if full else 0.5  # without the full image the hires image (scalef 0.5) is used
-    assert sp.keys["image_key"] == ("V1_full_image" if full else "V1_hires_image")
+    assert sp.keys.image_key == ("V1_full_image" if full else "V1_hires_image")
     np.testing.assert_allclose(sp.centers, xy * scale)
     assert sp.diameter == pytest.approx(55.0 * scale)
     assert sp.microns_per_pixel == pytest.approx(1.0 / scale)  # 55 µm spots
@@ -266,9 +266,9 @@ def test_visium_hd_bins_by_size(hd_dir, bin_size):
     sdata = _read_hd(root)
     assert {"square_002um", "square_008um", "square_016um"} <= set(sdata.tables)
     sp = as_spots(sdata, bin_size=bin_size)[0]
-    assert sp.keys["table_key"] == f"square_{bin_size:03d}um" and sp.keys["image_key"] == "HD_full_image"
-    assert sp.keys["shapes_key"] == f"HD_square_{bin_size:03d}um"
-    assert sdata.shapes[sp.keys["shapes_key"]].geometry.iloc[0].geom_type == "Polygon"  # squares
+    assert sp.keys.table_key == f"square_{bin_size:03d}um" and sp.keys.image_key == "HD_full_image"
+    assert sp.keys.shapes_key == f"HD_square_{bin_size:03d}um"
+    assert sdata.shapes[sp.keys.shapes_key].geometry.iloc[0].geom_type == "Polygon"  # squares
     np.testing.assert_allclose(sp.centers, centres[bin_size], atol=1e-6)  # polygon centroids
     assert sp.diameter == pytest.approx(bin_size / 0.5)  # side of the square
     assert sp.microns_per_pixel == pytest.approx(0.5)

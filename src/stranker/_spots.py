@@ -108,6 +108,28 @@ def _to_uint8_rgb(win: np.ndarray, name: str, float_max: float | None = None) ->
 # --------------------------------------------------------------------------------------------
 # the view of one section
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ElementKeys:
+    """Where a section was read from, to write back to it.
+
+    Attributes
+    ----------
+    kind
+        ``'spatialdata'``, ``'anndata'``, or ``None`` for a section made by stranker (e.g. tiles).
+    image_key, shapes_key, table_key, coordinate_system
+        The SpatialData elements and the coordinate system that were used.
+    library_id
+        The library of an AnnData's ``uns['spatial']``.
+    """
+
+    kind: str | None = None
+    image_key: str | None = None
+    shapes_key: str | None = None
+    table_key: str | None = None
+    coordinate_system: str | None = None
+    library_id: str | None = None
+
+
 @dataclass
 class Spots:
     """One section as stranker sees it.
@@ -140,7 +162,7 @@ class Spots:
     rows: np.ndarray
     microns_per_pixel: float | None = None
     source: Any = None
-    keys: dict[str, Any] = field(default_factory=dict)
+    keys: ElementKeys = field(default_factory=ElementKeys)
 
     @property
     def n_spots(self) -> int:
@@ -559,13 +581,13 @@ def _from_spatialdata(
         rows=rows,
         microns_per_pixel=mpp,
         source=sdata,
-        keys={
-            "kind": "spatialdata",
-            "image_key": image_key,
-            "shapes_key": shapes_key,
-            "table_key": table_key,
-            "coordinate_system": coordinate_system,
-        },
+        keys=ElementKeys(
+            kind="spatialdata",
+            image_key=image_key,
+            shapes_key=shapes_key,
+            table_key=table_key,
+            coordinate_system=coordinate_system,
+        ),
     )
 
 
@@ -735,7 +757,7 @@ def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None
         rows=rows,
         microns_per_pixel=float(mpp) if mpp is not None else None,
         source=adata,
-        keys={"kind": "anndata", "library_id": lib},
+        keys=ElementKeys(kind="anndata", library_id=lib),
     )
 
 

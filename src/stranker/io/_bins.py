@@ -83,7 +83,7 @@ def aggregate(
     missing = [c for c in ("array_row", "array_col") if c not in t.obs]
     if missing:
         raise InputError(
-            f"Table {sp.keys['table_key']!r} lacks obs {missing}: the bin grid positions are needed."
+            f"Table {sp.keys.table_key!r} lacks obs {missing}: the bin grid positions are needed."
         )
     if sp.microns_per_pixel is None:
         raise InputError(f"The resolution of section {sp.name!r} is unknown; set `uns['microns_per_pixel']`.")
@@ -107,7 +107,7 @@ def aggregate(
     centres = (m @ sp.centers) / n_bins[keep][:, None]
     side = width / sp.microns_per_pixel  # level-0 image pixels
     key = key_added or f"square_{width:03d}um"
-    src = sp.keys["shapes_key"]
+    src = sp.keys.shapes_key
     shapes_key = src.replace(f"square_{bin_size:03d}um", f"square_{width:03d}um") if src else f"{key}_shapes"
     if key in sdata.tables or shapes_key in sdata.shapes:
         raise InputError(f"{key!r} / {shapes_key!r} already in the SpatialData; pass another `key_added=`.")
@@ -117,7 +117,7 @@ def aggregate(
     squares = box(centres[:, 0] - half, centres[:, 1] - half, centres[:, 0] + half, centres[:, 1] + half)
     import geopandas as gpd
 
-    transforms = get_transformation(sdata.images[sp.keys["image_key"]], get_all=True)
+    transforms = get_transformation(sdata.images[sp.keys.image_key], get_all=True)
     shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=squares, index=ids), transformations=transforms)
     obs = pd.DataFrame(
         {

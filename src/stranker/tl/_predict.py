@@ -237,7 +237,7 @@ def predict(
     for sp in secs:
         check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
-            if sp.keys.get("kind") != "spatialdata":
+            if sp.keys.kind != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
             sp, _ = _tile_section(sp, model, tile_px)
             kind = "tiles"
@@ -266,14 +266,14 @@ def predict(
         sdata = sp.source
         if kind == "tiles":
             region = f"{key_added}_tiles"
-            transforms = get_transformation(sdata.images[sp.keys["image_key"]], get_all=True)
+            transforms = get_transformation(sdata.images[sp.keys.image_key], get_all=True)
             index = np.arange(sp.n_spots)  # integer ids: no Python string per tile (1M tiles on a slide)
             sdata.shapes[region] = ShapesModel.parse(
                 sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=index,
                 transformations=transforms,
             )
         else:
-            region = sp.keys["shapes_key"]
+            region = sp.keys.shapes_key
             index = list(sdata.shapes[region].index)
         table = _new_table(sp, model, emb, pred, key_added, region, index)
         new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,

@@ -159,7 +159,7 @@ def embed_slides(
         sp = as_spots(item, image_key=image_key, need_image=True, need_table=False)[0]
         check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
-            if sp.keys.get("kind") != "spatialdata":
+            if sp.keys.kind != "spatialdata":
                 raise InputError(f"Slide {sid!r} has no spots.")
             sp, size = _tile_section(sp, model, tile_px, log=log)
         else:
