@@ -69,13 +69,28 @@ class ImageHandle:
         """Convert a ``(c, y, x)`` window of any level to ``(y, x, 3)`` uint8.
 
         Integer images are scaled by their dtype's range; a float image is 0–1 or 0–255 as decided
-        once for the whole image (from its coarsest level, unless ``float_max`` was given).
+        once for the whole image (from its coarsest level, unless ``float_max`` was given); the values
+        are scaled by :func:`stranker._pixels.to_uint8`. A grey image is repeated into three channels,
+        an alpha channel dropped.
         """
         win = np.asarray(win.compute() if hasattr(win, "compute") else win)
         if np.issubdtype(win.dtype, np.floating) and self.float_max is None:
             coarsest = self.levels[int(np.argmax(self.scales))]
             self.float_max = float_range(coarsest.compute() if hasattr(coarsest, "compute") else coarsest)
-        return _to_uint8_rgb(win, self.name, self.float_max)
+        c = win.shape[0]
+        if c == 4:
+            win = win[:3]
+        elif c == 1:
+            win = np.repeat(win, 3, axis=0)
+        elif c != 3:
+            raise InputError(
+                f"Image {self.name!r} has {c} channels; stranker expects an RGB H&E image (3 channels)."
+            )
+        try:
+            win = to_uint8(win, self.float_max)
+        except TypeError as e:
+            raise InputError(f"Image {self.name!r}: {e}") from e
+        return np.moveaxis(win, 0, -1)
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int, pad_value: int = 255) -> np.ndarray:
         """Read the window ``[y0:y1, x0:x1]`` of a level as ``(y, x, c)`` uint8, padding outside."""
@@ -87,22 +102,6 @@ class ImageHandle:
             return out
         out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self.to_rgb(arr[:, cy0:cy1, cx0:cx1])
         return out
-
-
-def _to_uint8_rgb(win: np.ndarray, name: str, float_max: float | None = None) -> np.ndarray:
-    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8 (:func:`stranker._pixels.to_uint8`)."""
-    c = win.shape[0]
-    if c == 4:
-        win = win[:3]
-    elif c == 1:
-        win = np.repeat(win, 3, axis=0)
-    elif c != 3:
-        raise InputError(f"Image {name!r} has {c} channels; stranker expects an RGB H&E image (3 channels).")
-    try:
-        win = to_uint8(win, float_max)
-    except TypeError as e:
-        raise InputError(f"Image {name!r}: {e}") from e
-    return np.moveaxis(win, 0, -1)
 
 
 # --------------------------------------------------------------------------------------------

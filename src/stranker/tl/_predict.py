@@ -123,10 +123,26 @@ def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     }
 
 
-def _tile_section(
+def tile_section(
     sp: Spots, model: Any, tile_px: float | None, log: Any = logger.info
 ) -> tuple[Spots, float]:
-    """Tiles of the training spot size over the tissue (its width in µm when both know their scale)."""
+    """Lay tiles of the training spot size over the tissue of an image-only section.
+
+    Parameters
+    ----------
+    sp
+        A section with an image and no spots.
+    model
+        The fitted model: its spot size (in µm when model and section both know their scale) sizes the tiles.
+    tile_px
+        Tile side in pixels of the section's image, overriding the model's spot size.
+    log
+        Where the one line about the tiles goes.
+
+    Returns
+    -------
+    The section with one spot per tile (no table; ``keys`` of ``sp``), and the tile side in pixels.
+    """
     if tile_px is None:
         d_px, train, mpp = model.meta.get("spot_diameter_px"), model_mpp(model), sp.microns_per_pixel
         d_um = model.meta.get("spot_diameter_um") or (d_px * train if d_px and train else None)
@@ -239,7 +255,7 @@ def predict(
         if sp.n_spots == 0:
             if sp.keys.kind != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
-            sp, _ = _tile_section(sp, model, tile_px)
+            sp, _ = tile_section(sp, model, tile_px)
             kind = "tiles"
         else:
             if need_image:
