@@ -860,8 +860,9 @@ def add_elements(
         before the tables that annotate them.
     by
         The stranker function that derived them (e.g. ``'sr.tl.predict'``), recorded in each element
-        (``uns`` / ``attrs[Keys.WRITTEN]``) so that a later call may replace it; ``None`` for elements
-        that are the data itself (a reader's).
+        (``uns`` / ``attrs[Keys.WRITTEN]``; kept by a zarr round trip for tables and shapes, not for
+        images) so that a later call may replace it; ``None`` for elements that are the data itself
+        (a reader's).
     arg
         The argument that named them, for the message.
     """
