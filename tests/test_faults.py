@@ -144,6 +144,42 @@ def test_key_added_replaces_an_earlier_stranker_result(model):
     assert sdata.tables["table"].uns["stranker"]["in_sample"] is False
 
 
+def test_predict_replaces_the_elements_it_added_never_the_users(model):
+    import anndata as ad
+    import geopandas as gpd
+    from shapely.geometry import Polygon
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+
+    def elements(sdata):
+        return {k: {n: id(e) for n, e in getattr(sdata, k).items()} for k in ("images", "shapes", "tables")}
+
+    # spots without a table: predict adds the table 'stranker_table' annotating them
+    s = _section()
+    sdata = SpatialData(images={"he": s.images["he"]},
+                        shapes={"spots": s.shapes["spots"], "more": s.shapes["spots"].iloc[:8].copy()})
+    sr.tl.predict(model, sdata, shapes_key="spots")
+    first = sdata.tables["stranker_table"]
+    sr.tl.predict(model, sdata, shapes_key="more")  # a table an earlier predict added is replaced
+    assert sdata.tables["stranker_table"] is not first and sdata.tables["stranker_table"].n_obs == 8
+    sdata.tables["stranker_table"] = TableModel.parse(ad.AnnData(np.zeros((2, 1))))  # now the user's own
+    before = elements(sdata)
+    with pytest.raises(InputError, match=r"'stranker_table', which stranker did not write.*`key_added=`"):
+        sr.tl.predict(model, sdata, shapes_key="spots")
+    assert elements(sdata) == before
+    # an image-only slide: predict adds tiles 'stranker_tiles', never over an element of the user's
+    tissue = np.random.default_rng(0).integers(60, 200, (3, 128, 128), dtype=np.uint8)
+    outline = ShapesModel.parse(gpd.GeoDataFrame(geometry=[Polygon([(0, 0), (0, 9), (9, 9)])]))
+    slide = SpatialData(images={"he": Image2DModel.parse(tissue, dims=("c", "y", "x"))},
+                        shapes={"stranker_tiles": outline})
+    before = elements(slide)
+    with pytest.raises(InputError, match=r"'stranker_tiles', which stranker did not write.*`key_added=`"):
+        sr.tl.predict(model, slide, tile_px=16)
+    assert elements(slide) == before
+    sr.tl.predict(model, slide, tile_px=16, key_added="pred")
+    assert "pred_tiles" in slide.shapes and "pred_table" in slide.tables
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate / survival arguments
 # --------------------------------------------------------------------------------------------

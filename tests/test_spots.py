@@ -85,7 +85,7 @@ def test_several_images_need_image_key():
     sdata, _ = make_sdata(extra_images=1)
     with pytest.raises(InputError, match=r"several images \['he', 'he2'\].*image_key"):
         as_spots(sdata)
-    assert as_spots(sdata, image_key="he2")[0].keys["image_key"] == "he2"
+    assert as_spots(sdata, image_key="he2")[0].keys.image_key == "he2"
     with pytest.raises(InputError, match="'nope' not found"):
         as_spots(sdata, image_key="nope")
 
@@ -203,3 +203,31 @@ def test_library_key_picks_each_library_s_rows():
     # the default key of a multi-library AnnData stays obs['library_id']
     table.obs["library_id"] = table.obs["sample"]
     np.testing.assert_array_equal(as_spots(table, library_id="B")[0].rows, np.arange(6, 12))
+
+
+def test_add_elements_replaces_only_what_stranker_added_under_that_name():
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    from stranker._spots import add_elements
+
+    sdata, _ = make_sdata()
+    spots = sdata.shapes["spots"]
+    add_elements(sdata, shapes={"mine_tiles": spots.copy()}, by="test")
+    add_elements(sdata, shapes={"mine_tiles": spots.copy()}, by="test")  # its own: replaced
+    # a copy of stranker's element under another name is the user's; names clash across types and case
+    sdata.shapes["copied"] = sdata.shapes["mine_tiles"].copy()
+    cases = (({"shapes": {"copied": spots.copy()}}, "copied"), ({"shapes": {"He": spots.copy()}}, "he"),
+             ({"tables": {"mine_tiles": sdata.tables["table"].copy()}}, "mine_tiles"))
+    for kwargs, held in cases:
+        with pytest.raises(InputError, match=rf"element '{held}', which stranker did not write.*`out=`"):
+            add_elements(sdata, **kwargs, by="test", arg="out")
+    # stranker's shapes that a table of the user's annotates are not replaced under it
+    obs = pd.DataFrame({"region": pd.Categorical(["mine_tiles"]), "spot_id": [spots.index[0]]}, index=["a"])
+    sdata.tables["users"] = TableModel.parse(ad.AnnData(np.zeros((1, 1)), obs=obs), region="mine_tiles",
+                                             region_key="region", instance_key="spot_id")
+    tiles = sdata.shapes["mine_tiles"]
+    with pytest.raises(InputError, match=r"annotated by table\(s\) \['users'\]"):
+        add_elements(sdata, shapes={"mine_tiles": spots.copy()}, by="test")
+    assert sdata.shapes["mine_tiles"] is tiles

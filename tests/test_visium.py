@@ -228,7 +228,7 @@ def test_visium_spots_images_and_resolution(visium_dir, full):
     assert {"V1_hires_image", "V1_lowres_image"} <= set(sdata.images) and "V1" in sdata.shapes
     sp, colours = _centre_colour(sdata)
     scale = 1.0 if full else 0.5  # without the full image the hires image (scalef 0.5) is used
-    assert sp.keys["image_key"] == ("V1_full_image" if full else "V1_hires_image")
+    assert sp.keys.image_key == ("V1_full_image" if full else "V1_hires_image")
     np.testing.assert_allclose(sp.centers, xy * scale)
     assert sp.diameter == pytest.approx(55.0 * scale)
     assert sp.microns_per_pixel == pytest.approx(1.0 / scale)  # 55 µm spots
@@ -266,9 +266,9 @@ def test_visium_hd_bins_by_size(hd_dir, bin_size):
     sdata = _read_hd(root)
     assert {"square_002um", "square_008um", "square_016um"} <= set(sdata.tables)
     sp = as_spots(sdata, bin_size=bin_size)[0]
-    assert sp.keys["table_key"] == f"square_{bin_size:03d}um" and sp.keys["image_key"] == "HD_full_image"
-    assert sp.keys["shapes_key"] == f"HD_square_{bin_size:03d}um"
-    assert sdata.shapes[sp.keys["shapes_key"]].geometry.iloc[0].geom_type == "Polygon"  # squares
+    assert sp.keys.table_key == f"square_{bin_size:03d}um" and sp.keys.image_key == "HD_full_image"
+    assert sp.keys.shapes_key == f"HD_square_{bin_size:03d}um"
+    assert sdata.shapes[sp.keys.shapes_key].geometry.iloc[0].geom_type == "Polygon"  # squares
     np.testing.assert_allclose(sp.centers, centres[bin_size], atol=1e-6)  # polygon centroids
     assert sp.diameter == pytest.approx(bin_size / 0.5)  # side of the square
     assert sp.microns_per_pixel == pytest.approx(0.5)
@@ -322,12 +322,35 @@ def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
     sp = as_spots(sdata, bin_size=32)[0]  # usable as spots like any HD bin size
     assert sp.diameter == pytest.approx(64.0) and sp.microns_per_pixel == pytest.approx(0.5)
     np.testing.assert_allclose(sp.centers[row], [(8 + 2) * 16, (4 + 2) * 16])  # centre of its 16 bins, px
-    with pytest.raises(InputError, match="already"):
-        sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
     model = sr.tl.fit(sdata, bin_size=32, seed=0, **FAST)  # train at the pseudo-spot scale
     assert model.meta["spot_diameter_um"] == pytest.approx(32.0)
     assert np.isfinite(new.layers["stranker"][:, new.var_names.get_indexer(model.genes)]).all()
     assert sr.pp.patches(sdata, bin_size=32, size_um=32).shape[0] == new.n_obs
+
+
+def test_aggregate_replaces_its_own_pseudo_spots_never_the_users(hd_dir):
+    sdata = _read_hd(hd_dir[0])
+    sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)
+    first = sdata.tables["square_032um"]
+    sr.io.aggregate_bins(sdata, bin_size=8, size_um=32)  # again: the pseudo-spots stranker added are replaced
+    again = sdata.tables["square_032um"]
+    assert again is not first and "HD_square_032um" in sdata.shapes
+    np.testing.assert_array_equal(again.X.toarray(), first.X.toarray())
+    # an element of the user's under the name is never replaced: the message names `key_added=`
+    sdata.shapes["HD_square_064um"] = sdata.shapes["HD_square_016um"].copy()
+    sdata.tables["mine"] = sdata.tables["square_016um"].copy()
+
+    def elements():
+        return {k: {n: id(e) for n, e in getattr(sdata, k).items()} for k in ("shapes", "tables")}
+
+    before = elements()
+    cases = (({"size_um": 64}, "HD_square_064um"), ({"size_um": 32, "key_added": "mine"}, "mine"))
+    for kwargs, name in cases:
+        with pytest.raises(InputError, match=rf"'{name}', which stranker did not write.*`key_added=`"):
+            sr.io.aggregate_bins(sdata, bin_size=8, **kwargs)
+        assert elements() == before
+    sr.io.aggregate_bins(sdata, bin_size=8, size_um=64, key_added="square_064um_mine")
+    assert sdata.tables["square_064um_mine"].n_obs == 9 and "square_064um_mine_shapes" in sdata.shapes
 
 
 def test_fit_on_hd_bins_sums_them_to_the_patch_width(hd_dir):

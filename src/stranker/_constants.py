@@ -16,6 +16,9 @@ class Keys:
     SMOOTHED = "smoothed"
     # default prefix of model outputs
     PREFIX = "stranker"
+    # record in an element stranker added to a SpatialData (table uns, shapes / image attrs):
+    # {"by": the function, "key": the element's name}; such an element may be replaced by a later call
+    WRITTEN = "stranker_element"
     SELECTED = "stranker_selected"
     # squidpy / scanpy layout
     SPATIAL = "spatial"

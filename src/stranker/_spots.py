@@ -1,14 +1,15 @@
-"""The one adapter: SpatialData | AnnData (squidpy layout) | list of either -> Spots.
+"""The one adapter: SpatialData | AnnData (squidpy layout) | list of either -> Spots, and back.
 
 No other module knows input formats. A :class:`Spots` is a view of one section: an image handle
 that reads lazily, spot centres in pixels of the image's finest level, the spot diameter in those
 pixels and the table (the user's own AnnData, never copied here) with the rows that belong to it.
+Every element stranker adds to a SpatialData goes through :func:`add_elements`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,13 +70,28 @@ class ImageHandle:
         """Convert a ``(c, y, x)`` window of any level to ``(y, x, 3)`` uint8.
 
         Integer images are scaled by their dtype's range; a float image is 0–1 or 0–255 as decided
-        once for the whole image (from its coarsest level, unless ``float_max`` was given).
+        once for the whole image (from its coarsest level, unless ``float_max`` was given); the values
+        are scaled by :func:`stranker._pixels.to_uint8`. A grey image is repeated into three channels,
+        an alpha channel dropped.
         """
         win = np.asarray(win.compute() if hasattr(win, "compute") else win)
         if np.issubdtype(win.dtype, np.floating) and self.float_max is None:
             coarsest = self.levels[int(np.argmax(self.scales))]
             self.float_max = float_range(coarsest.compute() if hasattr(coarsest, "compute") else coarsest)
-        return _to_uint8_rgb(win, self.name, self.float_max)
+        c = win.shape[0]
+        if c == 4:
+            win = win[:3]
+        elif c == 1:
+            win = np.repeat(win, 3, axis=0)
+        elif c != 3:
+            raise InputError(
+                f"Image {self.name!r} has {c} channels; stranker expects an RGB H&E image (3 channels)."
+            )
+        try:
+            win = to_uint8(win, self.float_max)
+        except TypeError as e:
+            raise InputError(f"Image {self.name!r}: {e}") from e
+        return np.moveaxis(win, 0, -1)
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int, pad_value: int = 255) -> np.ndarray:
         """Read the window ``[y0:y1, x0:x1]`` of a level as ``(y, x, c)`` uint8, padding outside."""
@@ -89,25 +105,31 @@ class ImageHandle:
         return out
 
 
-def _to_uint8_rgb(win: np.ndarray, name: str, float_max: float | None = None) -> np.ndarray:
-    """``(c, y, x)`` array of any numeric type -> ``(y, x, 3)`` uint8 (:func:`stranker._pixels.to_uint8`)."""
-    c = win.shape[0]
-    if c == 4:
-        win = win[:3]
-    elif c == 1:
-        win = np.repeat(win, 3, axis=0)
-    elif c != 3:
-        raise InputError(f"Image {name!r} has {c} channels; stranker expects an RGB H&E image (3 channels).")
-    try:
-        win = to_uint8(win, float_max)
-    except TypeError as e:
-        raise InputError(f"Image {name!r}: {e}") from e
-    return np.moveaxis(win, 0, -1)
-
-
 # --------------------------------------------------------------------------------------------
 # the view of one section
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ElementKeys:
+    """Where a section was read from, to write back to it.
+
+    Attributes
+    ----------
+    kind
+        ``'spatialdata'``, ``'anndata'``, or ``None`` for a section made by stranker (e.g. tiles).
+    image_key, shapes_key, table_key, coordinate_system
+        The SpatialData elements and the coordinate system that were used.
+    library_id
+        The library of an AnnData's ``uns['spatial']``.
+    """
+
+    kind: str | None = None
+    image_key: str | None = None
+    shapes_key: str | None = None
+    table_key: str | None = None
+    coordinate_system: str | None = None
+    library_id: str | None = None
+
+
 @dataclass
 class Spots:
     """One section as stranker sees it.
@@ -140,7 +162,7 @@ class Spots:
     rows: np.ndarray
     microns_per_pixel: float | None = None
     source: Any = None
-    keys: dict[str, Any] = field(default_factory=dict)
+    keys: ElementKeys = field(default_factory=ElementKeys)
 
     @property
     def n_spots(self) -> int:
@@ -559,13 +581,13 @@ def _from_spatialdata(
         rows=rows,
         microns_per_pixel=mpp,
         source=sdata,
-        keys={
-            "kind": "spatialdata",
-            "image_key": image_key,
-            "shapes_key": shapes_key,
-            "table_key": table_key,
-            "coordinate_system": coordinate_system,
-        },
+        keys=ElementKeys(
+            kind="spatialdata",
+            image_key=image_key,
+            shapes_key=shapes_key,
+            table_key=table_key,
+            coordinate_system=coordinate_system,
+        ),
     )
 
 
@@ -735,7 +757,7 @@ def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None
         rows=rows,
         microns_per_pixel=float(mpp) if mpp is not None else None,
         source=adata,
-        keys={"kind": "anndata", "library_id": lib},
+        keys=ElementKeys(kind="anndata", library_id=lib),
     )
 
 
@@ -750,3 +772,104 @@ class _ScaledImage(ImageHandle):
     def shape(self) -> tuple[int, int]:
         s = self.scales[0]
         return int(round(self.levels[0].shape[1] * s)), int(round(self.levels[0].shape[2] * s))
+
+
+# --------------------------------------------------------------------------------------------
+# elements added to a SpatialData
+# --------------------------------------------------------------------------------------------
+_ELEMENT_TYPES = ("images", "labels", "points", "shapes", "tables")
+
+
+def _record(element: Any) -> dict:
+    """Where an element keeps stranker's record: a table's ``uns``, a shapes' or image's ``attrs``."""
+    return element.uns if hasattr(element, "uns") else element.attrs
+
+
+def written_by_stranker(element: Any, key: str) -> bool:
+    """Whether stranker added ``element`` to a SpatialData under the name ``key`` (so it may replace it)."""
+    rec = _record(element).get(Keys.WRITTEN)
+    return isinstance(rec, Mapping) and rec.get("key") == key
+
+
+def check_free(
+    sdata: Any,
+    *,
+    tables: Sequence[str] = (),
+    shapes: Sequence[str] = (),
+    images: Sequence[str] = (),
+    arg: str = "key_added",
+) -> None:
+    """Refuse names held by an element that stranker did not write there (before any work is done).
+
+    A name is free when no element of any type holds it (SpatialData names are unique across types,
+    whatever their case), or when the element of that type under that name is one stranker added.
+    Shapes that stay annotated by a table not written in the same call are not replaced either.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData.
+    tables, shapes, images
+        Names of the elements to write.
+    arg
+        The argument that named them, for the message.
+    """
+    wanted = {"tables": list(tables), "shapes": list(shapes), "images": list(images)}
+    for kind, names in wanted.items():
+        for name in names:
+            for other in _ELEMENT_TYPES:
+                for key, element in getattr(sdata, other).items():
+                    if key.lower() != name.lower() or (
+                        other == kind and key == name and written_by_stranker(element, key)
+                    ):
+                        continue
+                    raise InputError(
+                        f"The SpatialData holds {other} element {key!r}, which stranker did not write: "
+                        f"it is not replaced. Pass another `{arg}=`."
+                    )
+    for name in wanted["shapes"]:
+        others = {k: t for k, t in sdata.tables.items() if k not in wanted["tables"]}
+        users = [k for k, t in others.items() if name in _table_region(t)[0]]
+        if name in sdata.shapes and users:
+            raise InputError(
+                f"Shapes {name!r} are annotated by table(s) {users}: they are not replaced. Pass another "
+                f"`{arg}=` (or delete those tables first)."
+            )
+
+
+def add_elements(
+    sdata: Any,
+    *,
+    tables: Mapping[str, Any] | None = None,
+    shapes: Mapping[str, Any] | None = None,
+    images: Mapping[str, Any] | None = None,
+    by: str | None = None,
+    arg: str = "key_added",
+) -> None:
+    """Add elements to a SpatialData: the one way stranker writes them.
+
+    An element of the user's under a name is never replaced (:func:`check_free` refuses, naming
+    ``arg``); one that stranker added earlier under that name is.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData.
+    tables, shapes, images
+        New elements by name (parsed by their ``spatialdata.models``); shapes and images are added
+        before the tables that annotate them.
+    by
+        The stranker function that derived them (e.g. ``'sr.tl.predict'``), recorded in each element
+        (``uns`` / ``attrs[Keys.WRITTEN]``; kept by a zarr round trip for tables and shapes, not for
+        images) so that a later call may replace it; ``None`` for elements that are the data itself
+        (a reader's).
+    arg
+        The argument that named them, for the message.
+    """
+    groups = {"images": dict(images or {}), "shapes": dict(shapes or {}), "tables": dict(tables or {})}
+    check_free(sdata, **{k: list(v) for k, v in groups.items()}, arg=arg)
+    for kind, elements in groups.items():
+        for name, element in elements.items():
+            if by is not None:
+                _record(element)[Keys.WRITTEN] = {"by": by, "key": name}
+            getattr(sdata, kind)[name] = element

@@ -8,7 +8,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._settings import logger
-from .._spots import InputError, as_spots
+from .._spots import InputError, add_elements, as_spots, check_free
 from .._undo import unchanged_on_failure
 
 
@@ -43,7 +43,9 @@ def aggregate_bins(
         slivers at the tissue edge).
     key_added
         Name of the new table; default ``'square_{width:03d}um'`` (the HD naming, so ``bin_size=width``
-        selects it). Its squares are added as shapes ``'{dataset}_square_{width:03d}um'``.
+        selects it), whose squares are added as shapes ``'{dataset}_square_{width:03d}um'``; with
+        ``key_added``, shapes ``'{key_added}_shapes'``. Elements an earlier call added under these names
+        are replaced; an element of the user's is not.
 
     Returns
     -------
@@ -83,10 +85,16 @@ def aggregate(
     missing = [c for c in ("array_row", "array_col") if c not in t.obs]
     if missing:
         raise InputError(
-            f"Table {sp.keys['table_key']!r} lacks obs {missing}: the bin grid positions are needed."
+            f"Table {sp.keys.table_key!r} lacks obs {missing}: the bin grid positions are needed."
         )
     if sp.microns_per_pixel is None:
         raise InputError(f"The resolution of section {sp.name!r} is unknown; set `uns['microns_per_pixel']`.")
+    key, src = key_added or f"square_{width:03d}um", sp.keys.shapes_key
+    if key_added is None and src and f"square_{bin_size:03d}um" in src:
+        shapes_key = src.replace(f"square_{bin_size:03d}um", key)  # the HD naming: '{dataset}_square_032um'
+    else:
+        shapes_key = f"{key}_shapes"
+    check_free(sdata, tables=[key], shapes=[shapes_key])
     rc = (
         np.column_stack([t.obs["array_row"].to_numpy()[sp.rows], t.obs["array_col"].to_numpy()[sp.rows]]) // k
     )
@@ -106,18 +114,13 @@ def aggregate(
     counts = m @ (x if sps.issparse(x) else np.asarray(x))
     centres = (m @ sp.centers) / n_bins[keep][:, None]
     side = width / sp.microns_per_pixel  # level-0 image pixels
-    key = key_added or f"square_{width:03d}um"
-    src = sp.keys["shapes_key"]
-    shapes_key = src.replace(f"square_{bin_size:03d}um", f"square_{width:03d}um") if src else f"{key}_shapes"
-    if key in sdata.tables or shapes_key in sdata.shapes:
-        raise InputError(f"{key!r} / {shapes_key!r} already in the SpatialData; pass another `key_added=`.")
     ids = pd.Index(blocks[keep][:, 0].astype(str)).str.cat(blocks[keep][:, 1].astype(str), sep="_")
     ids = (key + "_" + ids).astype(str)
     half = side / 2
     squares = box(centres[:, 0] - half, centres[:, 1] - half, centres[:, 0] + half, centres[:, 1] + half)
     import geopandas as gpd
 
-    transforms = get_transformation(sdata.images[sp.keys["image_key"]], get_all=True)
+    transforms = get_transformation(sdata.images[sp.keys.image_key], get_all=True)
     shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=squares, index=ids), transformations=transforms)
     obs = pd.DataFrame(
         {
@@ -135,8 +138,7 @@ def aggregate(
     a.obsm[Keys.SPATIAL] = centres
     a.uns[Keys.MPP] = sp.microns_per_pixel
     table = TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key="location_id")
-    sdata.shapes[shapes_key] = shapes
-    sdata.tables[key] = table
+    add_elements(sdata, shapes={shapes_key: shapes}, tables={key: table}, by="sr.io.aggregate_bins")
     logger.info(
         f"Summed {int(member.sum())} bins of {bin_size} µm into {len(ids)} pseudo-spots of {width} µm: "
         f"table {key!r}, shapes {shapes_key!r}."

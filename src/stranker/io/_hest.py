@@ -18,7 +18,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._settings import logger
-from .._spots import InputError
+from .._spots import InputError, add_elements
 
 HEST_REPO = "MahmoodLab/hest"
 EXPR_DIRS = ("st", "adata")  # HEST-1k, HEST-Bench
@@ -253,13 +253,10 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
                                      "patches_file": str(patch["path"]) if patch is not None else None})
     from spatialdata.models import TableModel
 
-    sdata.shapes[Keys.SHAPES] = shapes
-    sdata.tables[Keys.TABLE] = TableModel.parse(
-        adata, region=Keys.SHAPES, region_key=Keys.REGION, instance_key=Keys.INSTANCE
-    )
+    table = TableModel.parse(adata, region=Keys.SHAPES, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
     tissue = _tissue(root / "tissue_seg", sid)
-    if tissue is not None:
-        sdata.shapes["tissue"] = tissue
+    more = {"tissue": tissue} if tissue is not None else {}
+    add_elements(sdata, shapes={Keys.SHAPES: shapes, **more}, tables={Keys.TABLE: table})
     return sdata
 
 

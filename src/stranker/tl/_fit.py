@@ -375,8 +375,8 @@ def bins_to_patches(
 
     out, added = [], []
     for sp in secs:
-        m = re.fullmatch(r"square_(\d+)um", str(sp.keys.get("table_key") or ""))
-        if (m is None or sp.keys.get("kind") != "spatialdata" or sp.microns_per_pixel is None
+        m = re.fullmatch(r"square_(\d+)um", str(sp.keys.table_key or ""))
+        if (m is None or sp.keys.kind != "spatialdata" or sp.microns_per_pixel is None
                 or not {"array_row", "array_col"} <= set(sp.table.obs)):
             out.append(sp)
             continue
@@ -393,7 +393,7 @@ def bins_to_patches(
         else:
             key, skey = aggregate(sdata, sp, bin_um, k * bin_um)
             added.append((sdata, key, skey))
-        out.append(as_spots(sdata, table_key=key, image_key=sp.keys.get("image_key"), need_image=True)[0])
+        out.append(as_spots(sdata, table_key=key, image_key=sp.keys.image_key, need_image=True)[0])
     return out, added
 
 
@@ -413,7 +413,7 @@ class SectionPatches:
         readers = []
         for r in self.readers:
             light = copy.copy(r)
-            light.spots = replace(r.spots, table=None, source=None, keys={}, rows=np.zeros(0, dtype=np.int64))
+            light.spots = replace(r.spots, table=None, source=None, rows=np.zeros(0, dtype=np.int64))
             readers.append(light)
         return {**self.__dict__, "readers": readers}
 

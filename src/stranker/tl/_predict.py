@@ -11,7 +11,7 @@ from .._docs import doc_params
 from .._key_added import check_key_added
 from .._predictions import genes_in_table
 from .._settings import logger
-from .._spots import InputError, Spots, as_spots
+from .._spots import InputError, Spots, add_elements, as_spots, check_free
 from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_outputs, write_results
 from ..pp._patches import _TILE, check_inside
@@ -123,10 +123,26 @@ def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     }
 
 
-def _tile_section(
+def tile_section(
     sp: Spots, model: Any, tile_px: float | None, log: Any = logger.info
 ) -> tuple[Spots, float]:
-    """Tiles of the training spot size over the tissue (its width in µm when both know their scale)."""
+    """Lay tiles of the training spot size over the tissue of an image-only section.
+
+    Parameters
+    ----------
+    sp
+        A section with an image and no spots.
+    model
+        The fitted model: its spot size (in µm when model and section both know their scale) sizes the tiles.
+    tile_px
+        Tile side in pixels of the section's image, overriding the model's spot size.
+    log
+        Where the one line about the tiles goes.
+
+    Returns
+    -------
+    The section with one spot per tile (no table; ``keys`` of ``sp``), and the tile side in pixels.
+    """
     if tile_px is None:
         d_px, train, mpp = model.meta.get("spot_diameter_px"), model_mpp(model), sp.microns_per_pixel
         d_um = model.meta.get("spot_diameter_um") or (d_px * train if d_px and train else None)
@@ -229,7 +245,9 @@ def predict(
     slide and model µm/px, their ratio ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
-    empty, so the predictions are held once: pass ``layer=key_added`` to scanpy).
+    empty, so the predictions are held once: pass ``layer=key_added`` to scanpy); on spots without a
+    table, the table only. Elements that an earlier predict added under these names are replaced;
+    an element of the user's is not (pass another ``key_added``).
     """
     model = as_model(model)
     data = maybe_copy(data, copy)
@@ -242,9 +260,10 @@ def predict(
     for sp in secs:
         check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
-            if sp.keys.get("kind") != "spatialdata":
+            if sp.keys.kind != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
-            sp, _ = _tile_section(sp, model, tile_px)
+            check_free(sp.source, shapes=[f"{key_added}_tiles"], tables=[f"{key_added}_table"])
+            sp, _ = tile_section(sp, model, tile_px)
             kind = "tiles"
         else:
             if need_image:
@@ -252,6 +271,8 @@ def predict(
             kind = "spots"
             if sp.table is not None:
                 _check_genes(sp, model, key_added)
+            else:
+                check_free(sp.source, tables=[f"{key_added}_table"])
         info = resampling(sp, model) if need_image else None
         if info and info["factor"] and abs(info["factor"] - 1) > 0.01:
             logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
@@ -268,24 +289,24 @@ def predict(
         from spatialdata.models import ShapesModel
         from spatialdata.transformations import get_transformation
 
-        sdata = sp.source
+        sdata, shapes = sp.source, {}
         if kind == "tiles":
             region = f"{key_added}_tiles"
-            transforms = get_transformation(sdata.images[sp.keys["image_key"]], get_all=True)
+            transforms = get_transformation(sdata.images[sp.keys.image_key], get_all=True)
             index = np.arange(sp.n_spots)  # integer ids: no Python string per tile (1M tiles on a slide)
-            sdata.shapes[region] = ShapesModel.parse(
+            shapes[region] = ShapesModel.parse(
                 sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=index,
                 transformations=transforms,
             )
         else:
-            region = sp.keys["shapes_key"]
+            region = sp.keys.shapes_key
             index = list(sdata.shapes[region].index)
         table = _new_table(sp, model, emb, pred, key_added, region, index)
         new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
         write_outputs(new, model, emb, pred, key_added, in_sample=False)
         _record(new, key_added, info)
-        sdata.tables[f"{key_added}_table"] = table
+        add_elements(sdata, shapes=shapes, tables={f"{key_added}_table": table}, by="sr.tl.predict")
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
     return data if copy else None
 

@@ -10,7 +10,7 @@ from .._constants import Keys
 from .._settings import logger, resolve_seed, settings
 from .._spots import InputError, as_spots
 from ..pp._patches import check_inside
-from ._predict import _tile_section, as_model, check_scale
+from ._predict import as_model, check_scale, tile_section
 
 
 def slide_ids(slides: list[Any], obs: Any) -> list[str]:
@@ -159,9 +159,9 @@ def embed_slides(
         sp = as_spots(item, image_key=image_key, need_image=True, need_table=False)[0]
         check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
-            if sp.keys.get("kind") != "spatialdata":
+            if sp.keys.kind != "spatialdata":
                 raise InputError(f"Slide {sid!r} has no spots.")
-            sp, size = _tile_section(sp, model, tile_px, log=log)
+            sp, size = tile_section(sp, model, tile_px, log=log)
         else:
             check_inside(sp)
             size = sp.diameter
