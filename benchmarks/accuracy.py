@@ -57,6 +57,7 @@ ABLATIONS = {
     "stranker+hed": ("stranker", {"hed_jitter": 0.02}),  # stain jitter in HED space (Tellez et al. 2018)
     "stranker+reinhard": ("stranker", {"stain_norm": "reinhard"}),  # per-patch Reinhard normalisation
 }
+PREDICT_OPTIONS = ("adapt",)  # options of ABLATIONS that go to predict, not fit
 STATS = ("n", "mx", "my", "sxx", "syy", "sxy", "sae", "sse")
 SMOKE = dict(epochs=1, backbone="test_resnet", patch_px=64, image_size=32)
 
@@ -202,10 +203,12 @@ def run_one(method, train, test, genes, seed, opts):
         pred = ridge_predict(xtr, ytr, feat(test), pca=256 if method == "ridge-backbone" else None)
     else:
         base, extra = ABLATIONS.get(method, (method, {}))
+        extra = dict(extra)
+        at_predict = {k: extra.pop(k) for k in PREDICT_OPTIONS if k in extra}
         model = sr.tl.fit([_light(s) for s in train], genes=genes, method=base, seed=seed, **extra, **opts)
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pred = model.predict(test)
+        pred = model.predict(test, **at_predict)
     return pred, ytr, fit_s, time.perf_counter() - t1
 
 

@@ -189,17 +189,21 @@ class Model:
 
         return adapt_norm(branch, batches())
 
-    def _each(self, data: Any, which: int, device: str | None, keys: dict[str, Any]) -> Any:
+    def _each(
+        self, data: Any, which: int, device: str | None, keys: dict[str, Any], adapt: bool = False
+    ) -> Any:
         """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""
         secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
         out = []
         for sp in secs:
             if self.config.image_features is None:
                 check_inside(sp)
-            out.append(self.infer(sp, device=device)[which])
+            out.append(self.infer(sp, device=device, adapt=adapt)[which])
         return out if isinstance(data, list | tuple) else out[0]
 
-    def predict(self, data: Any, *, device: str | None = None, **keys: Any) -> np.ndarray | list[np.ndarray]:
+    def predict(
+        self, data: Any, *, device: str | None = None, adapt: bool = False, **keys: Any
+    ) -> np.ndarray | list[np.ndarray]:
         """Predicted expression ``(n_spots, n_genes)`` on the target scale, for the spots of each section.
 
         Parameters
@@ -208,12 +212,17 @@ class Model:
             SpatialData, AnnData (squidpy layout) or a list.
         device
             Torch device; default ``sr.settings.device``.
+        adapt
+            Renew the backbone's batch-norm statistics on each section first (see
+            :func:`stranker.tl.predict`).
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
         """
-        return self._each(data, 1, device, keys)
+        return self._each(data, 1, device, keys, adapt)
 
-    def embed(self, data: Any, *, device: str | None = None, **keys: Any) -> np.ndarray | list[np.ndarray]:
+    def embed(
+        self, data: Any, *, device: str | None = None, adapt: bool = False, **keys: Any
+    ) -> np.ndarray | list[np.ndarray]:
         """Teacher image embeddings ``(n_spots, embed_dim)`` of the spots of each section.
 
         Parameters
@@ -222,10 +231,13 @@ class Model:
             SpatialData, AnnData (squidpy layout) or a list.
         device
             Torch device; default ``sr.settings.device``.
+        adapt
+            Renew the backbone's batch-norm statistics on each section first (see
+            :func:`stranker.tl.predict`).
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
         """
-        return self._each(data, 0, device, keys)
+        return self._each(data, 0, device, keys, adapt)
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
