@@ -8,11 +8,9 @@ from typing import Any
 from .._constants import Keys
 from .._docs import doc_params
 from .._key_added import check_key_added
-from .._undo import unchanged_on_failure
 from ._training import targets as targets  # where it was; the training pieces live in _training
 
 
-@unchanged_on_failure()
 @doc_params()
 def fit(
     data: Any,

@@ -59,7 +59,7 @@ class Model:
         The target is ``log1p(counts / total * target_sum)`` over all genes of the table (scanpy's).
     aligner, meta, bank
         The parts of a trained model (as :meth:`load` assembles it): network, run record
-        (:class:`~stranker.tl._record.RunRecord` or its dict), reference bank (``keys``, ``values``).
+        (a ``RunRecord`` or its dict), reference bank (``keys``, ``values``).
 
     Attributes
     ----------
@@ -68,7 +68,8 @@ class Model:
     genes
         Modelled genes, in the order of the predicted columns (empty until trained when chosen on data).
     meta
-        Its :class:`~stranker.tl._record.RunRecord`: what it was trained on and how.
+        Its run record (``RunRecord``): what it was trained on and how, by attribute
+        (``model.meta.device``).
     history
         Per-epoch values of every loss term.
     is_trained
@@ -80,11 +81,11 @@ class Model:
         target_sum: float = 1e4, aligner: Any = None, meta: RunRecord | Mapping[str, Any] | None = None,
         bank: Mapping[str, Any] | None = None,
     ):
-        if config is None:
-            from ..model import make_config
+        from ..model import Config, make_config
 
+        if config is None:
             config = make_config()
-        if type(config).__name__ != "Config" or not hasattr(config, "to_dict"):
+        if not isinstance(config, Config):
             raise InputError(
                 "`config` must be a stranker.model.Config (sr.model.make_config(...)), "
                 f"got {type(config).__name__}."
@@ -177,7 +178,7 @@ class Model:
             ``False`` reads every training patch into memory first, ``True`` streams them;
             ``None`` streams when they would exceed ``sr.settings.max_patch_memory`` bytes.
         key_added
-            Also write the in-sample results (``obsm['X_{{key_added}}']``, ``layers[key_added]``,
+            Also write the in-sample results (``obsm['X_{key_added}']``, ``layers[key_added]``,
             ``uns[key_added]``) into the training tables, as :func:`stranker.tl.fit` does;
             ``None`` (default) writes nothing but the pseudo-spots of ``aggregate``.
         {doc_elements}
