@@ -11,7 +11,6 @@ import numpy as np
 
 from .._atomic import move_into_place
 from .._docs import doc_params
-from .._key_added import check_key_added
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from .._undo import unchanged_on_failure
@@ -20,14 +19,11 @@ from ..pp._patches import PatchGeometry, PatchReader, check_inside
 from ._record import RunRecord
 from ._training import (
     TrainingInputs,
-    backbone_defaults,
-    bins_to_patches,
-    check_distinct,
-    check_spots,
     choose_genes,
     chosen_fields,
     feature_record,
     reference_bank,
+    training_sections,
 )
 
 _FILE = "model.pt"
@@ -216,22 +212,11 @@ class Model:
             spec = resolve(cfg.backbone, settings.allow_download)
             find_weights(spec, cfg.weights, cfg.pretrained, settings.allow_download)
         dev = distributed.setup(resolve_device(device or settings.device))
-        secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-                        library_id=library_id, library_key=library_key, bin_size=bin_size,
-                        need_image=cfg.image_features is None)
-        mpps = [sp.microns_per_pixel for sp in secs]
-        geometry = None
-        if cfg.image_features is None:
-            chosen = chosen_fields(cfg) if self._chosen is None else self._chosen
-            cfg = backbone_defaults(cfg, chosen, mpps)
-            # how wide the patches are, on these sections and on any other the model reads later
-            geometry = PatchGeometry.of(secs, cfg.patch_px, cfg.patch_um, cfg.image_size)
-        if key_added is not None:
-            check_key_added(secs, key_added)
-        check_distinct(secs)
-        if aggregate and geometry is not None:  # removed again if training fails (@unchanged_on_failure)
-            secs, _ = bins_to_patches(secs, geometry)
-        check_spots(secs)
+        secs, cfg, geometry = training_sections(
+            data, cfg, chosen_fields(cfg) if self._chosen is None else self._chosen, key_added=key_added,
+            aggregate=aggregate, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+            library_id=library_id, library_key=library_key, bin_size=bin_size,
+        )
         genes = choose_genes(secs, self._genes, layer, self._n_top_genes)
         inputs = TrainingInputs.of(secs, genes, cfg, geometry, layer=layer, target_sum=self._target_sum,
                                    stream=stream)
@@ -255,6 +240,7 @@ class Model:
                         identity={"genes": list(genes)}, num_workers=settings.num_workers)
         train_s = time.perf_counter() - t_train
         bank = reference_bank(aligner, inputs, dev)
+        mpps = [sp.microns_per_pixel for sp in secs]
         mpp = mpps[0] if all(m is not None for m in mpps) else None  # as PatchGeometry.of records it
         record = RunRecord(
             genes_source=self._genes if isinstance(self._genes, str) or self._genes is None else "list",

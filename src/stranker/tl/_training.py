@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import Keys
+from .._key_added import check_key_added
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
 from ..pp._genes import choose, log_expression, resolve_genes
@@ -56,6 +57,31 @@ def backbone_defaults(cfg: Any, chosen: Collection[str], mpps: list[float | None
     if size != spec.input_px and spec.arch.startswith("vit") and not spec.kwargs.get("dynamic_img_size"):
         raise InputError(f"{spec.name!r} takes {spec.input_px} px images only; got `image_size={size}`.")
     return replace(cfg, **changes)
+
+
+def training_sections(
+    data: Any, cfg: Any, chosen: Collection[str], *, key_added: str | None, aggregate: bool, **keys: Any
+) -> tuple[list[Spots], Any, PatchGeometry | None]:
+    """Return the checked training sections of ``data``, the configuration and the patch geometry.
+
+    A named backbone's defaults apply to the fields not in ``chosen``; Visium HD bins are summed
+    into pseudo-spots as wide as the patch when ``aggregate`` (the tables are added to the data,
+    and removed again if training fails: :meth:`stranker.Model.train` is undone on failure).
+    ``keys`` are those of :func:`stranker._spots.as_spots`.
+    """
+    secs = as_spots(data, **keys, need_image=cfg.image_features is None)
+    geometry = None
+    if cfg.image_features is None:
+        cfg = backbone_defaults(cfg, chosen, [sp.microns_per_pixel for sp in secs])
+        # how wide the patches are, on these sections and on any other the model reads later
+        geometry = PatchGeometry.of(secs, cfg.patch_px, cfg.patch_um, cfg.image_size)
+    if key_added is not None:
+        check_key_added(secs, key_added)
+    check_distinct(secs)
+    if aggregate and geometry is not None:
+        secs, _ = bins_to_patches(secs, geometry)
+    check_spots(secs)
+    return secs, cfg, geometry
 
 
 def check_distinct(secs: list[Spots]) -> None:
