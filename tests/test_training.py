@@ -138,3 +138,22 @@ def test_a_fit_on_features_records_the_sections_resolution(synthetic_small):
         t.obsm["feat"] = rng.normal(size=(t.n_obs, 6)).astype(np.float32)
     model = sr.tl.fit(secs, image_features="feat", epochs=1, genes="heg", n_top_genes=5, seed=0)
     assert model.meta.microns_per_pixel == pytest.approx(3.125)
+
+
+def test_a_train_that_fails_writing_leaves_model_and_data_as_they_were(synthetic_small, monkeypatch):
+    from stranker.tl import _model
+
+    secs = _copies(synthetic_small[:2])
+    model = sr.Model(make_config("stranker", **NET), "heg", n_top_genes=8)
+
+    def full_disk(sp, *args, **kwargs):
+        if sp.name == "S1":  # after S0 was written
+            raise OSError(28, "No space left on device")
+        return real(sp, *args, **kwargs)
+
+    real = _model.write_outputs
+    monkeypatch.setattr(_model, "write_outputs", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        model.train(secs, seed=0, key_added="stranker")
+    assert not model.is_trained and model.aligner is None and model.genes == [] and model.bank == {}
+    assert all(layer is None for layer in _layers(secs)) and "stranker" not in secs[0].tables["table"].uns

@@ -257,14 +257,20 @@ class Model:
             feature_dim=inputs.feature_dim, features=features or None, torch=torch.__version__,
             train_seconds=train_s, streamed=inputs.data.streamed, world_size=distributed.world_size(),
         )
+        before = dict(vars(self))
         self.aligner, self.config, self.genes, self.meta, self.bank = aligner, cfg, list(genes), record, bank
         self.is_trained = True
         if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
             return self
-        if key_added is not None:
-            self._write_in_sample(inputs, key_added, dev, t_start)
-        else:
-            record.fit_seconds = time.perf_counter() - t_start
+        try:
+            if key_added is not None:
+                self._write_in_sample(inputs, key_added, dev, t_start)
+            else:
+                record.fit_seconds = time.perf_counter() - t_start
+        except BaseException:  # the model is untrained again, as the data is unchanged
+            vars(self).clear()
+            vars(self).update(before)
+            raise
         return self
 
     def _write_in_sample(self, inputs: TrainingInputs, key_added: str, device: Any, t_start: float) -> None:
