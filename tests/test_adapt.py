@@ -7,7 +7,7 @@ import torch
 import stranker as sr
 from stranker.model.adapt import adapt_norm, has_batchnorm
 from stranker.model.augment import augment, degrade
-from stranker.tl._fit import standardise
+from stranker.tl._training import standardise
 
 TINY = dict(backbone="test_resnet", pretrained=False, epochs=1, patch_px=64, image_size=32)
 

@@ -41,7 +41,7 @@ def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
     assert model.geometry == want
     assert {k: model.meta[k] for k in ("patch_px", "patch_um", "microns_per_pixel")} == want.to_meta()
     for sp in as_spots(secs):  # the same tissue width on each section, at its own resolution
-        assert model._reader(sp).size == pytest.approx(150.0 / sp.microns_per_pixel)
+        assert model.patch_reader(sp).size == pytest.approx(150.0 / sp.microns_per_pixel)
     model.save(tmp_path / "m")
     assert Model.load(tmp_path / "m").geometry == want
     # a model.json written before the record had microns_per_pixel reads the same widths
@@ -56,7 +56,7 @@ def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
     old = Model.load(tmp_path / "m")
     assert old.geometry.mpp is None and old.geometry.size_um == 150.0
     sps = as_spots(secs)
-    assert [old._reader(sp).size for sp in sps] == [model._reader(sp).size for sp in sps]
+    assert [old.patch_reader(sp).size for sp in sps] == [model.patch_reader(sp).size for sp in sps]
 
 
 def test_section_of_unknown_resolution_is_read_at_the_training_width_with_a_warning(um_fit, stranker_log):
@@ -68,7 +68,7 @@ def test_section_of_unknown_resolution_is_read_at_the_training_width_with_a_warn
     sp = as_spots(bare)[0]
     assert sp.microns_per_pixel is None
     # 150 µm at the first training section's 3.125 µm/px (was: the configured patch_px, 64 px)
-    assert model._reader(sp).size == pytest.approx(150.0 / MPP)
+    assert model.patch_reader(sp).size == pytest.approx(150.0 / MPP)
     assert "no known resolution" in stranker_log.text and "uns['microns_per_pixel']" in stranker_log.text
 
 

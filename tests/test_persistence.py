@@ -195,7 +195,7 @@ def _model(genes=("A", "B", "C"), seed=0):
     meta = {"target_mean": np.zeros(len(genes), np.float32), "target_std": np.ones(len(genes), np.float32),
             "patch_px": 64.0}
     bank = {"keys": np.zeros((2, 8), np.float32), "values": np.zeros((2, len(genes)), np.float32)}
-    return sr.Model(al, cfg, list(genes), meta, bank)
+    return sr.Model(cfg, list(genes), aligner=al, meta=meta, bank=bank)
 
 
 def _weights(model):

@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
     png = out / "stranker_demo_gene_map.png"
     demo_figure(test, shown, png)
     print(f"  gene map of the two most variable genes ({', '.join(shown)}), measured beside predicted: {png}")
-    print(f"  done in {time.perf_counter() - t0:.0f} s on {model.meta['device']}")
+    print(f"  done in {time.perf_counter() - t0:.0f} s on {model.meta.device}")
     return 0
 
 

@@ -137,11 +137,11 @@ def write_outputs(
             k: [h.get(k, np.nan) for h in model.history]
             for k in (model.history[0] if model.history else {})
         },
-        "target": model.meta["target"],
-        "weights_source": model.meta["weights_source"],
-        "device": model.meta["device"],
-        "train_sections": model.meta["sections"],
-        "fit_seconds": model.meta.get("fit_seconds"),
+        "target": model.meta.target,
+        "weights_source": model.meta.weights_source,
+        "device": model.meta.device,
+        "train_sections": model.meta.sections,
+        "fit_seconds": model.meta.fit_seconds,
         "in_sample": in_sample,
         "layer_format": layer_format,
     }

@@ -102,7 +102,7 @@ def embed_patches(
                 "This model was trained on precomputed features; it has no image backbone to embed with."
             )
         net, name = branch.backbone, model.config.backbone
-        source = f"model:{model.meta.get('weights_source')}"
+        source = f"model:{model.meta.weights_source}"
         mean, std = branch.pix_mean.cpu(), branch.pix_std.cpu()
         scale_list, image_size = list(model.config.scales), model.config.image_size
     elif isinstance(backbone, str):
@@ -141,7 +141,7 @@ def embed_patches(
     readers = []
     for sp in secs:
         check_inside(sp)
-        readers.append(model._reader(sp) if model is not None
+        readers.append(model.patch_reader(sp) if model is not None
                        else PatchReader(sp, patch_size_px(sp, size, size_um, 224), scale_list, image_size))
     was_training = net.training
     param = next(iter(net.parameters()), None)

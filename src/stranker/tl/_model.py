@@ -3,29 +3,69 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._atomic import move_into_place
+from .._docs import doc_params
 from .._settings import logger, settings
 from .._spots import InputError, Spots, as_spots
+from .._undo import unchanged_on_failure
+from .._write import write_outputs
 from ..pp._patches import PatchGeometry, PatchReader, check_inside
+from ._record import RunRecord
+from ._training import (
+    TrainingInputs,
+    choose_genes,
+    chosen_fields,
+    feature_record,
+    reference_bank,
+    training_sections,
+)
 
 _FILE = "model.pt"
 _META = "model.json"
 
 
 class Model:
-    """A fitted stranker model (returned by :func:`stranker.tl.fit`).
+    """An image-gene model: built from a configuration, trained on sections, then predicts.
+
+    ``sr.tl.fit`` makes one, trains it and writes its in-sample results; the object does the same
+    in steps::
+
+        model = sr.Model(sr.model.make_config("stranker", epochs=3), genes="hvg")
+        model.train(sdata)  # or a list of sections
+        model.predict(other)
+
+    Parameters
+    ----------
+    config
+        A :class:`stranker.model.Config` (:func:`stranker.model.make_config`); default: the
+        ``'stranker'`` preset. A named ``backbone`` sets ``image_size`` and ``patch_um`` where the
+        configuration keeps the preset's values.
+    genes
+        Genes to model: a list; ``'hvg'`` / ``'heg'`` (``n_top_genes`` chosen on the training
+        sections); ``None`` uses ``var['stranker_selected']`` when every table has it, else ``'hvg'``.
+    n_top_genes
+        Genes chosen when ``genes`` is ``'hvg'`` / ``'heg'``.
+    target_sum
+        The target is ``log1p(counts / total * target_sum)`` over all genes of the table (scanpy's).
+    aligner, meta, bank
+        The parts of a trained model (as :meth:`load` assembles it): network, run record
+        (a ``RunRecord`` or its dict), reference bank (``keys``, ``values``).
 
     Attributes
     ----------
     config
         The :class:`stranker.model.Config` it was trained with.
     genes
-        Modelled genes, in the order of the predicted columns.
+        Modelled genes, in the order of the predicted columns (empty until trained when chosen on data).
+    meta
+        Its run record (``RunRecord``): what it was trained on and how, by attribute
+        (``model.meta.device``).
     history
         Per-epoch values of every loss term.
     is_trained
@@ -33,24 +73,224 @@ class Model:
     """
 
     def __init__(
-        self, aligner: Any, config: Any, genes: list[str], meta: dict[str, Any], bank: dict[str, Any]
+        self, config: Any = None, genes: Sequence[str] | str | None = None, *, n_top_genes: int = 1000,
+        target_sum: float = 1e4, aligner: Any = None, meta: RunRecord | Mapping[str, Any] | None = None,
+        bank: Mapping[str, Any] | None = None,
     ):
-        self.aligner = aligner
+        from ..model import Config, make_config
+
+        if config is None:
+            config = make_config()
+        if not isinstance(config, Config):
+            raise InputError(
+                "`config` must be a stranker.model.Config (sr.model.make_config(...)), "
+                f"got {type(config).__name__}."
+            )
+        if aligner is not None and (genes is None or isinstance(genes, str)):
+            raise InputError("A trained model (`aligner=`) needs its list of `genes`.")
         self.config = config
-        self.genes = list(genes)
-        self.meta = meta
-        self.bank = bank  # keys: gene embeddings, values: log-scale expression, image: teacher embeddings
-        self.history: list[dict[str, float]] = meta.get("history", [])
-        self.is_trained = True
+        self.aligner = aligner
+        self.genes = [] if genes is None or isinstance(genes, str) else list(genes)
+        self._genes = genes if genes is None or isinstance(genes, str) else list(genes)  # as asked
+        self._n_top_genes = n_top_genes
+        self._target_sum = target_sum
+        self.meta = RunRecord() if meta is None else meta
+        self.bank = dict(bank or {})  # keys: gene embeddings, values: log-scale expression
+        self.is_trained = aligner is not None
+        self._chosen: frozenset[str] | None = None  # config fields the user set (sr.tl.fit knows them)
+
+    @property
+    def meta(self) -> RunRecord:
+        """The run record: what the model was trained on and how (saved in ``model.json``)."""
+        return self._meta
+
+    @meta.setter
+    def meta(self, value: RunRecord | Mapping[str, Any]) -> None:
+        self._meta = value if isinstance(value, RunRecord) else RunRecord.from_dict(value)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Per-epoch values of every loss term."""
+        return self.meta.history
 
     def __repr__(self) -> str:
         c = self.config
+        if not self.is_trained:
+            asked = self._genes if isinstance(self._genes, str) or self._genes is None else len(self.genes)
+            return (f"stranker.Model(method={c.method!r}, backbone={c.backbone!r}, genes={asked!r}, "
+                    "not trained)")
         return (
             f"stranker.Model(method={c.method!r}, backbone={c.backbone!r}, "
-            f"weights={self.meta.get('weights_source', '?')!r}, genes={len(self.genes)}, "
-            f"scales={list(c.scales)}, trained on {self.meta.get('n_spots', '?')} spots of "
-            f"{len(self.meta.get('sections', []))} section(s))"
+            f"weights={self.meta.weights_source or '?'!r}, genes={len(self.genes)}, "
+            f"scales={list(c.scales)}, trained on {self.meta.n_spots or '?'} spots of "
+            f"{len(self.meta.sections)} section(s))"
         )
+
+    def _check_trained(self) -> None:
+        if not self.is_trained:
+            raise InputError("This model is not trained yet: call `model.train(data)` first.")
+
+    # ---------------------------------------------------------------- training
+    @unchanged_on_failure()
+    @doc_params()
+    def train(
+        self,
+        data: Any,
+        *,
+        layer: str | None = None,
+        device: str | None = None,
+        seed: int | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
+        stream: bool | None = None,
+        key_added: str | None = None,
+        image_key: str | None = None,
+        shapes_key: str | None = None,
+        table_key: str | None = None,
+        library_id: str | None = None,
+        library_key: str | None = None,
+        bin_size: int | None = None,
+        aggregate: bool = True,
+    ) -> Model:
+        """Train on one or more sections (what :func:`stranker.tl.fit` does; see it for details).
+
+        Parameters
+        ----------
+        data
+            One section or a list (SpatialData with image, circle spots and table, or AnnData in
+            squidpy layout). Raw counts in ``X`` or ``layers[layer]``.
+        layer
+            Layer of raw counts; ``None`` uses ``X``.
+        device
+            ``'auto'``, ``'cpu'``, ``'cuda'``; default ``sr.settings.device``.
+        seed
+            Random seed (default ``sr.settings.seed``); the same seed on the same device gives the
+            same model, and the same as ``sr.tl.fit`` with that seed.
+        checkpoint_dir, checkpoint_every, resume
+            Save the full training state every ``checkpoint_every`` epochs; ``resume=True``
+            continues an interrupted training from the last checkpoint to the same result.
+        stream
+            ``False`` reads every training patch into memory first, ``True`` streams them;
+            ``None`` streams when they would exceed ``sr.settings.max_patch_memory`` bytes.
+        key_added
+            Also write the in-sample results (``obsm['X_{key_added}']``, ``layers[key_added]``,
+            ``uns[key_added]``) into the training tables, as :func:`stranker.tl.fit` does;
+            ``None`` (default) writes nothing but the pseudo-spots of ``aggregate``.
+        {doc_elements}
+        {doc_library_key}
+        {doc_bin_size}
+        aggregate
+            Visium HD: train on the bins summed into pseudo-spots as wide as the patch
+            (:func:`stranker.io.aggregate_bins`); ``False`` trains on every bin.
+
+        Returns
+        -------
+        The model itself, trained. A model trains once: to train again, make a new one
+        (``sr.Model(model.config, model.genes)``).
+        """
+        import time
+
+        import torch
+
+        from ..model import Aligner
+        from ..train import checkpoint, distributed, resolve_device, train
+        from ..train.loop import kept_rng
+
+        if self.is_trained:
+            raise InputError(
+                "This model is trained already; `train` starts from the configuration, not from its "
+                "weights. To train again, make a new model: `sr.Model(model.config, model.genes)`."
+            )
+        t_start = time.perf_counter()
+        seed = settings.seed if seed is None else int(seed)
+        cfg = self.config
+        checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)  # before reading any data
+        if cfg.image_features is None:  # an unknown backbone or missing weights fail before any work
+            from ..model.backbones import find_weights, resolve
+
+            spec = resolve(cfg.backbone, settings.allow_download)
+            find_weights(spec, cfg.weights, cfg.pretrained, settings.allow_download)
+        dev = distributed.setup(resolve_device(device or settings.device))
+        secs, cfg, geometry = training_sections(
+            data, cfg, chosen_fields(cfg) if self._chosen is None else self._chosen, key_added=key_added,
+            aggregate=aggregate, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+            library_id=library_id, library_key=library_key, bin_size=bin_size,
+        )
+        genes = choose_genes(secs, self._genes, layer, self._n_top_genes)
+        inputs = TrainingInputs.of(secs, genes, cfg, geometry, layer=layer, target_sum=self._target_sum,
+                                   stream=stream)
+        with kept_rng(dev):  # the caller's global random state is theirs again after training
+            torch.manual_seed(seed)
+            aligner = Aligner(cfg, len(genes), feature_dim=inputs.feature_dim,
+                              download=settings.allow_download)
+        features = feature_record(secs, cfg.image_features)
+        source = features.get("weights_source") if cfg.image_features is not None else aligner.weights_source
+        if aligner.student.frozen:
+            logger.info(f"The backbone {cfg.backbone!r} is frozen: stranker trains its heads on it "
+                        "(freeze=False fine-tunes it, freeze='last:N' its last N blocks).")
+        if source == "random":
+            logger.warning(
+                f"Training on a randomly initialised backbone ({features.get('backbone', cfg.backbone)!r}, "
+                "asked with pretrained=False): expect much lower accuracy than with pretrained weights."
+            )
+        t_train = time.perf_counter()
+        history = train(aligner, inputs.data, device=dev, seed=seed, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, resume=resume, progress=settings.show_progress(),
+                        identity={"genes": list(genes)}, num_workers=settings.num_workers)
+        train_s = time.perf_counter() - t_train
+        bank = reference_bank(aligner, inputs, dev)
+        mpps = [sp.microns_per_pixel for sp in secs]
+        mpp = mpps[0] if all(m is not None for m in mpps) else None  # as PatchGeometry.of records it
+        record = RunRecord(
+            genes_source=self._genes if isinstance(self._genes, str) or self._genes is None else "list",
+            target=f"log1p(counts / total * {self._target_sum:g}) over all genes of the table",
+            target_sum=self._target_sum, layer=layer, target_mean=inputs.mean.astype(np.float32),
+            target_std=inputs.std.astype(np.float32), history=history, sections=[sp.name for sp in secs],
+            n_spots=inputs.n_spots,
+            **(geometry.to_meta() if geometry else
+               {"patch_um": None, "patch_px": float(cfg.patch_px), "microns_per_pixel": mpp}),
+            spot_diameter_px=float(np.median([sp.diameter for sp in secs])),
+            spot_diameter_um=float(np.median([sp.diameter * sp.microns_per_pixel for sp in secs]))
+            if all(sp.microns_per_pixel is not None for sp in secs) else None,
+            weights_source=aligner.weights_source, device=str(dev), seed=seed,
+            feature_dim=inputs.feature_dim, features=features or None, torch=torch.__version__,
+            train_seconds=train_s, streamed=inputs.data.streamed, world_size=distributed.world_size(),
+        )
+        before = dict(vars(self))
+        self.aligner, self.config, self.genes, self.meta, self.bank = aligner, cfg, list(genes), record, bank
+        self.is_trained = True
+        if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
+            return self
+        try:
+            if key_added is not None:
+                self._write_in_sample(inputs, key_added, dev, t_start)
+            else:
+                record.fit_seconds = time.perf_counter() - t_start
+        except BaseException:  # the model is untrained again, as the data is unchanged
+            vars(self).clear()
+            vars(self).update(before)
+            raise
+        return self
+
+    def _write_in_sample(self, inputs: TrainingInputs, key_added: str, device: Any, t_start: float) -> None:
+        """Embeddings and predictions of the training spots, into their tables under ``key_added``.
+
+        Computed for every section before anything is written, from the patches (or features)
+        already in memory; streamed patches are read again.
+        """
+        import time
+
+        results = []
+        for s, sp in enumerate(inputs.sections):
+            held = inputs.held(s)
+            if self.config.image_features is not None:
+                results.append(self.infer(sp, device=str(device), features=held))
+            else:
+                results.append(self.infer(sp, device=str(device), patches=held))
+        self.meta.fit_seconds = time.perf_counter() - t_start
+        for sp, (emb, pred) in zip(inputs.sections, results, strict=True):
+            write_outputs(sp, self, emb, pred, key_added, in_sample=True)
 
     # ---------------------------------------------------------------- inference
     def _device(self, device: str | None):
@@ -61,9 +301,12 @@ class Model:
     @property
     def geometry(self) -> PatchGeometry:
         """How wide its patches are, as recorded by the fit (saved in ``meta``)."""
-        return PatchGeometry.from_meta(self.meta, self.config)
+        m = self.meta
+        recorded = {"patch_px": m.patch_px, "patch_um": m.patch_um, "microns_per_pixel": m.microns_per_pixel}
+        return PatchGeometry.from_meta(recorded, self.config)
 
-    def _reader(self, sp: Spots) -> PatchReader:
+    def patch_reader(self, sp: Spots) -> PatchReader:
+        """Return the reader of ``sp``'s patches as this model sees them (scales, input size, width)."""
         c = self.config
         return PatchReader(sp, self.geometry.size_on(sp), c.scales, c.image_size)
 
@@ -72,6 +315,7 @@ class Model:
 
         The weights visit the device for the call and are put back where (and in the mode) they were.
         """
+        self._check_trained()
         param = next(self.aligner.parameters(), None)
         home = param.device if param is not None else None
         modes = [(m, m.training) for m in self.aligner.modules()]
@@ -109,7 +353,7 @@ class Model:
                         f"missing from section {sp.name!r}."
                     )
                 features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
-            dim = self.meta.get("feature_dim")
+            dim = self.meta.feature_dim
             if np.ndim(features) != 2 or (dim is not None and features.shape[1] != dim):
                 raise InputError(
                     f"`obsm[{c.image_features!r}]` of section {sp.name!r} has shape {np.shape(features)}; "
@@ -123,13 +367,13 @@ class Model:
         elif patches is not None:
             n = len(patches)
         else:
-            reader = self._reader(sp)
+            reader = self.patch_reader(sp)
             n = sp.n_spots if centers is None else len(centers)
         # outputs are filled batch by batch: working memory is one batch, whatever the number of spots
         emb_out = np.empty((n, c.embed_dim), dtype=np.float32)
         pred_out = np.empty((n, len(self.genes)), dtype=np.float32)
-        mean = torch.as_tensor(self.meta["target_mean"], device=dev)
-        std = torch.as_tensor(self.meta["target_std"], device=dev)
+        mean = torch.as_tensor(self.meta.target_mean, device=dev)
+        std = torch.as_tensor(self.meta.target_std, device=dev)
         if c.predict != "head":
             keys = torch.as_tensor(self.bank["keys"], device=dev)
             values = torch.as_tensor(self.bank["values"], device=dev)
@@ -193,6 +437,7 @@ class Model:
         self, data: Any, which: int, device: str | None, keys: dict[str, Any], adapt: bool = False
     ) -> Any:
         """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""
+        self._check_trained()
         secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
         out = []
         for sp in secs:
@@ -266,7 +511,8 @@ class Model:
 
         path = Path(path).resolve()  # a link to a model folder: the folder it points to is replaced
         check_target(path, overwrite)
-        meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.meta.items()}
+        self._check_trained()
+        meta = self.meta.to_dict()
         text = json.dumps({"config": self.config.to_dict(), "genes": self.genes, "meta": meta}).encode()
         made = [p for p in path.parents if not p.exists()]  # folders this creates, deepest first
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +522,7 @@ class Model:
             torch.save(
                 {"state_dict": self.aligner.state_dict(),
                  "bank": {k: torch.as_tensor(v) for k, v in self.bank.items()},
-                 "feature_dim": self.meta.get("feature_dim"),
+                 "feature_dim": self.meta.feature_dim,
                  "meta_sha256": hashlib.sha256(text).hexdigest()},
                 tmp / _FILE,
             )
@@ -344,11 +590,8 @@ class Model:
         al = Aligner(cfg, len(info["genes"]), feature_dim=blob.get("feature_dim"))
         al.load_state_dict(blob["state_dict"])
         al.eval()
-        meta = info["meta"]
-        for k in ("target_mean", "target_std"):
-            meta[k] = np.asarray(meta[k], dtype=np.float32)
         bank = {k: v.cpu().numpy() for k, v in blob["bank"].items()}
-        return cls(al, cfg, info["genes"], meta, bank)
+        return cls(cfg, info["genes"], aligner=al, meta=RunRecord.from_dict(info["meta"]), bank=bank)
 
 
 def check_target(path: str | Path, overwrite: bool) -> None:

@@ -66,12 +66,12 @@ def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarra
 def model_mpp(model: Any) -> float | None:
     """Microns per (level-0) pixel of the sections the model was trained on, when known."""
     meta = model.meta
-    if meta.get("microns_per_pixel"):
-        return float(meta["microns_per_pixel"])
-    if meta.get("patch_um") and model.config.patch_um is None and meta.get("patch_px"):
-        return float(meta["patch_um"]) / float(meta["patch_px"])  # patches were patch_px wide on section 1
-    if meta.get("spot_diameter_um") and meta.get("spot_diameter_px"):
-        return float(meta["spot_diameter_um"]) / float(meta["spot_diameter_px"])
+    if meta.microns_per_pixel:
+        return float(meta.microns_per_pixel)
+    if meta.patch_um and model.config.patch_um is None and meta.patch_px:
+        return float(meta.patch_um) / float(meta.patch_px)  # patches were patch_px wide on section 1
+    if meta.spot_diameter_um and meta.spot_diameter_px:
+        return float(meta.spot_diameter_um) / float(meta.spot_diameter_px)
     return None
 
 
@@ -100,14 +100,14 @@ def check_scale(sp: Spots, model: Any, tile_px: float | None) -> None:
             f"Cannot size the tiles: {what}. Pass `tile_px=` (the training spot size in this image's "
             f"pixels), or {fix}."
         )
-    patch = model.meta.get("patch_px", model.config.patch_px)
+    patch = model.meta.patch_px or model.config.patch_px
     logger.warning(f"{what[0].upper()}{what[1:]}: patches are read {float(patch):.0f} px wide as if both had "
                    f"the same resolution. To be sure, {fix}.")
 
 
 def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     """How the patches of a section are read for ``model``: pyramid level and scale factor (for ``uns``)."""
-    reader = model._reader(sp)
+    reader = model.patch_reader(sp)
     side0 = reader.size * max(reader.scales)
     level = sp.image.level_for(side0 / reader.out_px)
     train = model_mpp(model)
@@ -144,8 +144,8 @@ def tile_section(
     The section with one spot per tile (no table; ``keys`` of ``sp``), and the tile side in pixels.
     """
     if tile_px is None:
-        d_px, train, mpp = model.meta.get("spot_diameter_px"), model_mpp(model), sp.microns_per_pixel
-        d_um = model.meta.get("spot_diameter_um") or (d_px * train if d_px and train else None)
+        d_px, train, mpp = model.meta.spot_diameter_px, model_mpp(model), sp.microns_per_pixel
+        d_um = model.meta.spot_diameter_um or (d_px * train if d_px and train else None)
         tile_px = d_um / mpp if d_um and mpp else d_px  # pixels only when neither knows (check_scale)
     if not tile_px or not np.isfinite(tile_px) or tile_px <= 0:
         raise InputError("Cannot tell the tile size for this slide: pass `tile_px=` (pixels of its image).")
