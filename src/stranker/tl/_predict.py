@@ -123,6 +123,24 @@ def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     }
 
 
+def check_detail(sp: Spots, model: Any, info: dict[str, Any]) -> float:
+    """Warn when a section's patches are upsampled beyond the coarsest the model was trained on.
+
+    Returns the upsampling: the backbone's input side over the section's pixels per patch side.
+    """
+    c = model.config
+    up = c.image_size / info["patch_px"]  # full-resolution pixels per patch side
+    trained = max(1.0, c.image_size / model.geometry.size_px) * max(1.0, float(c.resolution_jitter))
+    if up > trained * 1.1:
+        logger.warning(
+            f"Section {sp.name!r} has {info['patch_px']:.0f} px per patch for the model's "
+            f"{model.config.image_size} px input: upsampled {up:.2g}x, coarser than any patch the model was "
+            f"trained on (resolution_jitter={model.config.resolution_jitter:g}). Expect lower accuracy; a "
+            f"model fitted with resolution_jitter >= {up:.2g} reads it as it reads its training slides."
+        )
+    return up
+
+
 def tile_section(
     sp: Spots, model: Any, tile_px: float | None, log: Any = logger.info
 ) -> tuple[Spots, float]:
@@ -278,6 +296,8 @@ def predict(
             logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
                         f"{info['model_microns_per_pixel']:.4g}: patches resampled x{1 / info['factor']:.3g} "
                         f"from pyramid level {info['level']}.")
+        if info:
+            check_detail(sp, model, info)
         plans.append((kind, sp, info, *model.infer(sp, device=device, adapt=adapt)))
     # everything computed: write
     for kind, sp, info, emb, pred in plans:
