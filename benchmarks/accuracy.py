@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import stranker as sr
-from stranker._spots import as_spots
+from stranker._section import as_sections
 from stranker.pp._genes import lognorm
 
 HERE = Path(__file__).resolve().parent
@@ -74,7 +74,7 @@ def genes_785() -> list[str]:
 
 def truth(sdata, genes):
     """The target of ``sr.tl.fit``'s default: log1p of counts per 1e4 over all genes of the table."""
-    sp = as_spots(sdata, need_image=False)[0]
+    sp = as_sections(sdata, need_image=False)[0]
     return lognorm(sp.expression(), cols=sp.gene_columns(genes))
 
 
@@ -190,7 +190,7 @@ def run_one(method, train, test, genes, seed, opts):
     if method == "mean":
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pred = np.repeat(ytr.mean(0, keepdims=True), as_spots(test, need_image=False)[0].n_spots, 0)
+        pred = np.repeat(ytr.mean(0, keepdims=True), as_sections(test, need_image=False)[0].n_spots, 0)
     elif method in ("ridge-stain", "ridge-backbone"):
         if method == "ridge-stain":
             feat = lambda s: stain_matrix(s, size, out_px)  # noqa: E731

@@ -6,7 +6,7 @@ import pytest
 from shapely.geometry import Point
 
 import stranker as sr
-from stranker._spots import InputError
+from stranker._section import InputError
 
 from .conftest import make_sdata
 

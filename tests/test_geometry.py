@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import as_spots
+from stranker._section import as_sections
 from stranker.pp._patches import PatchGeometry, PatchReader
 from stranker.tl._model import Model
 
@@ -40,7 +40,7 @@ def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
     want = PatchGeometry(size_px=150.0 / MPP, size_um=150.0, mpp=MPP, image_size=32)
     assert model.geometry == want
     assert {k: model.meta[k] for k in ("patch_px", "patch_um", "microns_per_pixel")} == want.to_meta()
-    for sp in as_spots(secs):  # the same tissue width on each section, at its own resolution
+    for sp in as_sections(secs):  # the same tissue width on each section, at its own resolution
         assert model.patch_reader(sp).size == pytest.approx(150.0 / sp.microns_per_pixel)
     model.save(tmp_path / "m")
     assert Model.load(tmp_path / "m").geometry == want
@@ -55,7 +55,7 @@ def test_fit_records_one_geometry_that_predict_reads_with(um_fit, tmp_path):
     torch.save(blob, tmp_path / "m" / "model.pt")
     old = Model.load(tmp_path / "m")
     assert old.geometry.mpp is None and old.geometry.size_um == 150.0
-    sps = as_spots(secs)
+    sps = as_sections(secs)
     assert [old.patch_reader(sp).size for sp in sps] == [model.patch_reader(sp).size for sp in sps]
 
 
@@ -65,7 +65,7 @@ def test_section_of_unknown_resolution_is_read_at_the_training_width_with_a_warn
     model, secs, _ = um_fit
     bare = deepcopy(secs[0])
     del bare.tables["table"].uns["microns_per_pixel"]
-    sp = as_spots(bare)[0]
+    sp = as_sections(bare)[0]
     assert sp.microns_per_pixel is None
     # 150 µm at the first training section's 3.125 µm/px (was: the configured patch_px, 64 px)
     assert model.patch_reader(sp).size == pytest.approx(150.0 / MPP)
@@ -77,7 +77,7 @@ def test_in_sample_outputs_come_from_the_patches_in_memory(um_fit):
 
     model, secs, reads = um_fit
     # each section's patches were read once per scale (for training), not again for the outputs
-    assert reads == [sp.n_spots for sp in as_spots(secs) for _ in model.config.scales]
+    assert reads == [sp.n_spots for sp in as_sections(secs) for _ in model.config.scales]
     again = deepcopy(secs[1])
     sr.tl.predict(model, again, key_added="again")
     t, t2 = secs[1].tables["table"], again.tables["table"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError, as_spots
+from stranker._section import InputError, as_sections
 from stranker.datasets import _her2st
 from tests.conftest import her2st_dir, needs_her2st
 
@@ -71,7 +71,7 @@ def test_c2_spot_centres_fall_on_tissue(c2, c2_raw):
     from stranker.pp._patches import PatchReader
 
     _, sel = c2_raw
-    sp = as_spots(c2)[0]
+    sp = as_sections(c2)[0]
     np.testing.assert_allclose(sp.centers, sel[["pixel_x", "pixel_y"]].to_numpy(float))
     h, w = sp.image.shape
     assert (h, w) == (9911, 9274)
@@ -104,7 +104,7 @@ def test_c2_resolution_and_radius(c2, c2_raw):
     pitch = np.mean([np.polyfit(sel["x"], sel["pixel_x"], 1)[0], np.polyfit(sel["y"], sel["pixel_y"], 1)[0]])
     np.testing.assert_allclose(mpp, 200.0 / pitch, rtol=0.02)
     np.testing.assert_allclose(c2.shapes["spots"]["radius"].to_numpy(), 50.0 / mpp, rtol=1e-9)
-    sp = as_spots(c2)[0]
+    sp = as_sections(c2)[0]
     np.testing.assert_allclose(sp.diameter, 100.0 / mpp, rtol=1e-9)
     assert sp.microns_per_pixel == pytest.approx(mpp)
     np.testing.assert_allclose(t.obsm["spatial"], sel[["pixel_x", "pixel_y"]].to_numpy(float))
@@ -366,7 +366,7 @@ def test_a1_loads_in_the_png_frame_at_its_own_resolution():
     mpp = t.uns["microns_per_pixel"]
     np.testing.assert_allclose(mpp, 200.0 / np.median(gaps), rtol=0.01)
     assert 3.0 < mpp < 3.4  # against about 0.69 on C2-C5
-    sp = as_spots(a1)[0]
+    sp = as_sections(a1)[0]
     assert sp.microns_per_pixel == pytest.approx(mpp)
     np.testing.assert_allclose(sp.diameter, 100.0 / mpp, rtol=1e-9)
     # every spot lands on tissue, not on the blacked-out background
@@ -384,7 +384,7 @@ def test_a1_patches_cover_the_same_tissue_width_as_c2():
     model = sr.tl.fit(c2, genes=list(c2.tables["table"].var_names[:8]), epochs=1, backbone="test_resnet",
                       image_size=32, pretrained=False, w_clip=0.0, w_rank=0.0, w_distill=0.0, predict="head",
                       tta=False)
-    r = resampling(as_spots(a1)[0], model)
+    r = resampling(as_sections(a1)[0], model)
     mpp_a1, mpp_c2 = a1.tables["table"].uns["microns_per_pixel"], c2.tables["table"].uns["microns_per_pixel"]
     assert r["patch_px"] * mpp_a1 == pytest.approx(224 * mpp_c2, rel=1e-6)
     pred = model.predict(a1)

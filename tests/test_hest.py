@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError, as_spots
+from stranker._section import InputError, as_sections
 
 FAST = dict(epochs=1, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", genes="heg",
             n_top_genes=20, tta=False, pretrained=False)
@@ -42,7 +42,7 @@ def test_read_hest_is_a_section_stranker_takes(hest_root):
     meta = t.uns["hest"]
     assert {meta[k] for k in ("organ", "st_technology", "patient", "oncotree_code")} == {
         "Synthetic", "Visium", "A", "SYN"}
-    sp = as_spots(s)[0]
+    sp = as_sections(s)[0]
     assert sp.name == "SYN0" and sp.n_spots == t.n_obs == 60
     assert sp.microns_per_pixel == pytest.approx(3.125)
     assert sp.diameter == pytest.approx(100 / 3.125)  # metadata spot_diameter (µm) at its pixel size
@@ -58,7 +58,7 @@ def test_pixel_size_comes_from_the_metadata(hest_root, tmp_path):
     shutil.copytree(hest_root, root)
     # the TIFF's tags say 3.125 µm/px; HEST's estimate in the metadata wins
     _set_meta(root, "SYN1", pixel_size_um_estimated=2.0, spot_diameter=None)
-    sp = as_spots(sr.io.read_hest(root, "SYN1"))[0]
+    sp = as_sections(sr.io.read_hest(root, "SYN1"))[0]
     assert sp.microns_per_pixel == pytest.approx(2.0)
     # no spot_diameter in the metadata: the scalefactor spot_diameter_fullres (32 px) is used as it is
     assert sp.diameter == pytest.approx(32.0)
@@ -113,8 +113,8 @@ def test_patch_corners_are_read_as_corners(hest_fine):
 
 def test_patches_land_where_the_source_has_them(hest_fine):
     """Without the WSI the image is a mosaic of the patches; around every spot it shows the WSI's pixels."""
-    wsi = as_spots(sr.io.read_hest(hest_fine, "SYN0", image="wsi"))[0]
-    mos = as_spots(sr.io.read_hest(hest_fine, "SYN0", image="patches"))[0]
+    wsi = as_sections(sr.io.read_hest(hest_fine, "SYN0", image="wsi"))[0]
+    mos = as_sections(sr.io.read_hest(hest_fine, "SYN0", image="patches"))[0]
     assert mos.microns_per_pixel == pytest.approx(0.5) and mos.diameter == pytest.approx(wsi.diameter)
     h, w = wsi.image.shape
     r = 100
@@ -148,13 +148,13 @@ def test_xenium_pseudo_spots_are_squares(tmp_path):
     _set_meta(tmp_path, "SYN0", spot_diameter=None)
     s = sr.io.read_hest(tmp_path, "SYN0")
     assert s.shapes["spots"].geometry.iloc[0].geom_type == "Polygon"
-    sp = as_spots(s)[0]
+    sp = as_sections(s)[0]
     assert sp.diameter == pytest.approx(100 / 3.125)
     # Visium HD: HEST's 128 µm bins are squares too; their scalefactor is right and is used
     _set_meta(tmp_path, "SYN0", st_technology="Visium HD")
     s = sr.io.read_hest(tmp_path, "SYN0")
     assert s.shapes["spots"].geometry.iloc[0].geom_type == "Polygon"
-    assert as_spots(s)[0].diameter == pytest.approx(32.0)
+    assert as_sections(s)[0].diameter == pytest.approx(32.0)
 
 
 def test_bad_patch_file_is_named(hest_root, tmp_path):
@@ -263,13 +263,13 @@ def test_read_a_hest_bench_task_folder(hest_root, tmp_path):
     s = sr.io.read_hest(task, "SYN1")
     assert s.tables["table"].uns["hest"]["image_source"] == "patches"
     assert s.tables["table"].uns["hest"]["pixel_size_um"] == pytest.approx(3.125, rel=0.04)
-    sp = as_spots(s)[0]
+    sp = as_sections(s)[0]
     assert sp.microns_per_pixel == 0.5 and sp.diameter == pytest.approx(32 * 3.125 / 0.5, rel=0.04)
     # with its WSI but still no metadata, the TIFF's own resolution wins over the patches' estimate
     shutil.copytree(hest_root / "wsis", task / "wsis")
     s = sr.io.read_hest(task, "SYN1")
     assert s.tables["table"].uns["hest"]["pixel_size_um"] == pytest.approx(3.125)
-    assert as_spots(s)[0].microns_per_pixel == pytest.approx(3.125)
+    assert as_sections(s)[0].microns_per_pixel == pytest.approx(3.125)
 
 
 def test_bench_folds_follow_split_files_or_patients(tmp_path):

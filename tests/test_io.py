@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError, as_spots
+from stranker._section import InputError, as_sections
 from stranker.io import _slide
 
 FAST = dict(
@@ -91,7 +91,7 @@ def test_pyramidal_tiff_levels_pixels_and_mpp(tiff_path, slide_img):
     np.testing.assert_array_equal(
         np.moveaxis(lv[2].data[:, 50:90, 100:170].compute(), 0, -1), pyr[2][50:90, 100:170]
     )
-    sp = as_spots(sdata, need_table=False)[0]
+    sp = as_sections(sdata, need_table=False)[0]
     assert sp.microns_per_pixel == pytest.approx(0.5)
     assert sp.image.scales == [1.0, 2.0, 4.0, 8.0]
     assert sdata.attrs["microns_per_pixel"] == {"he": 0.5}
@@ -112,7 +112,7 @@ def test_reading_a_patch_reads_only_its_chunks(tiff_path, monkeypatch):
         return out
 
     monkeypatch.setattr(_slide._Level, "__getitem__", counting)
-    sp = as_spots(sdata, need_table=False)[0]
+    sp = as_sections(sdata, need_table=False)[0]
     win = sp.image.read(0, 700, 764, 900, 964)  # a 64 px patch of level 0 (1536 x 2048)
     assert win.shape == (64, 64, 3)
     assert len(calls) == 1 and calls[0][0].endswith("[0]")
@@ -142,7 +142,7 @@ def test_tissue_grid_on_a_subsampled_level_finds_the_tissue(tmp_path, monkeypatc
     p = tmp_path / "one_level.tif"
     write_tiff(p, img, mpp=1.0, levels=1)
     monkeypatch.setattr(_predict, "_DETECT_PX", 256 * 256)
-    sp = as_spots(sr.io.read_slide(p), need_table=False)[0]
+    sp = as_sections(sr.io.read_slide(p), need_table=False)[0]
     assert _predict._detection_level(sp, 32.0) == (0, 4)
     centres = _predict.tissue_grid(sp, 32.0)
     h = w = 1024
@@ -159,7 +159,7 @@ def test_ome_tiff_physical_size(tmp_path, slide_img):
     lv = _levels(sdata)
     assert len(lv) == 2 and tuple(lv[1].shape) == (3, *pyr[1].shape[:2])
     np.testing.assert_array_equal(np.moveaxis(lv[1].data.compute(), 0, -1), pyr[1])
-    assert as_spots(sdata, need_table=False)[0].microns_per_pixel == pytest.approx(0.25)
+    assert as_sections(sdata, need_table=False)[0].microns_per_pixel == pytest.approx(0.25)
     assert sdata.images["he"].attrs["microns_per_pixel"] == pytest.approx(0.25)
 
 
@@ -169,7 +169,7 @@ def test_openslide_backend_reads_the_same_pixels(tmp_path, slide_img):
     write_tiff(p, slide_img[:768, :1024], mpp=0.5, levels=3, subifds=False)
     a = sr.io.read_slide(p, backend="openslide")
     b = sr.io.read_slide(p, backend="tifffile")
-    assert as_spots(a, need_table=False)[0].microns_per_pixel == pytest.approx(0.5)
+    assert as_sections(a, need_table=False)[0].microns_per_pixel == pytest.approx(0.5)
     for la, lb in zip(_levels(a), _levels(b), strict=True):
         assert la.shape == lb.shape
         np.testing.assert_array_equal(
@@ -183,7 +183,7 @@ def test_unknown_resolution_needs_mpp(tmp_path, slide_img):
     with pytest.raises(InputError, match="pass `mpp=`"):
         sr.io.read_slide(p)
     sdata = sr.io.read_slide(p, mpp=0.3)
-    assert as_spots(sdata, need_table=False)[0].microns_per_pixel == pytest.approx(0.3)
+    assert as_sections(sdata, need_table=False)[0].microns_per_pixel == pytest.approx(0.3)
     with pytest.raises(InputError, match="positive"):
         sr.io.read_slide(p, mpp=-1)
 
@@ -286,7 +286,7 @@ def test_slides_of_any_dtype_read_as_their_uint8_values(tmp_path, convert):
     img = tissue_image(256, 320)
     img[:32, :32] = [0, 1, 1]
     write_tiff(tmp_path / "a.tif", convert(img), mpp=0.5, levels=1)
-    sp = as_spots(sr.io.read_slide(tmp_path / "a.tif"), need_table=False)[0]
+    sp = as_sections(sr.io.read_slide(tmp_path / "a.tif"), need_table=False)[0]
     np.testing.assert_array_equal(sp.image.read(0, 0, 256, 0, 320), img)
     np.testing.assert_array_equal(sp.image.read(0, 0, 32, 0, 32), img[:32, :32])
 
@@ -339,6 +339,6 @@ def test_a_truncated_or_damaged_tiff_is_one_clear_error_naming_the_file(tmp_path
     for off in range(20000, len(bad) // 2, 997):
         bad[off] ^= 0xFF
     (tmp_path / "bad.tif").write_bytes(bytes(bad))
-    sp = as_spots(sr.io.read_slide(tmp_path / "bad.tif"), need_table=False)[0]
+    sp = as_sections(sr.io.read_slide(tmp_path / "bad.tif"), need_table=False)[0]
     with pytest.raises(InputError, match=r"bad\.tif\[0\]: cannot decode"):
         sp.image.read(0, 0, 512, 0, 640)

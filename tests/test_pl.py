@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import stranker as sr  # noqa: E402
-from stranker._spots import ImageHandle, InputError  # noqa: E402
+from stranker._section import ImageHandle, InputError  # noqa: E402
 from stranker.pp._genes import lognorm  # noqa: E402
 from stranker.tl._evaluate import pearson_per_gene  # noqa: E402
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sps
 
 import stranker as sr
-from stranker._spots import InputError
+from stranker._section import InputError
 from tests.conftest import make_sdata
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError, as_spots
+from stranker._section import InputError, as_sections
 from stranker.tl._predict import tissue_grid
 
 
@@ -62,7 +62,7 @@ def test_embed_slides_uses_the_tiling_of_predict(slide_model, slide_cohort):
     np.testing.assert_allclose(cohort.uns["stranker_tiles"]["centers"][sid], tiles.obsm["spatial"], atol=1e-3)
     np.testing.assert_allclose(cohort.uns["stranker_tiles"]["embeddings"][sid], tiles.obsm["X_stranker"],
                                rtol=1e-4, atol=1e-5)
-    sp = as_spots(slides[0], need_table=False)[0]
+    sp = as_sections(slides[0], need_table=False)[0]
     n_grid = len(tissue_grid(sp, slide_model.meta["spot_diameter_px"]))
     assert n_grid == cohort.obs["stranker_n_tiles"].iloc[0]
 

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sps
 
 import stranker as sr
-from stranker._spots import as_spots
+from stranker._section import as_sections
 from stranker.pp._genes import choose, lognorm, lognorm_sparse
 from stranker.tl._fit import targets
 
@@ -37,7 +37,7 @@ def _sparse_sections(n_spots: int, n_genes: int = 5000, per_spot: int = 50, n_se
 def _peak_through_genes_and_targets(n_spots: int) -> tuple[float, int, float]:
     """Peak traced bytes of choosing 100 HVGs and building their targets, the dense table's size, seconds."""
     tables, x = _sparse_sections(n_spots)
-    secs = as_spots(tables, need_image=False)
+    secs = as_sections(tables, need_image=False)
     dense_bytes = x.shape[0] * x.shape[1] * 4
     t0 = time.perf_counter()
     tracemalloc.start()

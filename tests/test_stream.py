@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError
+from stranker._section import InputError
 
 FAST = dict(epochs=2, batch_size=16, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
             genes="heg", n_top_genes=20)
@@ -26,11 +26,11 @@ def on_disk(tmp_path_factory):
 def test_streamed_fit_equals_in_memory_fit(on_disk, monkeypatch):
     import dask.array as da
 
-    from stranker._spots import as_spots
+    from stranker._section import as_sections
     from stranker.pp._patches import PatchReader
 
     secs = on_disk()
-    assert isinstance(as_spots(secs[0])[0].image.levels[0], da.Array)  # lazily read from disk
+    assert isinstance(as_sections(secs[0])[0].image.levels[0], da.Array)  # lazily read from disk
     mem = sr.tl.fit(secs[:2], seed=0, stream=False, **FAST)
     assert mem.meta["streamed"] is False
 

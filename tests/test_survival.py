@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import stranker as sr
-from stranker._spots import InputError
+from stranker._section import InputError
 from stranker.model.mil import GatedAttentionMIL, cox_loss, pad_bags, predict_mil, train_mil
 
 

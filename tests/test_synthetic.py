@@ -160,11 +160,11 @@ def test_morphology_predicts_expression(sdatas):
 
 def test_synthetic_sections_and_slides_carry_their_resolution(sdatas):
     # their µm/px sat under uns['synthetic'] where no reader looks: a model fitted on them had no size
-    from stranker._spots import as_spots
+    from stranker._section import as_sections
     from stranker.datasets import synthetic_cohort
 
-    sp = as_spots(sdatas[0])[0]
+    sp = as_sections(sdatas[0])[0]
     assert sp.microns_per_pixel == pytest.approx(100 / 32)
     assert sp.diameter * sp.microns_per_pixel == pytest.approx(100.0)  # a spot is 100 µm wide
     slides, _ = synthetic_cohort(n_slides=2, size_px=128, patch_px=32)
-    assert as_spots(slides[0], need_table=False)[0].microns_per_pixel == pytest.approx(100 / 16)
+    assert as_sections(slides[0], need_table=False)[0].microns_per_pixel == pytest.approx(100 / 16)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError
+from stranker._section import InputError
 from stranker.pp._genes import lognorm
 
 FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
@@ -275,13 +275,13 @@ def test_sparse_layer_of_one_library_keeps_the_rows_of_the_others():
     import anndata as ad
     from scipy import sparse
 
-    from stranker._spots import Spots
+    from stranker._section import Section
     from stranker._write import write_results
 
     t = ad.AnnData(np.zeros((5, 4), dtype=np.float32))
 
     def lib(rows, vals):
-        sp = Spots(name="s", image=None, centers=np.zeros((len(rows), 2)), diameter=1.0, table=t,
+        sp = Section(name="s", image=None, centers=np.zeros((len(rows), 2)), diameter=1.0, table=t,
                    rows=np.array(rows))
         write_results(sp, layers={"p": sparse.csr_matrix(np.array(vals, dtype=np.float32))})
 
@@ -334,7 +334,7 @@ def test_predict_on_a_table_lacking_modelled_genes_writes_only_their_own_columns
     assert m["n_genes"] == len(present) and m["genes_not_scored"] == absent
     # the README's chain: the genes written are the ones to hand to squidpy
     assert np.isfinite(sr._predictions.read_predictions(
-        sr._spots.as_spots(sd)[0], "stranker", rec["genes"])).all()
+        sr._section.as_sections(sd)[0], "stranker", rec["genes"])).all()
 
 
 def test_predict_refuses_a_table_with_none_of_the_modelled_genes(fitted):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import stranker as sr
-from stranker._spots import InputError
+from stranker._section import InputError
 from stranker.model import make_config
 from stranker.tl._record import RunRecord
 

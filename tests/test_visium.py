@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError, as_spots
+from stranker._section import InputError, as_sections
 
 spatialdata_io = pytest.importorskip("spatialdata_io")
 
@@ -190,7 +190,7 @@ def write_visium_hd(root, *, mpp=0.5, extent_um=192, seed=0):
 
 def _centre_colour(sdata, **keys):
     """Mean colour of the 4x4 pixels at each spot centre, read through the adapter."""
-    sp = as_spots(sdata, **keys)[0]
+    sp = as_sections(sdata, **keys)[0]
     patches = sr.pp.patches(sdata, size=4, **keys)
     return sp, patches.reshape(len(patches), -1, 3).mean(1)
 
@@ -235,7 +235,7 @@ def test_visium_spots_images_and_resolution(visium_dir, full):
     codes = np.stack([_code(i) for i in range(sp.n_spots)]).astype(float)
     assert np.abs(colours - codes).max() < 12
     # an explicit image still wins, in its own pixels
-    lo = as_spots(sdata, image_key="V1_lowres_image")[0]
+    lo = as_sections(sdata, image_key="V1_lowres_image")[0]
     np.testing.assert_allclose(lo.centers, xy * 0.125)
     assert lo.microns_per_pixel == pytest.approx(8.0)
 
@@ -265,14 +265,14 @@ def test_visium_hd_bins_by_size(hd_dir, bin_size):
     root, centres = hd_dir
     sdata = _read_hd(root)
     assert {"square_002um", "square_008um", "square_016um"} <= set(sdata.tables)
-    sp = as_spots(sdata, bin_size=bin_size)[0]
+    sp = as_sections(sdata, bin_size=bin_size)[0]
     assert sp.keys.table_key == f"square_{bin_size:03d}um" and sp.keys.image_key == "HD_full_image"
     assert sp.keys.shapes_key == f"HD_square_{bin_size:03d}um"
     assert sdata.shapes[sp.keys.shapes_key].geometry.iloc[0].geom_type == "Polygon"  # squares
     np.testing.assert_allclose(sp.centers, centres[bin_size], atol=1e-6)  # polygon centroids
     assert sp.diameter == pytest.approx(bin_size / 0.5)  # side of the square
     assert sp.microns_per_pixel == pytest.approx(0.5)
-    same = as_spots(sdata, table_key=f"square_{bin_size:03d}um")[0]
+    same = as_sections(sdata, table_key=f"square_{bin_size:03d}um")[0]
     np.testing.assert_array_equal(same.centers, sp.centers)
     if bin_size == 16:
         _, colours = _centre_colour(sdata, table_key="square_016um")
@@ -283,11 +283,11 @@ def test_visium_hd_bins_by_size(hd_dir, bin_size):
 def test_visium_hd_needs_a_bin_size(hd_dir):
     sdata = _read_hd(hd_dir[0])
     with pytest.raises(InputError, match=r"bin_size=.*\[2, 8, 16\]"):
-        as_spots(sdata)
+        as_sections(sdata)
     with pytest.raises(InputError, match=r"no table 'square_032um'.*\[2, 8, 16\]"):
-        as_spots(sdata, bin_size=32)
+        as_sections(sdata, bin_size=32)
     with pytest.raises(InputError, match="not both"):
-        as_spots(sdata, bin_size=8, table_key="square_008um")
+        as_sections(sdata, bin_size=8, table_key="square_008um")
 
 
 def test_predict_on_visium_hd_bins(visium_model, hd_dir):
@@ -319,7 +319,7 @@ def test_aggregate_hd_bins_into_pseudo_spots(hd_dir):
     np.testing.assert_allclose(
         np.asarray(new.X[row].todense()).ravel(), np.asarray(bins.X[sel].sum(0)).ravel()
     )
-    sp = as_spots(sdata, bin_size=32)[0]  # usable as spots like any HD bin size
+    sp = as_sections(sdata, bin_size=32)[0]  # usable as spots like any HD bin size
     assert sp.diameter == pytest.approx(64.0) and sp.microns_per_pixel == pytest.approx(0.5)
     np.testing.assert_allclose(sp.centers[row], [(8 + 2) * 16, (4 + 2) * 16])  # centre of its 16 bins, px
     model = sr.tl.fit(sdata, bin_size=32, seed=0, **FAST)  # train at the pseudo-spot scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._spots import InputError, Spots
+from ._section import InputError, Section
 from ._write import unique_tables
 
 
@@ -13,7 +13,7 @@ def is_run_record(rec: Any) -> bool:
     return isinstance(rec, dict) and {"genes", "in_sample", "params"} <= set(rec)
 
 
-def check_key_added(secs: list[Spots], key_added: Any) -> None:
+def check_key_added(secs: list[Section], key_added: Any) -> None:
     """Refuse a ``key_added`` that is not a name, or whose keys hold data stranker did not write.
 
     A previous stranker result under the same key (``uns[key_added]`` is its run record) is replaced;

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from ._section import InputError, Section
 from ._settings import settings
-from ._spots import InputError, Spots
 
 
-def genes_in_table(sp: Spots, genes: Sequence[str]) -> tuple[list[str], list[str]]:
+def genes_in_table(sp: Section, genes: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split ``genes`` into those the table of ``sp`` has (in order) and those it lacks."""
     cols = sp.gene_columns(genes)
     present = [g for g, c in zip(genes, cols, strict=True) if c >= 0]
@@ -19,7 +19,7 @@ def genes_in_table(sp: Spots, genes: Sequence[str]) -> tuple[list[str], list[str
     return present, absent
 
 
-def prediction_layer(sp: Spots, genes: list[str], pred: np.ndarray) -> tuple[Any, str]:
+def prediction_layer(sp: Section, genes: list[str], pred: np.ndarray) -> tuple[Any, str]:
     """Predictions of ``genes`` as a layer over every gene of the table, and its format.
 
     Dense float32 with NaN for the genes the model does not predict, unless that would exceed
@@ -44,7 +44,7 @@ def prediction_layer(sp: Spots, genes: list[str], pred: np.ndarray) -> tuple[Any
     return sparse.csr_matrix((data, indices, indptr), shape=(n, n_vars)), "sparse"
 
 
-def modelled_genes(sp: Spots, layer: str) -> list[str]:
+def modelled_genes(sp: Section, layer: str) -> list[str]:
     """Genes with a prediction in ``layers[layer]``.
 
     Those of the run record ``uns[layer]``, else the finite columns.
@@ -56,7 +56,7 @@ def modelled_genes(sp: Spots, layer: str) -> list[str]:
     return list(sp.var_names[np.isfinite(_dense(sp.expression(layer))).all(0)])
 
 
-def read_predictions(sp: Spots, layer: str, genes: Sequence[str]) -> np.ndarray:
+def read_predictions(sp: Section, layer: str, genes: Sequence[str]) -> np.ndarray:
     """``(n_spots, len(genes))`` float32 predictions from a dense or sparse layer.
 
     A gene not predicted raises.
@@ -81,7 +81,7 @@ def _dense(mat: Any) -> np.ndarray:
     return np.asarray(mat.toarray() if hasattr(mat, "toarray") else mat, dtype=np.float32)
 
 
-def _require(sp: Spots, layer: str) -> None:
+def _require(sp: Section, layer: str) -> None:
     if layer not in sp.table.layers:
         raise InputError(
             f"Layer {layer!r} not in the table of section {sp.name!r}: "

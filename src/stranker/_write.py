@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from ._predictions import genes_in_table, prediction_layer
+from ._section import Section
 from ._settings import logger
-from ._spots import Spots
 
 
 def maybe_copy(data: Any, copy: bool) -> Any:
@@ -24,7 +24,7 @@ def maybe_copy(data: Any, copy: bool) -> Any:
     return data.copy()
 
 
-def _full(values: np.ndarray, sp: Spots, existing: Any = None) -> np.ndarray:
+def _full(values: np.ndarray, sp: Section, existing: Any = None) -> np.ndarray:
     """Rows of ``sp`` -> an array over all rows of its table (other rows keep ``existing`` or NaN)."""
     if sp.is_full_table:
         return values
@@ -37,7 +37,7 @@ def _full(values: np.ndarray, sp: Spots, existing: Any = None) -> np.ndarray:
     return full
 
 
-def _full_sparse(values: Any, sp: Spots, existing: Any = None) -> Any:
+def _full_sparse(values: Any, sp: Section, existing: Any = None) -> Any:
     """Sparse rows of ``sp`` -> CSR over all rows of its table (other rows keep ``existing``, else empty)."""
     from scipy import sparse
 
@@ -58,7 +58,7 @@ def _full_sparse(values: Any, sp: Spots, existing: Any = None) -> Any:
 
 
 def write_results(
-    sp: Spots,
+    sp: Section,
     *,
     layers: dict[str, Any] | None = None,
     obsm: dict[str, np.ndarray] | None = None,
@@ -104,7 +104,7 @@ def _log_added(where: str, **fields: dict | None) -> None:
         logger.info(f"Added {', '.join(keys)} to {where}.")
 
 
-def unique_tables(secs: list[Spots]) -> list[Spots]:
+def unique_tables(secs: list[Section]) -> list[Section]:
     """One section per distinct table object (several libraries can share one AnnData)."""
     seen: set[int] = set()
     out = []
@@ -116,7 +116,7 @@ def unique_tables(secs: list[Spots]) -> list[Spots]:
 
 
 def write_outputs(
-    sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool
+    sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool
 ) -> None:
     """Write embedding, predicted layer and run record of one section (the only writer of model outputs)."""
     full, layer_format = prediction_layer(sp, list(model.genes), pred)

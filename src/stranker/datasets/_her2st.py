@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._section import InputError
 from .._settings import logger, settings
-from .._spots import InputError
 
 BASE_URL = "https://github.com/almaan/her2st/raw/master/"
 SPOT_DIAMETER_UM = 100.0  # legacy ST spots

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._section import InputError
 from .._settings import logger, settings
-from .._spots import InputError
 from ..io._hest import HEST_REPO, read_hest
 
 HEST_URL = f"https://huggingface.co/datasets/{HEST_REPO}"

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._section import InputError, add_elements, as_sections, check_free
 from .._settings import logger
-from .._spots import InputError, add_elements, as_spots, check_free
 from .._undo import unchanged_on_failure
 
 
@@ -53,7 +53,7 @@ def aggregate_bins(
     ``obs['array_row']`` / ``obs['array_col']`` of the block, ``uns['microns_per_pixel']``) and the
     square shapes it annotates, placed like the image.
     """
-    aggregate(sdata, as_spots(sdata, bin_size=bin_size)[0], bin_size, size_um, min_fraction, key_added)
+    aggregate(sdata, as_sections(sdata, bin_size=bin_size)[0], bin_size, size_um, min_fraction, key_added)
 
 
 def aggregate(

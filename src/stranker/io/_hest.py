@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._section import InputError, add_elements
 from .._settings import logger
-from .._spots import InputError, add_elements
 
 HEST_REPO = "MahmoodLab/hest"
 EXPR_DIRS = ("st", "adata")  # HEST-1k, HEST-Bench

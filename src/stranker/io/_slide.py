@@ -11,8 +11,8 @@ import numpy as np
 
 from .._constants import Keys
 from .._pixels import float_range, to_uint8
+from .._section import InputError
 from .._settings import logger
-from .._spots import InputError
 
 # formats OpenSlide reads and tifffile does not (or not as well): vendor formats
 _VENDOR = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}

@@ -10,12 +10,12 @@ import numpy as np
 from .._constants import Keys
 from .._docs import doc_params
 from .._predictions import modelled_genes, read_predictions
-from .._spots import InputError, Spots
+from .._section import InputError, Section
 from ._utils import finish, measured, new_axes, sections
 
 
 def gene_scores(
-    sp: Spots, *, layer: str, key: str, counts_layer: str | None, target_sum: float, n_heg: int
+    sp: Section, *, layer: str, key: str, counts_layer: str | None, target_sum: float, n_heg: int
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Modelled genes, their r and HEG flags.
 

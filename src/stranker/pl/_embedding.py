@@ -11,8 +11,8 @@ import numpy as np
 from .._constants import Keys
 from .._docs import doc_params
 from .._predictions import modelled_genes, read_predictions
+from .._section import InputError
 from .._settings import logger, resolve_seed
-from .._spots import InputError
 from ._utils import finish, sections
 
 

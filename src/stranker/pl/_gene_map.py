@@ -11,13 +11,13 @@ import numpy as np
 from .._constants import Keys
 from .._docs import doc_params
 from .._predictions import read_predictions
-from .._spots import InputError, Spots
+from .._section import InputError, Section
 from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
 
 
 def _panel(
     ax: Any,
-    sp: Spots,
+    sp: Section,
     thumb: Any,
     values: np.ndarray,
     *,
@@ -261,7 +261,7 @@ def _norm(values: np.ndarray, vmin: float | str | None, vmax: float | str | None
     return Normalize(vmin=lo, vmax=max(hi, lo + 1e-6))
 
 
-def _fit_size(fig: Any, sp: Spots, width: float, *, ncols: int, nrows: int, bars: int) -> None:
+def _fit_size(fig: Any, sp: Section, width: float, *, ncols: int, nrows: int, bars: int) -> None:
     """Size the figure so that each panel has the aspect of the section."""
     c = sp.centers
     span = (

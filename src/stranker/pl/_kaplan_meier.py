@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._spots import InputError
+from .._section import InputError
 
 
 def kaplan_meier(

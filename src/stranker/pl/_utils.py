@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._spots import InputError, Spots
+from .._section import InputError, Section
 
 
 def pyplot():
@@ -60,7 +60,7 @@ def finish(fig: Any, ret: Any, *, show: bool | None, save: str | os.PathLike | N
     return ret
 
 
-def sections(data: Any, **keys: Any) -> list[Spots]:
+def sections(data: Any, **keys: Any) -> list[Section]:
     """Sections with a table, image optional (the adapter does the format work)."""
     secs = as_list(data, **keys)
     for sp in secs:
@@ -69,15 +69,15 @@ def sections(data: Any, **keys: Any) -> list[Spots]:
     return secs
 
 
-def as_list(data: Any, **keys: Any) -> list[Spots]:
-    from .._spots import as_spots
+def as_list(data: Any, **keys: Any) -> list[Section]:
+    from .._section import as_sections
 
-    return as_spots(
+    return as_sections(
         data, need_image=False, need_table=False, **{k: v for k, v in keys.items() if v is not None}
     )
 
 
-def has_measured(sp: Spots, layer: str, counts_layer: str | None) -> bool:
+def has_measured(sp: Section, layer: str, counts_layer: str | None) -> bool:
     """Whether the table holds measured expression, not only the predictions ``sr.tl.predict`` put in ``X``.
 
     A table made by ``sr.tl.predict`` for an image-only slide holds its predictions in ``X`` and says
@@ -90,7 +90,7 @@ def has_measured(sp: Spots, layer: str, counts_layer: str | None) -> bool:
     return not bool((sp.table.uns.get(layer) or {}).get("x_is_prediction", False))
 
 
-def measured(sp: Spots, genes: Sequence[str], counts_layer: str | None, target_sum: float) -> np.ndarray:
+def measured(sp: Section, genes: Sequence[str], counts_layer: str | None, target_sum: float) -> np.ndarray:
     """Measured expression on the model's target scale: ``log1p(counts / total * target_sum)``."""
     from ..pp._genes import log_expression
 
@@ -108,7 +108,7 @@ class Thumbnail:
     extent: tuple[float, float, float, float]  # left, right, bottom, top (level-0 px)
 
 
-def thumbnail(sp: Spots, *, max_px: int = 800, margin: float | None = None) -> Thumbnail | None:
+def thumbnail(sp: Section, *, max_px: int = 800, margin: float | None = None) -> Thumbnail | None:
     """Read the image around the spots at the coarsest pyramid level that still gives ``max_px`` pixels.
 
     The crop is the spots' bounding box plus ``margin`` level-0 pixels (default: one spot diameter).

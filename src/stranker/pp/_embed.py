@@ -10,8 +10,8 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
+from .._section import InputError, as_sections
 from .._settings import logger, settings
-from .._spots import InputError, as_spots
 from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_results
 from ._patches import PatchReader, check_inside, patch_size_px
@@ -128,7 +128,7 @@ def embed_patches(
     if key == Keys.SPATIAL:
         raise InputError("`key_added='spatial'` would overwrite the spot coordinates: choose another name.")
     data = maybe_copy(data, copy)
-    secs = as_spots(
+    secs = as_sections(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
         library_id=library_id, bin_size=bin_size,
     )

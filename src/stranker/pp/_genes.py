@@ -11,8 +11,8 @@ import scipy.sparse as sps
 
 from .._constants import Keys
 from .._docs import doc_params
+from .._section import InputError, Section, as_sections
 from .._settings import logger
-from .._spots import InputError, Spots, as_spots
 from .._undo import unchanged_on_failure
 from .._write import maybe_copy, unique_tables, write_results
 
@@ -92,7 +92,9 @@ def lognorm_sparse(
     return x
 
 
-def log_expression(sp: Spots, genes: Sequence[str], layer: str | None, target_sum: float = 1e4) -> np.ndarray:
+def log_expression(
+    sp: Section, genes: Sequence[str], layer: str | None, target_sum: float = 1e4
+) -> np.ndarray:
     """Dense ``(n_spots, len(genes))`` log-normalised expression of one section (totals over all genes)."""
     idx = sp.gene_columns(list(genes))
     if (idx < 0).any():
@@ -103,7 +105,7 @@ def log_expression(sp: Spots, genes: Sequence[str], layer: str | None, target_su
     return lognorm(section_counts(sp, layer), target_sum, cols=idx)
 
 
-def section_counts(sp: Spots, layer: str | None) -> Any:
+def section_counts(sp: Section, layer: str | None) -> Any:
     """Return the validated raw counts of one section."""
     mat = sp.expression(layer)
     check_counts(mat, f"{'X' if layer is None else f'layers[{layer!r}]'} of the table of section {sp.name!r}")
@@ -150,7 +152,7 @@ def normalize(
         raise InputError(f"`target_sum` must be positive, got {target_sum!r}.")
     data = maybe_copy(data, copy)
     secs = unique_tables(
-        as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+        as_sections(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     )
     results = []
     for sp in secs:
@@ -171,7 +173,7 @@ def normalize(
     return data if copy else None
 
 
-def resolve_genes(secs: list[Spots], genes: Sequence[str], on_missing: str = "raise") -> list[str]:
+def resolve_genes(secs: list[Section], genes: Sequence[str], on_missing: str = "raise") -> list[str]:
     """Check an explicit gene list against every section."""
     if on_missing not in ("raise", "drop"):
         raise InputError(f"`on_missing` must be 'raise' or 'drop', got {on_missing!r}.")
@@ -199,7 +201,7 @@ def resolve_genes(secs: list[Spots], genes: Sequence[str], on_missing: str = "ra
     return genes
 
 
-def common_genes(secs: list[Spots]) -> list[str]:
+def common_genes(secs: list[Section]) -> list[str]:
     """Genes present in every section, in the order of the first."""
     common = set(secs[0].var_names)
     for sp in secs[1:]:
@@ -241,7 +243,7 @@ def _same_openmp_threads() -> Iterator[None]:
 
 
 def choose(
-    secs: list[Spots],
+    secs: list[Section],
     flavor: str | Sequence[str],
     *,
     n_top: int,
@@ -339,7 +341,7 @@ def select_genes(
     -------
     The chosen gene names. Also writes ``var[key_added]`` and ``uns[key_added]``.
     """
-    secs = as_spots(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    secs = as_sections(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
     genes = choose(secs, flavor, n_top=n_top, layer=layer, on_missing=on_missing)
     params = {"genes": genes, "flavor": flavor if isinstance(flavor, str) else "list", "n_top": n_top,
               "sections": [sp.name for sp in secs]}

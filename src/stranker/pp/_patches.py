@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 
 from .._docs import doc_params
+from .._section import InputError, Section, as_sections
 from .._settings import logger
-from .._spots import InputError, Spots, as_spots
 
 _TILE = 2048  # level pixels per side of the window read at once
 
 
 def patch_size_px(
-    spots: Spots, size: float | None, size_um: float | None, default: float | None = None
+    spots: Section, size: float | None, size_um: float | None, default: float | None = None
 ) -> float:
     """Patch side in level-0 pixels.
 
@@ -66,7 +66,7 @@ class PatchGeometry:
 
     @classmethod
     def of(
-        cls, secs: Sequence[Spots], patch_px: float, patch_um: float | None, image_size: int
+        cls, secs: Sequence[Section], patch_px: float, patch_um: float | None, image_size: int
     ) -> PatchGeometry:
         """Geometry of training on ``secs``.
 
@@ -104,7 +104,7 @@ class PatchGeometry:
         """Return the keys :meth:`from_meta` reads (those of ``model.json``'s ``meta``)."""
         return {"patch_px": self.size_px, "patch_um": self.size_um, "microns_per_pixel": self.mpp}
 
-    def size_on(self, spots: Spots) -> float:
+    def size_on(self, spots: Section) -> float:
         """Patch side in level-0 pixels of ``spots``: ``size_um`` at its resolution, else ``size_px``."""
         if self.size_um is not None:
             if spots.microns_per_pixel is not None:
@@ -117,7 +117,7 @@ class PatchGeometry:
         return self.size_px
 
 
-def check_inside(spots: Spots, on_outside: str = "raise") -> np.ndarray:
+def check_inside(spots: Section, on_outside: str = "raise") -> np.ndarray:
     """Boolean mask of spots whose centre lies inside the image; raise on any outside by default."""
     if on_outside not in ("raise", "pad"):
         raise InputError(f"`on_outside` must be 'raise' or 'pad', got {on_outside!r}.")
@@ -167,7 +167,7 @@ class PatchReader:
 
     def __init__(
         self,
-        spots: Spots,
+        spots: Section,
         size: float,
         scales: Sequence[float] = (1.0,),
         out_px: int | None = None,
@@ -292,7 +292,7 @@ def patches(
     """
     single_scale = np.ndim(scales) == 0
     scale_list = [float(scales)] if single_scale else [float(s) for s in scales]  # type: ignore[arg-type]
-    secs = as_spots(
+    secs = as_sections(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
         library_id=library_id, library_key=library_key, bin_size=bin_size, need_table=False,
     )

@@ -9,7 +9,7 @@ import scipy.sparse as sps
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._spots import InputError, as_spots
+from .._section import InputError, as_sections
 from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_results
 
@@ -82,7 +82,7 @@ def smooth(
     if n_neighs < 1:
         raise InputError(f"`n_neighs` must be at least 1, got {n_neighs}.")
     data = maybe_copy(data, copy)
-    secs = as_spots(
+    secs = as_sections(
         data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
         need_image=False,
     )

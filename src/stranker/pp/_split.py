@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .._section import InputError
 from .._settings import resolve_seed
-from .._spots import InputError
 
 
 def split_sections(

@@ -13,8 +13,8 @@ from .._constants import Keys
 from .._deprecate import _UNSET
 from .._docs import doc_params
 from .._predictions import read_predictions
+from .._section import InputError, Section, as_sections
 from .._settings import logger
-from .._spots import InputError, Spots, as_spots
 from .._undo import unchanged_on_failure
 from .._write import write_results
 from ..pp._genes import lognorm, section_counts
@@ -70,7 +70,7 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
     }
 
 
-def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, target_sum: float):
+def _pairs(sp: Section, layer: str, genes: list[str], counts_layer: str | None, target_sum: float):
     idx = sp.gene_columns(genes)
     if (idx < 0).any():
         raise InputError(
@@ -82,7 +82,7 @@ def _pairs(sp: Spots, layer: str, genes: list[str], counts_layer: str | None, ta
     return pred, true
 
 
-def _scored_genes(secs: list[Spots], key_added: str) -> tuple[list[str], list[str]]:
+def _scored_genes(secs: list[Section], key_added: str) -> tuple[list[str], list[str]]:
     """Genes predicted in every section (``uns[key_added]['genes']``), and the modelled ones left out."""
     recs = []
     for sp in secs:
@@ -179,7 +179,7 @@ def evaluate(
     key = Keys.PREFIX if key is _UNSET else key
     key_added = key if key_added is None else key_added
     layer = key if layer is None else layer
-    secs = as_spots(data, table_key=table_key, library_id=library_id, library_key=library_key,
+    secs = as_sections(data, table_key=table_key, library_id=library_id, library_key=library_key,
                     bin_size=bin_size, need_image=False)
     few = [f"{sp.name!r} ({sp.n_spots})" for sp in secs if sp.n_spots < 2]
     if few:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .._spots import InputError
+from .._section import InputError
 from ._classify import labels
 from ._crossval import standardise_bags
 from ._survival import survival_target

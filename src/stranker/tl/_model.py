@@ -11,8 +11,8 @@ import numpy as np
 
 from .._atomic import move_into_place
 from .._docs import doc_params
+from .._section import InputError, Section, as_sections
 from .._settings import logger, settings
-from .._spots import InputError, Spots, as_spots
 from .._undo import unchanged_on_failure
 from .._write import write_outputs
 from ..pp._patches import PatchGeometry, PatchReader, check_inside
@@ -305,12 +305,12 @@ class Model:
         recorded = {"patch_px": m.patch_px, "patch_um": m.patch_um, "microns_per_pixel": m.microns_per_pixel}
         return PatchGeometry.from_meta(recorded, self.config)
 
-    def patch_reader(self, sp: Spots) -> PatchReader:
+    def patch_reader(self, sp: Section) -> PatchReader:
         """Return the reader of ``sp``'s patches as this model sees them (scales, input size, width)."""
         c = self.config
         return PatchReader(sp, self.geometry.size_on(sp), c.scales, c.image_size)
 
-    def infer(self, sp: Spots, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, sp: Section, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
 
         The weights visit the device for the call and are put back where (and in the mode) they were.
@@ -328,7 +328,7 @@ class Model:
                 m.training = training
 
     def _infer(
-        self, sp: Spots, *, centers: np.ndarray | None = None, device: str | None = None,
+        self, sp: Section, *, centers: np.ndarray | None = None, device: str | None = None,
         batch_size: int = 128, features: np.ndarray | None = None, patches: np.ndarray | None = None,
         adapt: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -438,7 +438,7 @@ class Model:
     ) -> Any:
         """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""
         self._check_trained()
-        secs = as_spots(data, need_image=self.config.image_features is None, need_table=False, **keys)
+        secs = as_sections(data, need_image=self.config.image_features is None, need_table=False, **keys)
         out = []
         for sp in secs:
             if self.config.image_features is None:

@@ -10,8 +10,8 @@ from .._constants import Keys
 from .._docs import doc_params
 from .._key_added import check_key_added
 from .._predictions import genes_in_table
+from .._section import InputError, Section, add_elements, as_sections, check_free
 from .._settings import logger
-from .._spots import InputError, Spots, add_elements, as_spots, check_free
 from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_outputs, write_results
 from ..pp._patches import _TILE, check_inside
@@ -19,7 +19,7 @@ from ..pp._patches import _TILE, check_inside
 _DETECT_PX = 1 << 22  # tissue detection reads at most about this many pixels (a 2048 x 2048 level)
 
 
-def _detection_level(sp: Spots, spacing: float) -> tuple[int, int]:
+def _detection_level(sp: Section, spacing: float) -> tuple[int, int]:
     """Level and stride for tissue detection: a tile spans at least 8 pixels, at most ~4 Mpx are read."""
     img = sp.image
     fine_enough = [i for i, s in enumerate(img.scales) if s <= spacing / 8] or [int(np.argmin(img.scales))]
@@ -28,7 +28,7 @@ def _detection_level(sp: Spots, spacing: float) -> tuple[int, int]:
     return level, max(int(np.ceil(np.sqrt(n_px / _DETECT_PX))), 1)
 
 
-def tissue_grid(sp: Spots, spacing: float, min_tissue: float = 0.5) -> np.ndarray:
+def tissue_grid(sp: Section, spacing: float, min_tissue: float = 0.5) -> np.ndarray:
     """Centres (level-0 px) of a square grid of ``spacing``-wide tiles that lie on tissue.
 
     Tissue is told from background by Otsu's threshold on colour saturation (H&E stains are
@@ -75,7 +75,7 @@ def model_mpp(model: Any) -> float | None:
     return None
 
 
-def check_scale(sp: Spots, model: Any, tile_px: float | None) -> None:
+def check_scale(sp: Section, model: Any, tile_px: float | None) -> None:
     """Refuse or warn when only one of model and section knows its µm/px (the other would be guessed).
 
     Tiling an image-only section needs a tile size in its pixels: without both resolutions (or
@@ -105,7 +105,7 @@ def check_scale(sp: Spots, model: Any, tile_px: float | None) -> None:
                    f"the same resolution. To be sure, {fix}.")
 
 
-def resampling(sp: Spots, model: Any) -> dict[str, Any]:
+def resampling(sp: Section, model: Any) -> dict[str, Any]:
     """How the patches of a section are read for ``model``: pyramid level and scale factor (for ``uns``)."""
     reader = model.patch_reader(sp)
     side0 = reader.size * max(reader.scales)
@@ -123,7 +123,7 @@ def resampling(sp: Spots, model: Any) -> dict[str, Any]:
     }
 
 
-def check_detail(sp: Spots, model: Any, info: dict[str, Any]) -> float:
+def check_detail(sp: Section, model: Any, info: dict[str, Any]) -> float:
     """Warn when a section's patches are upsampled beyond the coarsest the model was trained on.
 
     Returns the upsampling: the backbone's input side over the section's pixels per patch side.
@@ -142,8 +142,8 @@ def check_detail(sp: Spots, model: Any, info: dict[str, Any]) -> float:
 
 
 def tile_section(
-    sp: Spots, model: Any, tile_px: float | None, log: Any = logger.info
-) -> tuple[Spots, float]:
+    sp: Section, model: Any, tile_px: float | None, log: Any = logger.info
+) -> tuple[Section, float]:
     """Lay tiles of the training spot size over the tissue of an image-only section.
 
     Parameters
@@ -174,19 +174,19 @@ def tile_section(
         )
     # order tiles block by block (the blocks the patch reader reads at once), so that consecutive
     # batches read neighbouring windows of the file instead of sweeping whole rows of the slide
-    probe = Spots(name=sp.name, image=sp.image, centers=centres[:1], diameter=float(tile_px), table=None,
+    probe = Section(name=sp.name, image=sp.image, centers=centres[:1], diameter=float(tile_px), table=None,
                   rows=np.arange(1), microns_per_pixel=sp.microns_per_pixel)
     block = _TILE * resampling(probe, model)["level_scale"]
     by, bx = (centres[:, 1] // block).astype(np.int64), (centres[:, 0] // block).astype(np.int64)
     centres = centres[np.lexsort((centres[:, 0], centres[:, 1], bx, by))]
     log(f"Laid {len(centres)} tiles of {tile_px:.0f} px over the tissue of {sp.name!r}.")
-    tiled = Spots(name=sp.name, image=sp.image, centers=centres, diameter=float(tile_px), table=None,
+    tiled = Section(name=sp.name, image=sp.image, centers=centres, diameter=float(tile_px), table=None,
                   rows=np.arange(len(centres)), microns_per_pixel=sp.microns_per_pixel, source=sp.source,
                   keys=sp.keys)
     return tiled, float(tile_px)
 
 
-def _new_table(sp: Spots, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, shapes_key: str,
+def _new_table(sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, shapes_key: str,
                index: Any) -> Any:
     import anndata as ad
     import pandas as pd
@@ -270,7 +270,7 @@ def predict(
     model = as_model(model)
     data = maybe_copy(data, copy)
     need_image = model.config.image_features is None
-    secs = as_spots(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
+    secs = as_sections(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, library_key=library_key, bin_size=bin_size,
                     need_image=need_image, need_table=False)
     check_key_added(secs, key_added)
@@ -322,7 +322,7 @@ def predict(
             region = sp.keys.shapes_key
             index = list(sdata.shapes[region].index)
         table = _new_table(sp, model, emb, pred, key_added, region, index)
-        new = Spots(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
+        new = Section(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
         write_outputs(new, model, emb, pred, key_added, in_sample=False)
         _record(new, key_added, info)
@@ -347,7 +347,7 @@ def as_model(model: Any) -> Any:
     )
 
 
-def _check_genes(sp: Spots, model: Any, key_added: str) -> None:
+def _check_genes(sp: Section, model: Any, key_added: str) -> None:
     """Warn about modelled genes the table lacks (they are not written); refuse when it has none."""
     present, absent = genes_in_table(sp, model.genes)
     if not present:
@@ -365,7 +365,7 @@ def _check_genes(sp: Spots, model: Any, key_added: str) -> None:
         )
 
 
-def _record(sp: Spots, key_added: str, info: dict[str, Any] | None) -> None:
+def _record(sp: Section, key_added: str, info: dict[str, Any] | None) -> None:
     """Add how the patches were resampled to the run record ``uns[key_added]``."""
     if info is not None:
         info = {k: v for k, v in info.items() if v is not None}

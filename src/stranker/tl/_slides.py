@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._section import InputError, as_sections
 from .._settings import logger, resolve_seed, settings
-from .._spots import InputError, as_spots
 from ..pp._patches import check_inside
 from ._predict import as_model, check_scale, tile_section
 
@@ -156,7 +156,7 @@ def embed_slides(
     log = logger.debug if len(items) > 1 else logger.info  # one tiling message per slide is noise in a cohort
     for sid, item in zip(tqdm(ids, desc="embed slides", disable=not settings.show_progress()), items,
                          strict=True):
-        sp = as_spots(item, image_key=image_key, need_image=True, need_table=False)[0]
+        sp = as_sections(item, image_key=image_key, need_image=True, need_table=False)[0]
         check_scale(sp, model, tile_px)
         if sp.n_spots == 0:
             if sp.keys.kind != "spatialdata":

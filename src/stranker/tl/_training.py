@@ -10,8 +10,8 @@ import numpy as np
 
 from .._constants import Keys
 from .._key_added import check_key_added
+from .._section import InputError, Section, as_sections
 from .._settings import logger, settings
-from .._spots import InputError, Spots, as_spots
 from ..pp._genes import choose, log_expression, resolve_genes
 from ..pp._patches import PatchGeometry, PatchReader, check_inside
 
@@ -61,15 +61,15 @@ def backbone_defaults(cfg: Any, chosen: Collection[str], mpps: list[float | None
 
 def training_sections(
     data: Any, cfg: Any, chosen: Collection[str], *, key_added: str | None, aggregate: bool, **keys: Any
-) -> tuple[list[Spots], Any, PatchGeometry | None]:
+) -> tuple[list[Section], Any, PatchGeometry | None]:
     """Return the checked training sections of ``data``, the configuration and the patch geometry.
 
     A named backbone's defaults apply to the fields not in ``chosen``; Visium HD bins are summed
     into pseudo-spots as wide as the patch when ``aggregate`` (the tables are added to the data,
     and removed again if training fails: :meth:`stranker.Model.train` is undone on failure).
-    ``keys`` are those of :func:`stranker._spots.as_spots`.
+    ``keys`` are those of :func:`stranker._section.as_sections`.
     """
-    secs = as_spots(data, **keys, need_image=cfg.image_features is None)
+    secs = as_sections(data, **keys, need_image=cfg.image_features is None)
     geometry = None
     if cfg.image_features is None:
         cfg = backbone_defaults(cfg, chosen, [sp.microns_per_pixel for sp in secs])
@@ -84,7 +84,7 @@ def training_sections(
     return secs, cfg, geometry
 
 
-def check_distinct(secs: list[Spots]) -> None:
+def check_distinct(secs: list[Section]) -> None:
     """Refuse one section passed twice (its spots would count twice)."""
     seen: dict[tuple[int, bytes], str] = {}
     for sp in secs:
@@ -97,7 +97,7 @@ def check_distinct(secs: list[Spots]) -> None:
         seen[key] = sp.name
 
 
-def check_spots(secs: list[Spots]) -> None:
+def check_spots(secs: list[Section]) -> None:
     """Refuse a section with fewer than two spots."""
     for sp in secs:
         if sp.n_spots < 2:
@@ -115,7 +115,7 @@ def section_positions(centers: np.ndarray) -> np.ndarray:
     return ((centers - lo) / span).astype(np.float32)
 
 
-def targets(secs: list[Spots], genes: list[str], layer: str | None, target_sum: float) -> list[np.ndarray]:
+def targets(secs: list[Section], genes: list[str], layer: str | None, target_sum: float) -> list[np.ndarray]:
     """Log-normalised expression (``target_sum`` per spot over all genes, log1p) of ``genes``.
 
     Only the columns of ``genes`` are densified; library sizes are summed on the (sparse) table.
@@ -145,7 +145,7 @@ def standardise(y_secs: list[np.ndarray], scale: str) -> tuple[np.ndarray, np.nd
     return y, mean, std
 
 
-def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: int) -> list[str]:
+def choose_genes(secs: list[Section], genes: Any, layer: str | None, n_top_genes: int) -> list[str]:
     """Genes to model: an explicit list, ``var[Keys.SELECTED]`` when every table has it, else HVGs."""
     if genes is None:
         flags = [sp.table.var.get(Keys.SELECTED) for sp in secs]
@@ -164,7 +164,7 @@ def choose_genes(secs: list[Spots], genes: Any, layer: str | None, n_top_genes: 
     return resolve_genes(secs, list(genes), "raise")
 
 
-def feature_record(secs: list[Spots], key: str | None) -> dict[str, Any]:
+def feature_record(secs: list[Section], key: str | None) -> dict[str, Any]:
     """Return the record of features ``obsm[key]`` (:func:`stranker.pp.embed_patches`) as JSON values."""
     record = secs[0].table.uns.get(key) if key is not None else None
     if not isinstance(record, dict):
@@ -172,7 +172,7 @@ def feature_record(secs: list[Spots], key: str | None) -> dict[str, Any]:
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in record.items()}
 
 
-def _features(secs: list[Spots], key: str) -> np.ndarray:
+def _features(secs: list[Section], key: str) -> np.ndarray:
     """Precomputed per-spot features ``obsm[key]`` of every section, checked."""
     for sp in secs:
         if key not in sp.table.obsm:
@@ -206,7 +206,7 @@ class TrainingInputs:
         Width of the precomputed features, else ``None``.
     """
 
-    sections: list[Spots]
+    sections: list[Section]
     genes: list[str]
     values: np.ndarray
     mean: np.ndarray
@@ -217,7 +217,7 @@ class TrainingInputs:
 
     @classmethod
     def of(
-        cls, secs: list[Spots], genes: list[str], cfg: Any, geometry: PatchGeometry | None, *,
+        cls, secs: list[Section], genes: list[str], cfg: Any, geometry: PatchGeometry | None, *,
         layer: str | None, target_sum: float, stream: bool | None,
     ) -> TrainingInputs:
         """Targets, patches (or ``cfg.image_features``), positions and section ids of ``secs``.
@@ -285,8 +285,8 @@ def reference_bank(aligner: Any, inputs: TrainingInputs, device: Any) -> dict[st
 
 
 def bins_to_patches(
-    secs: list[Spots], geometry: PatchGeometry
-) -> tuple[list[Spots], list[tuple[Any, str, str]]]:
+    secs: list[Section], geometry: PatchGeometry
+) -> tuple[list[Section], list[tuple[Any, str, str]]]:
     """Visium HD sections -> their bins summed into pseudo-spots as wide as the patch the model reads.
 
     Returns the sections (others unchanged) and the (SpatialData, table, shapes) keys that were added.
@@ -315,7 +315,7 @@ def bins_to_patches(
         else:
             key, skey = aggregate(sdata, sp, bin_um, k * bin_um)
             added.append((sdata, key, skey))
-        out.append(as_spots(sdata, table_key=key, image_key=sp.keys.image_key, need_image=True)[0])
+        out.append(as_sections(sdata, table_key=key, image_key=sp.keys.image_key, need_image=True)[0])
     return out, added
 
 

@@ -1,6 +1,6 @@
-"""The one adapter: SpatialData | AnnData (squidpy layout) | list of either -> Spots, and back.
+"""The one adapter: SpatialData | AnnData (squidpy layout) | list of either -> Section, and back.
 
-No other module knows input formats. A :class:`Spots` is a view of one section: an image handle
+No other module knows input formats. A :class:`Section` is a view of one section: an image handle
 that reads lazily, spot centres in pixels of the image's finest level, the spot diameter in those
 pixels and the table (the user's own AnnData, never copied here) with the rows that belong to it.
 Every element stranker adds to a SpatialData goes through :func:`add_elements`.
@@ -131,7 +131,7 @@ class ElementKeys:
 
 
 @dataclass
-class Spots:
+class Section:
     """One section as stranker sees it.
 
     Attributes
@@ -226,7 +226,7 @@ class Spots:
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
-def as_spots(
+def as_sections(
     data: Any,
     *,
     image_key: str | None = None,
@@ -238,8 +238,8 @@ def as_spots(
     bin_size: int | None = None,
     need_image: bool = True,
     need_table: bool = True,
-) -> list[Spots]:
-    """Turn a SpatialData, an AnnData in squidpy layout, or a list of either into Spots.
+) -> list[Section]:
+    """Turn a SpatialData, an AnnData in squidpy layout, or a list of either into Section.
 
     Parameters
     ----------
@@ -263,12 +263,12 @@ def as_spots(
 
     Returns
     -------
-    One :class:`Spots` per section.
+    One :class:`Section` per section.
     """
     items = list(data) if isinstance(data, list | tuple) else [data]
     if not items:
         raise InputError("Got an empty list: pass at least one SpatialData or AnnData.")
-    out: list[Spots] = []
+    out: list[Section] = []
     for i, item in enumerate(items):
         kind = _kind(item)
         if kind == "spatialdata":
@@ -427,7 +427,7 @@ def _from_spatialdata(
     bin_size: int | None,
     need_image: bool,
     need_table: bool,
-) -> Spots:
+) -> Section:
     where = "the SpatialData"
     # --- table and the shapes it annotates
     spots_like = [k for k, g in sdata.shapes.items() if _shape_kind(g) is not None]
@@ -572,7 +572,7 @@ def _from_spatialdata(
     diameter = float(np.median(diam)) if len(diam) else float("nan")
     mpp = _spatialdata_mpp(sdata, table, table_key, image_key, diameter)
     name = _section_name(table, rows, table_key) if table is not None else (image_key or "section")
-    return Spots(
+    return Section(
         name=name,
         image=image,
         centers=xy,
@@ -671,7 +671,9 @@ def _library_rows(adata: Any, lib: str | None, libs: list[str], library_key: str
     return rows
 
 
-def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None, need_image: bool) -> Spots:
+def _from_anndata(
+    adata: Any, *, library_id: str | None, library_key: str | None, need_image: bool
+) -> Section:
     where = "the AnnData"
     if Keys.SPATIAL not in adata.obsm:
         raise InputError(
@@ -748,7 +750,7 @@ def _from_anndata(adata: Any, *, library_id: str | None, library_key: str | None
     else:
         diameter = float("nan")
     mpp = scalef.get(Keys.MPP, adata.uns.get(Keys.MPP))
-    return Spots(
+    return Section(
         name=str(lib) if lib is not None else "section",
         image=image,
         centers=xy[rows],

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import stranker as sr
-from stranker._spots import InputError, as_spots
+from stranker._section import InputError, as_sections
 from tests.conftest import make_sdata
 
 
@@ -11,7 +11,7 @@ from tests.conftest import make_sdata
 )
 def test_spot_centres_follow_transformations(image_scale, shapes_scale, multiscale):
     sdata, px = make_sdata(image_scale=image_scale, shapes_scale=shapes_scale, multiscale=multiscale)
-    sp = as_spots(sdata)[0]
+    sp = as_sections(sdata)[0]
     np.testing.assert_allclose(sp.centers, px, atol=1e-6)
     np.testing.assert_allclose(sp.diameter, 16.0, rtol=1e-6)
     # the pixel at the centre of every patch carries the spot's colour code
@@ -28,7 +28,7 @@ def test_multiscale_levels_map_to_the_same_spot():
     yy, xx = np.mgrid[0:400, 0:400]
     ramp = np.stack([xx * 255 / 399, yy * 255 / 399, np.full_like(xx, 128)]).astype(np.uint8)
     sdata.images["he"] = Image2DModel.parse(ramp, dims=("c", "y", "x"), scale_factors=[2, 2])
-    sp = as_spots(sdata)[0]
+    sp = as_sections(sdata)[0]
     assert sp.image.scales == [1.0, 2.0, 4.0]
     # a 32 px patch shrunk to 4 px is read from level 2 (4x coarser) and stays centred on the spot
     assert sp.image.level_for(32 / 4) == 2
@@ -59,7 +59,7 @@ def test_anndata_hires_scalefactor_is_honoured():
     table.obsm["spatial"] = px * 2
     table.uns["spatial"] = {"lib": {"images": {"hires": full}, "scalefactors": {
         "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.05, "spot_diameter_fullres": 32.0}}}
-    sp = as_spots(table)[0]
+    sp = as_sections(table)[0]
     assert sp.image.shape == (400, 480)
     p = sr.pp.patches(table, size=18, out_px=9)
     np.testing.assert_array_equal(p[:, 4, 4, 1], 200)
@@ -68,7 +68,7 @@ def test_anndata_hires_scalefactor_is_honoured():
 def test_list_input_gives_one_view_per_section():
     s1, _ = make_sdata(seed=1)
     s2, _ = make_sdata(seed=2, n=7)
-    secs = as_spots([s1, s2])
+    secs = as_sections([s1, s2])
     assert [s.n_spots for s in secs] == [12, 7]
     out = sr.pp.patches([s1, s2], size=5)
     assert [o.shape[0] for o in out] == [12, 7]
@@ -84,22 +84,22 @@ def test_missing_image_is_reported():
 def test_several_images_need_image_key():
     sdata, _ = make_sdata(extra_images=1)
     with pytest.raises(InputError, match=r"several images \['he', 'he2'\].*image_key"):
-        as_spots(sdata)
-    assert as_spots(sdata, image_key="he2")[0].keys.image_key == "he2"
+        as_sections(sdata)
+    assert as_sections(sdata, image_key="he2")[0].keys.image_key == "he2"
     with pytest.raises(InputError, match="'nope' not found"):
-        as_spots(sdata, image_key="nope")
+        as_sections(sdata, image_key="nope")
 
 
 def test_not_a_spatial_object():
     with pytest.raises(InputError, match="stranker takes a SpatialData"):
-        as_spots(np.zeros(3))
+        as_sections(np.zeros(3))
 
 
 def test_anndata_without_spatial_is_reported():
     import anndata as ad
 
     with pytest.raises(InputError, match=r"obsm\['spatial'\]"):
-        as_spots(ad.AnnData(np.zeros((3, 2))))
+        as_sections(ad.AnnData(np.zeros((3, 2))))
 
 
 def test_spots_outside_the_image():
@@ -148,7 +148,7 @@ def test_images_of_any_dtype_read_as_their_uint8_values(convert):
     other = _replace_image(make_sdata()[0], convert(img))
     np.testing.assert_array_equal(sr.pp.patches(other, size=16), ref)
     # a window that holds only values <= 1 of a 0-255 float image is dark, not white
-    sp = as_spots(other)[0]
+    sp = as_sections(other)[0]
     np.testing.assert_array_equal(sp.image.read(0, 0, 40, 0, 40), img[:, :40, :40].transpose(1, 2, 0))
 
 
@@ -191,8 +191,8 @@ def test_several_libraries_without_a_key_are_refused():
 
 def test_library_key_picks_each_library_s_rows():
     table = _two_libraries()
-    a = as_spots(table, library_id="A", library_key="sample")[0]
-    b = as_spots(table, library_id="B", library_key="sample")[0]
+    a = as_sections(table, library_id="A", library_key="sample")[0]
+    b = as_sections(table, library_id="B", library_key="sample")[0]
     np.testing.assert_array_equal(a.rows, np.arange(6))
     np.testing.assert_array_equal(b.rows, np.arange(6, 12))
     pa = sr.pp.patches(table, size=9, library_id="A", library_key="sample")
@@ -202,7 +202,7 @@ def test_library_key_picks_each_library_s_rows():
     np.testing.assert_array_equal(pb[:, 4, 4, 1], 55)
     # the default key of a multi-library AnnData stays obs['library_id']
     table.obs["library_id"] = table.obs["sample"]
-    np.testing.assert_array_equal(as_spots(table, library_id="B")[0].rows, np.arange(6, 12))
+    np.testing.assert_array_equal(as_sections(table, library_id="B")[0].rows, np.arange(6, 12))
 
 
 def test_add_elements_replaces_only_what_stranker_added_under_that_name():
@@ -210,7 +210,7 @@ def test_add_elements_replaces_only_what_stranker_added_under_that_name():
     import pandas as pd
     from spatialdata.models import TableModel
 
-    from stranker._spots import add_elements
+    from stranker._section import add_elements
 
     sdata, _ = make_sdata()
     spots = sdata.shapes["spots"]
