@@ -43,10 +43,10 @@ SECTIONS = ["C5", "C2", "C3", "C4"]  # C5 first: that fold is the dev split
 DEV_TEST = "C5"
 OTHER_PATIENT = ["A1"]  # held out after training on every section of SECTIONS (split 'patient')
 BASELINES = ("mean", "ridge-stain", "ridge-backbone")
-PRESETS = ("bleep", "mclstexp", "rankbygene", "stranker")
+PRESETS = ("stnet", "bleep", "mclstexp", "rankbygene", "stranker")
 # `--ablations`: the default with one part taken out or one option put back, each against `stranker`
 ABLATIONS = {
-    "stnet": ("stnet", {}),  # regression only: no alignment terms, no retrieval
+    "stranker-no-resjitter": ("stranker", {"resolution_jitter": 1.0}),  # the default before issue 17
     "stranker-no-clip": ("stranker", {"w_clip": 0.0}),
     "stranker-no-rank": ("stranker", {"w_rank": 0.0}),
     "stranker-no-distill": ("stranker", {"w_distill": 0.0}),
@@ -56,6 +56,8 @@ ABLATIONS = {
     "stranker-no-rank-distill": ("stranker", {"w_rank": 0.0, "w_distill": 0.0}),
     "stranker+hed": ("stranker", {"hed_jitter": 0.02}),  # stain jitter in HED space (Tellez et al. 2018)
     "stranker+reinhard": ("stranker", {"stain_norm": "reinhard"}),  # per-patch Reinhard normalisation
+    "stranker+section": ("stranker", {"target_scale": "section"}),  # targets standardised per section
+    "stranker+adapt": ("stranker", {"adapt": True}),  # AdaBN on the section predicted
 }
 PREDICT_OPTIONS = ("adapt",)  # options of ABLATIONS that go to predict, not fit
 STATS = ("n", "mx", "my", "sxx", "syy", "sxy", "sae", "sse")
@@ -253,7 +255,11 @@ def main(argv=None):
                          "default: random-init ResNet-18")
     ap.add_argument("--out", default=str(HERE / "results"),
                     help="folder for accuracy.json and accuracy_stats.npz")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="add the rows of other --out folders (parallel runs) to --out; print the tables")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(Path(args.out), [Path(d) for d in args.merge])
     sr.settings.progress = False
     sr.settings.verbosity = 1
     opts = dict(SMOKE) if args.smoke else {}
@@ -303,6 +309,30 @@ def main(argv=None):
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
                 _save(jpath, spath, rows, stats, names)
+    rows = rows + pooled_rows(rows, stats, names)
+    print(table(rows))
+    print()
+    print(fold_table(rows))
+    if any(r["method"] in ABLATIONS for r in rows):
+        print()
+        print(ablation_table(rows))
+    return rows
+
+
+def merge(out: Path, others: list[Path]) -> list[dict]:
+    """Add the rows and statistics of ``others`` (folders of runs made in parallel) to ``out``."""
+    jpath, spath = out / "accuracy.json", out / "accuracy_stats.npz"
+    rows = json.loads(jpath.read_text())["rows"] if jpath.exists() else []
+    stats = dict(np.load(spath)) if spath.exists() else {}
+    rows = [r for r in rows if r["test"] != "pooled"]
+    for d in others:
+        new = [r for r in json.loads((d / "accuracy.json").read_text())["rows"] if r["test"] != "pooled"]
+        keys = {_key(r) for r in new}
+        rows = [r for r in rows if _key(r) not in keys] + new
+        stats.update(dict(np.load(d / "accuracy_stats.npz")))
+    names = [s for s in SECTIONS if any(r["test"] == s for r in rows)]
+    out.mkdir(parents=True, exist_ok=True)
+    _save(jpath, spath, rows, stats, names)
     rows = rows + pooled_rows(rows, stats, names)
     print(table(rows))
     print()

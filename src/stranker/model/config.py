@@ -28,7 +28,7 @@ class Config:
     use_stain: bool = False  # measured on her2st: stain statistics beside the CNN lowered held-out PCC
     stain_norm: str | None = None  # 'reinhard': each patch's tissue L*a*b* mean/sd set to a fixed target
     hed_jitter: float = 0.0  # strength of per-channel HED scale/shift augmentation (Tellez et al. 2018)
-    resolution_jitter: float = 1.0  # >1: train on patches downsampled by up to this factor (then upsampled)
+    resolution_jitter: float = 3.0  # train on patches downsampled by up to this factor; 1: off
     embed_dim: int = 256
     dropout: float = 0.0
     # gene branch
@@ -85,22 +85,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stranker": {},
     # ST-Net-like supervised baseline: the backbone regresses expression, nothing else
     "stnet": dict(
-        scales=(1.0,), use_stain=False, w_regression=1.0, w_clip=0.0, w_rank=0.0, w_distill=0.0,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        w_regression=1.0, w_clip=0.0, w_rank=0.0, w_distill=0.0,
         head_on="embedding", predict="head",
     ),
     # BLEEP: CLIP loss between image and expression, prediction by top-k retrieval
     "bleep": dict(
-        scales=(1.0,), use_stain=False, w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
         predict="retrieval", tta=False, temperature=1.0,
     ),
     # mclSTExp: BLEEP + a transformer over the spots of a section with learned 2-D positions
     "mclstexp": dict(
-        scales=(1.0,), use_stain=False, w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
         spot_context=True, predict="retrieval", tta=False, temperature=1.0,
     ),
     # RankByGene: InfoNCE + ranking consistency + EMA teacher-student; a head on the frozen embedding
     "rankbygene": dict(
-        scales=(1.0,), use_stain=False, w_regression=1.0, probe_only=True, w_clip=1.0, w_rank=1.0,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        w_regression=1.0, probe_only=True, w_clip=1.0, w_rank=1.0,
         w_distill=1.0, rank_reference="gene", predict="head", tta=False, student_view="strong",
         head_on="embedding",
     ),
