@@ -79,10 +79,10 @@ def test_predict_with_adapt_changes_predictions_not_the_model():
 def test_predict_warns_when_a_slide_is_coarser_than_the_model_was_trained_on(stranker_log):
     train, test = sr.datasets.synthetic(2, 30, n_genes=10, seed=0)
     test.tables["table"].uns["microns_per_pixel"] *= 4  # the same pixels, read as a 4x coarser scan
-    model = sr.tl.fit(train, **TINY)  # 64 px patches fed at 32 px; on the test they are 16 px
+    model = sr.tl.fit(train, **TINY, resolution_jitter=1.0)  # 64 px patches fed at 32 px; on the test 16 px
     sr.tl.predict(model, test, copy=True)
     assert any("coarser than any patch" in r.getMessage() for r in stranker_log.records)
     stranker_log.clear()
-    model = sr.tl.fit(train, **{**TINY, "resolution_jitter": 2.5})
+    model = sr.tl.fit(train, **TINY)  # the default resolution_jitter=3 covers 2x
     sr.tl.predict(model, test, copy=True)
     assert not any("coarser than any patch" in r.getMessage() for r in stranker_log.records)
