@@ -46,14 +46,14 @@ BASELINES = ("mean", "ridge-stain", "ridge-backbone")
 PRESETS = ("stnet", "bleep", "mclstexp", "rankbygene", "stranker")
 # `--ablations`: the default with one part taken out or one option put back, each against `stranker`
 ABLATIONS = {
-    "stranker-no-resjitter": ("stranker", {"resolution_jitter": 1.0}),  # the default before issue 17
+    "stranker-no-resjitter": ("stranker", {"resolution_jitter": 1.0}),  # sharp training patches only
     "stranker-no-clip": ("stranker", {"w_clip": 0.0}),
-    "stranker-no-rank": ("stranker", {"w_rank": 0.0}),
-    "stranker-no-distill": ("stranker", {"w_distill": 0.0}),
+    "stranker+rank": ("stranker", {"w_rank": 0.03}),  # the ranking term at its weight before issue 17
+    "stranker+distill": ("stranker", {"w_distill": 0.03}),
     "stranker+context": ("stranker", {"spot_context": True}),
     "stranker+stain": ("stranker", {"use_stain": True}),
     "stranker+2scales": ("stranker", {"scales": (1.0, 2.0), "cnn_scales": 2}),
-    "stranker-no-rank-distill": ("stranker", {"w_rank": 0.0, "w_distill": 0.0}),
+    "stranker+rank+distill": ("stranker", {"w_rank": 0.03, "w_distill": 0.03}),
     "stranker+hed": ("stranker", {"hed_jitter": 0.02}),  # stain jitter in HED space (Tellez et al. 2018)
     "stranker+reinhard": ("stranker", {"stain_norm": "reinhard"}),  # per-patch Reinhard normalisation
     "stranker+section": ("stranker", {"target_scale": "section"}),  # targets standardised per section
