@@ -372,6 +372,11 @@ def test_a1_loads_in_the_png_frame_at_its_own_resolution():
     # every spot lands on tissue, not on the blacked-out background
     c = np.round(t.obsm["spatial"]).astype(int)
     assert (rgb[c[:, 1], c[:, 0]].sum(1) > 60).all()
+    # the blacked-out glass is white again, as in a scan; tissue pixels are as in the PNG
+    img = np.moveaxis(np.asarray(a1.images["he"]["scale0"]["image"]), 0, -1)
+    black = rgb.max(-1) < 8
+    assert black.mean() > 0.5 and (img[black] == 255).all()
+    np.testing.assert_array_equal(img[~black], rgb[~black])
 
 
 @pytest.mark.her2st
