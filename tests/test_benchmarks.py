@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -50,7 +51,6 @@ def test_accuracy_smoke_rows_pooled_and_resume(tmp_path):
 
 
 def test_pooled_statistics_equal_concatenation():
-    import numpy as np
 
     acc = _load("accuracy")
     rng = np.random.default_rng(0)
@@ -79,13 +79,13 @@ def test_tables_count_a_seed_once_it_has_every_fold():
     folds = acc.fold_table(rows)
     assert "| C5 ACG | 0.100 (1) | **0.550 ± 0.495 (2)** |" in folds  # per fold, every seed that ran
     # an ablation row, run on C5 only, neither enters the main tables nor shrinks their common folds
-    with_ablation = rows + [row("stranker-no-rank", "C5", 0, 0.15)]
+    with_ablation = rows + [row("stranker+rank", "C5", 0, 0.15)]
     assert acc.table(with_ablation) == acc.table(rows)
     assert acc.fold_table(with_ablation) == folds
     abl = acc.ablation_table(with_ablation).splitlines()
     assert abl[0].startswith("| method | C5 | mean of 1 |")  # only the folds the ablation ran on
     assert abl[2] == "| stranker | 0.200 / 0.200 | 0.200 / 0.200 | – |"  # seed 0 only: as the ablation
-    assert abl[3] == "| stranker-no-rank | 0.150 / 0.150 | 0.150 / 0.150 | -0.050 / -0.050 |"
+    assert abl[3] == "| stranker+rank | 0.150 / 0.150 | 0.150 / 0.150 | -0.050 / -0.050 |"
 
 
 def test_speed_smoke(tmp_path):
@@ -128,3 +128,26 @@ def test_train_scaling_smoke(tmp_path):
          "--batch-size", "16", "--out", str(out), tmp_path=tmp_path)
     runs = _strict(out.read_text())["runs"]
     assert len(runs) == 1 and runs[0]["spots_per_s"] > 0 and math.isfinite(runs[0]["final_total_loss"])
+
+
+def test_accuracy_merge_joins_parallel_runs(tmp_path, capsys):
+    acc = _load("accuracy")
+    st = np.ones((len(acc.STATS), 3))
+
+    def run(folder, rows):
+        folder.mkdir()
+        stats = {acc._key(r): st for r in rows}
+        acc._save(folder / "accuracy.json", folder / "accuracy_stats.npz", rows, stats, ["C5"])
+
+    def row(method, seed, r):
+        return {"method": method, "split": "loso", "test": "C5", "dev": True, "seed": seed, "pcc_all": r,
+                "pcc_heg": r, "pcc_heg_train": r, "mae": 1.0, "mse": 1.0, "fit_s": 1.0, "predict_s": 1.0}
+
+    run(tmp_path / "a", [row("stranker", 0, 0.1), row("bleep", 0, 0.2)])
+    run(tmp_path / "b", [row("stranker", 0, 0.3), row("stranker", 1, 0.4)])  # seed 0 again: replaces
+    acc.main(["--out", str(tmp_path / "all"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")])
+    saved = json.loads((tmp_path / "all" / "accuracy.json").read_text())["rows"]
+    got = {(r["method"], r["seed"]): r["pcc_all"] for r in saved if r["test"] != "pooled"}
+    assert got == {("bleep", 0): 0.2, ("stranker", 0): 0.3, ("stranker", 1): 0.4}
+    keys = set(np.load(tmp_path / "all" / "accuracy_stats.npz"))
+    assert keys == {"bleep|C5|0", "stranker|C5|0", "stranker|C5|1"}
