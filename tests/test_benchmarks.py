@@ -51,7 +51,6 @@ def test_accuracy_smoke_rows_pooled_and_resume(tmp_path):
 
 
 def test_pooled_statistics_equal_concatenation():
-
     acc = _load("accuracy")
     rng = np.random.default_rng(0)
     parts = [(rng.normal(size=(n, 5)), rng.normal(size=(n, 5)) + i) for i, n in enumerate((7, 11, 4))]
