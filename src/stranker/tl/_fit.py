@@ -1,4 +1,4 @@
-"""sr.tl.fit: train the ranking-aligned image-gene model on one or more sections."""
+"""sr.tl.fit: train the image-gene model on one or more sections."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def fit(
     aggregate: bool = True,
     **options: Any,
 ):
-    """Train the ranking-aligned image-gene model and write its in-sample results.
+    """Train the image-gene model and write its in-sample results.
 
     Parameters
     ----------
