@@ -309,6 +309,11 @@ def main(argv=None):
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
                 _save(jpath, spath, rows, stats, names)
+    return report(rows, stats, names)
+
+
+def report(rows: list[dict], stats: dict, names: list[str]) -> list[dict]:
+    """Print the main, per-fold and ablation tables; return the rows with the pooled ones."""
     rows = rows + pooled_rows(rows, stats, names)
     print(table(rows))
     print()
@@ -333,14 +338,7 @@ def merge(out: Path, others: list[Path]) -> list[dict]:
     names = [s for s in SECTIONS if any(r["test"] == s for r in rows)]
     out.mkdir(parents=True, exist_ok=True)
     _save(jpath, spath, rows, stats, names)
-    rows = rows + pooled_rows(rows, stats, names)
-    print(table(rows))
-    print()
-    print(fold_table(rows))
-    if any(r["method"] in ABLATIONS for r in rows):
-        print()
-        print(ablation_table(rows))
-    return rows
+    return report(rows, stats, names)
 
 
 def _key(row):
