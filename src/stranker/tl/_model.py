@@ -26,6 +26,8 @@ from ._training import (
     training_sections,
 )
 
+ADAPT_MOST = 2048  # patches of a section whose batch-norm statistics `adapt=True` takes, evenly spread
+
 _FILE = "model.pt"
 _META = "model.json"
 
@@ -379,8 +381,11 @@ class Model:
             values = torch.as_tensor(self.bank["values"], device=dev)
         branch = al.teacher
         if adapt:
-            own = None if c.image_features is not None or patches is not None else reader
-            branch = self._adapted(branch, n, batch_size, dev, features, patches, own, centers)
+            if c.image_features is not None:
+                raise InputError("`adapt=True` renews a backbone's statistics: a model on features has none.")
+            if patches is None and n <= ADAPT_MOST:  # read once, for the statistics and the predictions
+                patches = reader.read(np.arange(n)) if centers is None else reader.read(centers=centers)
+            branch = self._adapted(branch, n, batch_size, dev, patches, reader, centers)
         from tqdm.auto import tqdm
 
         starts = range(0, n, batch_size)
@@ -409,16 +414,14 @@ class Model:
             pred_out[start : start + len(sl)] = out.cpu().numpy()
         return emb_out, pred_out
 
-    def _adapted(self, branch, n, batch_size, dev, features, patches, reader, centers, most: int = 2048):
-        """Return the teacher with batch-norm statistics of up to ``most`` inputs of this section."""
+    def _adapted(self, branch, n, batch_size, dev, patches, reader, centers):
+        """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs of this section."""
         import torch
 
         from ..model.adapt import adapt_norm
         from ..train.loop import to_input
 
-        if self.config.image_features is not None:
-            raise InputError("`adapt=True` renews the backbone's statistics: a model on features has none.")
-        rows = np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(np.int64))
+        rows = np.unique(np.linspace(0, n - 1, min(n, ADAPT_MOST)).round().astype(np.int64))
 
         def batches():
             for start in range(0, len(rows), batch_size):
