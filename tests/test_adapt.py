@@ -66,8 +66,11 @@ def test_predict_with_adapt_changes_predictions_not_the_model():
     train, test = sr.datasets.synthetic(2, 40, n_genes=20, seed=0)
     model = sr.tl.fit(train, **TINY)
     before = {k: v.clone() for k, v in model.aligner.state_dict().items()}
-    plain = sr.tl.predict(model, test, copy=True).tables["table"].layers["stranker"]
-    adapted = sr.tl.predict(model, test, adapt=True, copy=True).tables["table"].layers["stranker"]
+    plain_table = sr.tl.predict(model, test, copy=True).tables["table"]
+    adapted_table = sr.tl.predict(model, test, adapt=True, copy=True).tables["table"]
+    plain, adapted = plain_table.layers["stranker"], adapted_table.layers["stranker"]
+    assert plain_table.uns["stranker"]["adapt"] is False  # the record says which model predicted
+    assert adapted_table.uns["stranker"]["adapt"] is True
     assert not np.allclose(plain, adapted)
     after = sr.tl.predict(model, test, copy=True).tables["table"].layers["stranker"]
     np.testing.assert_array_equal(after, plain)

@@ -353,6 +353,17 @@ def test_aggregate_replaces_its_own_pseudo_spots_never_the_users(hd_dir):
     assert sdata.tables["square_064um_mine"].n_obs == 9 and "square_064um_mine_shapes" in sdata.shapes
 
 
+def test_fit_refusing_a_users_element_says_how_to_fit_not_key_added(hd_dir):
+    # fit has no `key_added` for its pseudo-spots: the message names what the user can do
+    sdata = _read_hd(hd_dir[0])
+    sdata.shapes["HD_square_032um"] = sdata.shapes["HD_square_016um"].copy()
+    with pytest.raises(InputError, match=r"'HD_square_032um', which stranker did not write.*"
+                       r"sr.io.aggregate_bins\(sdata, bin_size=8, size_um=32.*aggregate=False") as err:
+        sr.tl.fit(sdata, bin_size=8, seed=0, **FAST)
+    assert "Pass another `key_added=`" not in str(err.value)
+    assert "square_032um" not in sdata.tables
+
+
 def test_fit_on_hd_bins_sums_them_to_the_patch_width(hd_dir):
     # 8 µm bins under a 64 px patch at 0.5 µm/px (32 µm): fit trains on 4 x 4-bin pseudo-spots, whose
     # table it adds, exactly what sr.io.aggregate_bins makes

@@ -800,6 +800,7 @@ def check_free(
     shapes: Sequence[str] = (),
     images: Sequence[str] = (),
     arg: str = "key_added",
+    fix: str | None = None,
 ) -> None:
     """Refuse names held by an element that stranker did not write there (before any work is done).
 
@@ -815,7 +816,11 @@ def check_free(
         Names of the elements to write.
     arg
         The argument that named them, for the message.
+    fix
+        What the message tells the user to do instead of passing another ``arg`` (for names the
+        user did not choose).
     """
+    fix = fix or f"Pass another `{arg}=`."
     wanted = {"tables": list(tables), "shapes": list(shapes), "images": list(images)}
     for kind, names in wanted.items():
         for name in names:
@@ -827,15 +832,15 @@ def check_free(
                         continue
                     raise InputError(
                         f"The SpatialData holds {other} element {key!r}, which stranker did not write: "
-                        f"it is not replaced. Pass another `{arg}=`."
+                        f"it is not replaced. {fix}"
                     )
     for name in wanted["shapes"]:
         others = {k: t for k, t in sdata.tables.items() if k not in wanted["tables"]}
         users = [k for k, t in others.items() if name in _table_region(t)[0]]
         if name in sdata.shapes and users:
             raise InputError(
-                f"Shapes {name!r} are annotated by table(s) {users}: they are not replaced. Pass another "
-                f"`{arg}=` (or delete those tables first)."
+                f"Shapes {name!r} are annotated by table(s) {users}: they are not replaced. {fix} "
+                "Or delete those tables first."
             )
 
 

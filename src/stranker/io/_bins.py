@@ -63,10 +63,12 @@ def aggregate(
     size_um: float,
     min_fraction: float = 0.5,
     key_added: str | None = None,
+    fix: str | None = None,
 ) -> tuple[str, str]:
     """Sum the bins of section ``sp`` (from ``sdata``) into pseudo-spots.
 
-    Returns the keys of the new table and shapes.
+    Returns the keys of the new table and shapes. ``fix``: what a refusal to replace a user's element
+    tells the user to do (default: pass another ``key_added``).
     """
     import anndata as ad
     import pandas as pd
@@ -94,7 +96,7 @@ def aggregate(
         shapes_key = src.replace(f"square_{bin_size:03d}um", key)  # the HD naming: '{dataset}_square_032um'
     else:
         shapes_key = f"{key}_shapes"
-    check_free(sdata, tables=[key], shapes=[shapes_key])
+    check_free(sdata, tables=[key], shapes=[shapes_key], fix=fix)
     rc = (
         np.column_stack([t.obs["array_row"].to_numpy()[sp.rows], t.obs["array_col"].to_numpy()[sp.rows]]) // k
     )

@@ -259,8 +259,9 @@ def predict(
     ``obsm['X_{key_added}']``, ``layers[key_added]`` (modelled genes; others NaN, or a sparse layer
     of the modelled genes beyond ``sr.settings.max_dense_layer``) and ``uns[key_added]``
     (``in_sample=False``; ``genes``: the genes written, to pass on, e.g. to ``sq.gr.spatial_autocorr``;
-    ``genes_absent``: modelled genes the table lacks, not written, with a warning; ``resampling``:
-    slide and model µm/px, their ratio ``factor``, the pyramid level read).
+    ``genes_absent``: modelled genes the table lacks, not written, with a warning; ``adapt``: whether
+    the predictions came from the adapted model; ``resampling``: slide and model µm/px, their ratio
+    ``factor``, the pyramid level read).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
     empty, so the predictions are held once: pass ``layer=key_added`` to scanpy); on spots without a
@@ -303,7 +304,7 @@ def predict(
     for kind, sp, info, emb, pred in plans:
         if kind == "spots" and sp.table is not None:
             write_outputs(sp, model, emb, pred, key_added, in_sample=False)
-            _record(sp, key_added, info)
+            _record(sp, key_added, info, adapt)
             continue
         import geopandas  # noqa: F401  (spatialdata shapes)
         from spatialdata.models import ShapesModel
@@ -325,7 +326,7 @@ def predict(
         new = Section(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                     rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
         write_outputs(new, model, emb, pred, key_added, in_sample=False)
-        _record(new, key_added, info)
+        _record(new, key_added, info, adapt)
         add_elements(sdata, shapes=shapes, tables={f"{key_added}_table": table}, by="sr.tl.predict")
         logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
     return data if copy else None
@@ -365,8 +366,9 @@ def _check_genes(sp: Section, model: Any, key_added: str) -> None:
         )
 
 
-def _record(sp: Section, key_added: str, info: dict[str, Any] | None) -> None:
-    """Add how the patches were resampled to the run record ``uns[key_added]``."""
+def _record(sp: Section, key_added: str, info: dict[str, Any] | None, adapt: bool) -> None:
+    """Add to the run record ``uns[key_added]`` whether the model was adapted and how patches were resampled."""
+    rec = {**sp.table.uns[key_added], "adapt": bool(adapt)}
     if info is not None:
-        info = {k: v for k, v in info.items() if v is not None}
-        write_results(sp, uns={key_added: {**sp.table.uns[key_added], "resampling": info}})
+        rec["resampling"] = {k: v for k, v in info.items() if v is not None}
+    write_results(sp, uns={key_added: rec})
