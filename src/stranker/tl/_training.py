@@ -313,10 +313,11 @@ def bins_to_patches(
         if key in sdata.tables:
             logger.info(f"Training on {key!r}, the {bin_um} µm bins already summed to the patch width.")
         else:
-            fix = (f"`sr.tl.fit` sums the {bin_um} µm bins into pseudo-spots of {k * bin_um} µm under this name: "
-                   f"rename that element, or sum them yourself with `sr.io.aggregate_bins(sdata, bin_size={bin_um}, "
-                   f"size_um={k * bin_um}, key_added=...)` and fit on that table (`table_key=`), or pass "
-                   "`aggregate=False`.")
+            width = k * bin_um
+            fix = (f"`sr.tl.fit` sums the {bin_um} µm bins into pseudo-spots of {width} µm under this "
+                   "name: rename that element, or sum them yourself with `sr.io.aggregate_bins(sdata, "
+                   f"bin_size={bin_um}, size_um={width}, key_added=...)` and fit on that table "
+                   "(`table_key=`), or pass `aggregate=False`.")
             key, skey = aggregate(sdata, sp, bin_um, k * bin_um, fix=fix)
             added.append((sdata, key, skey))
         out.append(as_sections(sdata, table_key=key, image_key=sp.keys.image_key, need_image=True)[0])
