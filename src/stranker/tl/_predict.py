@@ -367,7 +367,7 @@ def _check_genes(sp: Section, model: Any, key_added: str) -> None:
 
 
 def _record(sp: Section, key_added: str, info: dict[str, Any] | None, adapt: bool) -> None:
-    """Add to the run record ``uns[key_added]`` whether the model was adapted and how patches were resampled."""
+    """Add to the run record ``uns[key_added]`` whether the model was adapted, how patches were resampled."""
     rec = {**sp.table.uns[key_added], "adapt": bool(adapt)}
     if info is not None:
         rec["resampling"] = {k: v for k, v in info.items() if v is not None}
