@@ -3,7 +3,10 @@
 Fits ``sr.tl.fit`` with ``--method`` and the options in ``--opts`` (JSON, any field of
 ``sr.model.Config``) on every section of patient C except ``--test``, predicts ``--test`` (``A1``: the
 other patient) and appends one row (ACG, HEG, Spearman, fit seconds) to ``results/variants.jsonl``.
-With ``--adapt`` a second row scores the same model predicted with ``adapt=True``. Rows of this
+With ``--adapt`` a second row scores the same model predicted with ``adapt=True``; with ``--blends``
+one row per weight of the regression head in the blend with retrieval (0: retrieval only, 1: the
+head only), from one fit (the blend is linear, so the head's and retrieval's predictions are read once
+each and mixed). Rows of this
 script are single runs of one seed; the figures a default rests on come from ``accuracy.py``.
 
     python benchmarks/variants.py --name rj3 --test A1 --opts '{"resolution_jitter": 3}' --adapt
@@ -32,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--method", default="stranker")
     ap.add_argument("--opts", default="{}", help="JSON of Config fields")
     ap.add_argument("--adapt", action="store_true", help="also score predict(adapt=True)")
+    ap.add_argument("--blends", type=float, nargs="*", default=[],
+                    help="also score these weights of the head in the blend (one fit)")
     ap.add_argument("--out", default=str(HERE / "results" / "variants.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
@@ -52,6 +57,19 @@ def main(argv=None):
                      **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
                      **A.spearman_scores(pred, true, st), "fit_s": round(fit_s, 1), "opts": opts})
         print(json.dumps(rows[-1]), flush=True)
+    if a.blends:
+        cfg, parts = model.config, {}
+        for kind in ("head", "retrieval"):
+            cfg.predict = kind
+            parts[kind] = model.predict(test)
+        for b in a.blends:
+            pred = b * parts["head"] + (1 - b) * parts["retrieval"]
+            st = A.suff_stats(pred, true)
+            rows.append({"name": f"{a.name}@blend{b:g}", "method": a.method, "test": a.test, "seed": a.seed,
+                         **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
+                         **A.spearman_scores(pred, true, st), "fit_s": round(fit_s, 1),
+                         "opts": {**opts, "predict": "blend", "blend": b}})
+            print(json.dumps(rows[-1]), flush=True)
     with open(a.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
