@@ -178,6 +178,11 @@ def test_predict_replaces_the_elements_it_added_never_the_users(model):
     assert elements(slide) == before
     sr.tl.predict(model, slide, tile_px=16, key_added="pred")
     assert "pred_tiles" in slide.shapes and "pred_table" in slide.tables
+    # predicting again lays the tiles anew (its own earlier tiles are not read as spots): tile_px counts
+    n16 = slide.tables["pred_table"].n_obs
+    sr.tl.predict(model, slide, tile_px=32, key_added="pred")
+    assert 2 * slide.shapes["pred_tiles"]["radius"].iloc[0] == pytest.approx(32)
+    assert slide.tables["pred_table"].n_obs < n16
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from .._constants import Keys
 from .._docs import doc_params
 from .._key_added import check_key_added
 from .._predictions import genes_in_table
-from .._section import InputError, Section, add_elements, as_sections, check_free
+from .._section import InputError, Section, add_elements, as_sections, check_free, written_by_stranker
 from .._settings import logger
 from .._undo import unchanged_on_failure
 from .._write import maybe_copy, write_outputs, write_results
@@ -265,8 +265,9 @@ def predict(
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
     empty, so the predictions are held once: pass ``layer=key_added`` to scanpy); on spots without a
-    table, the table only. Elements that an earlier predict added under these names are replaced;
-    an element of the user's is not (pass another ``key_added``).
+    table, the table only. Elements that an earlier predict added under these names are replaced
+    (its tiles are laid anew, at this call's ``tile_px``, not read as spots); an element of the
+    user's is not (pass another ``key_added``).
     """
     model = as_model(model)
     data = maybe_copy(data, copy)
@@ -278,7 +279,7 @@ def predict(
     plans = []
     for sp in secs:
         check_scale(sp, model, tile_px)
-        if sp.n_spots == 0:
+        if sp.n_spots == 0 or _own_tiles(sp, key_added):  # an earlier predict's tiles are laid anew
             if sp.keys.kind != "spatialdata":
                 raise InputError(f"Section {sp.name!r} has no spots.")
             check_free(sp.source, shapes=[f"{key_added}_tiles"], tables=[f"{key_added}_table"])
@@ -346,6 +347,13 @@ def as_model(model: Any) -> Any:
         f"`model` must be a fitted stranker.Model (from `sr.tl.fit`) or the folder of a saved one, got "
         f"{type(model).__name__}: load a saved model with `sr.Model.load(path)`."
     )
+
+
+def _own_tiles(sp: Section, key_added: str) -> bool:
+    """Whether the spots of ``sp`` are the tiles an earlier predict laid under ``key_added`` (not data)."""
+    key = f"{key_added}_tiles"
+    return (sp.keys.kind == "spatialdata" and sp.keys.shapes_key == key
+            and written_by_stranker(sp.source.shapes[key], key))
 
 
 def _check_genes(sp: Section, model: Any, key_added: str) -> None:
