@@ -104,7 +104,7 @@ def _at_least(low: int):
 def _fit(args: argparse.Namespace) -> int:
     import os
 
-    from stranker.tl._model import check_target
+    from stranker.tl._persist import check_target
 
     check_target(args.out, args.overwrite)  # before the fit, not after it
     stores = [os.path.realpath(p) for p in args.zarr]
