@@ -37,6 +37,9 @@ def main(argv=None):
     ap.add_argument("--adapt", action="store_true", help="also score predict(adapt=True)")
     ap.add_argument("--blends", type=float, nargs="*", default=[],
                     help="also score these weights of the head in the blend (one fit)")
+    ap.add_argument("--smooth", type=float, nargs="*", default=[],
+                    help="also score each prediction averaged with its neighbours within these radii "
+                         "(in spot pitches)")
     ap.add_argument("--out", default=str(HERE / "results" / "variants.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
@@ -49,9 +52,10 @@ def main(argv=None):
     fit_s = time.perf_counter() - t0
     ytr = np.concatenate([A.truth(s, genes) for s in train])
     true = A.truth(test, genes)
-    rows = []
+    rows, preds = [], {}
     for suffix, adapt in [("", False)] + ([("+adapt", True)] if a.adapt else []):
         pred = model.predict(test, adapt=adapt)
+        preds[a.name + suffix] = pred
         st = A.suff_stats(pred, true)
         rows.append({"name": a.name + suffix, "method": a.method, "test": a.test, "seed": a.seed,
                      **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
@@ -64,12 +68,36 @@ def main(argv=None):
             parts[kind] = model.predict(test)
         for b in a.blends:
             pred = b * parts["head"] + (1 - b) * parts["retrieval"]
+            preds[f"{a.name}@blend{b:g}"] = pred
             st = A.suff_stats(pred, true)
             rows.append({"name": f"{a.name}@blend{b:g}", "method": a.method, "test": a.test, "seed": a.seed,
                          **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
                          **A.spearman_scores(pred, true, st), "fit_s": round(fit_s, 1),
                          "opts": {**opts, "predict": "blend", "blend": b}})
             print(json.dumps(rows[-1]), flush=True)
+    if a.smooth:
+        from scipy.spatial import cKDTree
+
+        centers = A.as_sections(test, need_image=False)[0].centers
+        tree = cKDTree(centers)
+        pitch = np.median(tree.query(centers, k=2)[0][:, 1])
+        for radius in a.smooth:
+            pairs = tree.query_pairs(radius * pitch, output_type="ndarray")
+            n = len(centers)
+            import scipy.sparse as sps
+
+            w = sps.coo_matrix((np.ones(2 * len(pairs)), (np.r_[pairs[:, 0], pairs[:, 1]],
+                                np.r_[pairs[:, 1], pairs[:, 0]])), shape=(n, n)).tocsr() + sps.eye(n)
+            w = sps.diags(1 / np.asarray(w.sum(1)).ravel()) @ w
+            for r0 in list(rows):
+                if "@smooth" in r0["name"]:
+                    continue
+                pred = w @ preds[r0["name"]]
+                st = A.suff_stats(pred, true)
+                rows.append({**r0, "name": f"{r0['name']}@smooth{radius:g}",
+                             **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
+                             **A.spearman_scores(pred, true, st)})
+                print(json.dumps(rows[-1]), flush=True)
     with open(a.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
