@@ -52,7 +52,7 @@ class Config:
     student_view: str = "weak"  # augmentation of the student's view: 'strong' or 'weak'
     target_scale: str = "pooled"  # 'section': each section's targets standardised on their own
     # optimisation
-    epochs: int = 12
+    epochs: int = 20  # presets: 12, as their committed rows were run
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -86,25 +86,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stranker": {},
     # ST-Net-like supervised baseline: the backbone regresses expression, nothing else
     "stnet": dict(
-        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False, epochs=12,
         w_regression=1.0, w_clip=0.0, w_rank=0.0, w_distill=0.0,
         head_on="embedding", predict="head",
     ),
     # BLEEP: CLIP loss between image and expression, prediction by top-k retrieval
     "bleep": dict(
-        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False, epochs=12,
         w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
         predict="retrieval", tta=False, temperature=1.0,
     ),
     # mclSTExp: BLEEP + a transformer over the spots of a section with learned 2-D positions
     "mclstexp": dict(
-        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False, epochs=12,
         w_regression=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
         spot_context=True, predict="retrieval", tta=False, temperature=1.0,
     ),
     # RankByGene: InfoNCE + ranking consistency + EMA teacher-student; a head on the frozen embedding
     "rankbygene": dict(
-        scales=(1.0,), resolution_jitter=1.0, use_stain=False,
+        scales=(1.0,), resolution_jitter=1.0, use_stain=False, epochs=12,
         w_regression=1.0, probe_only=True, w_clip=1.0, w_rank=1.0,
         w_distill=1.0, rank_reference="gene", predict="head", tta=False, student_view="strong",
         head_on="embedding",
