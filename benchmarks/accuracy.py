@@ -47,6 +47,9 @@ PRESETS = ("stnet", "bleep", "mclstexp", "rankbygene", "stranker")
 # `--ablations`: the default with one part taken out or one option put back, each against `stranker`
 ABLATIONS = {
     "stranker-no-resjitter": ("stranker", {"resolution_jitter": 1.0}),  # sharp training patches only
+    "stranker-12epochs": ("stranker", {"epochs": 12}),  # the default before 20 epochs
+    "stranker-12epochs-no-resjitter": ("stranker", {"epochs": 12, "resolution_jitter": 1.0}),
+    "stnet-20epochs": ("stnet", {"epochs": 20}),  # control: the supervised baseline at the default's epochs
     "stranker-no-clip": ("stranker", {"w_clip": 0.0}),
     "stranker+rank": ("stranker", {"w_rank": 0.03}),  # the ranking term at its weight before issue 17
     "stranker+distill": ("stranker", {"w_distill": 0.03}),
