@@ -52,55 +52,51 @@ def main(argv=None):
     fit_s = time.perf_counter() - t0
     ytr = np.concatenate([A.truth(s, genes) for s in train])
     true = A.truth(test, genes)
+    heg = np.argsort(-ytr.mean(0))[:50]
     rows, preds = [], {}
-    for suffix, adapt in [("", False)] + ([("+adapt", True)] if a.adapt else []):
-        pred = model.predict(test, adapt=adapt)
-        preds[a.name + suffix] = pred
+
+    def score(name, pred, row_opts):
+        preds[name] = pred
         st = A.suff_stats(pred, true)
-        rows.append({"name": a.name + suffix, "method": a.method, "test": a.test, "seed": a.seed,
-                     **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
-                     **A.spearman_scores(pred, true, st), "fit_s": round(fit_s, 1), "opts": opts})
+        rows.append({"name": name, "method": a.method, "test": a.test, "seed": a.seed,
+                     **A.scores_from_stats(st, None, heg), **A.spearman_scores(pred, true, st),
+                     "fit_s": round(fit_s, 1), "opts": row_opts})
         print(json.dumps(rows[-1]), flush=True)
+
+    for suffix, adapt in [("", False)] + ([("+adapt", True)] if a.adapt else []):
+        score(a.name + suffix, model.predict(test, adapt=adapt), opts)
     if a.blends:
         cfg, parts = model.config, {}
         for kind in ("head", "retrieval"):
             cfg.predict = kind
             parts[kind] = model.predict(test)
         for b in a.blends:
-            pred = b * parts["head"] + (1 - b) * parts["retrieval"]
-            preds[f"{a.name}@blend{b:g}"] = pred
-            st = A.suff_stats(pred, true)
-            rows.append({"name": f"{a.name}@blend{b:g}", "method": a.method, "test": a.test, "seed": a.seed,
-                         **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
-                         **A.spearman_scores(pred, true, st), "fit_s": round(fit_s, 1),
-                         "opts": {**opts, "predict": "blend", "blend": b}})
-            print(json.dumps(rows[-1]), flush=True)
+            score(f"{a.name}@blend{b:g}", b * parts["head"] + (1 - b) * parts["retrieval"],
+                  {**opts, "predict": "blend", "blend": b})
     if a.smooth:
-        from scipy.spatial import cKDTree
-
         centers = A.as_sections(test, need_image=False)[0].centers
-        tree = cKDTree(centers)
-        pitch = np.median(tree.query(centers, k=2)[0][:, 1])
         for radius in a.smooth:
-            pairs = tree.query_pairs(radius * pitch, output_type="ndarray")
-            n = len(centers)
-            import scipy.sparse as sps
-
-            w = sps.coo_matrix((np.ones(2 * len(pairs)), (np.r_[pairs[:, 0], pairs[:, 1]],
-                                np.r_[pairs[:, 1], pairs[:, 0]])), shape=(n, n)).tocsr() + sps.eye(n)
-            w = sps.diags(1 / np.asarray(w.sum(1)).ravel()) @ w
-            for r0 in list(rows):
-                if "@smooth" in r0["name"]:
-                    continue
-                pred = w @ preds[r0["name"]]
-                st = A.suff_stats(pred, true)
-                rows.append({**r0, "name": f"{r0['name']}@smooth{radius:g}",
-                             **A.scores_from_stats(st, None, np.argsort(-ytr.mean(0))[:50]),
-                             **A.spearman_scores(pred, true, st)})
-                print(json.dumps(rows[-1]), flush=True)
+            w = neighbour_mean(centers, radius)
+            for r0 in [r for r in rows if "@smooth" not in r["name"]]:
+                name = r0["name"]
+                score(f"{name}@smooth{radius:g}", w @ preds[name], {**r0["opts"], "smooth": radius})
     with open(a.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
+
+
+def neighbour_mean(centers: np.ndarray, radius: float):
+    """Sparse row-stochastic matrix: each spot's mean over itself and the spots within ``radius`` pitches."""
+    import scipy.sparse as sps
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(centers)
+    pitch = np.median(tree.query(centers, k=2)[0][:, 1])
+    pairs = tree.query_pairs(radius * pitch, output_type="ndarray")
+    n = len(centers)
+    ij = (np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]])
+    w = sps.coo_matrix((np.ones(2 * len(pairs)), ij), shape=(n, n)).tocsr() + sps.eye(n)
+    return sps.diags(1 / np.asarray(w.sum(1)).ravel()) @ w
 
 
 if __name__ == "__main__":
