@@ -6,8 +6,10 @@ other patient) and appends one row (ACG, HEG, Spearman, fit seconds) to ``result
 With ``--adapt`` a second row scores the same model predicted with ``adapt=True``; with ``--blends``
 one row per weight of the regression head in the blend with retrieval (0: retrieval only, 1: the
 head only), from one fit (the blend is linear, so the head's and retrieval's predictions are read once
-each and mixed). Rows of this
-script are single runs of one seed; the figures a default rests on come from ``accuracy.py``.
+each and mixed); with ``--smooth`` each of those predictions is also scored after averaging every spot
+with the spots within the given radii (in spot pitches; a radius graph, unlike the kNN graph of
+``sr.pp.smooth``). Rows of this script are single runs of one seed; the figures a default rests on
+come from ``accuracy.py``.
 
     python benchmarks/variants.py --name rj3 --test A1 --opts '{"resolution_jitter": 3}' --adapt
 """
@@ -66,10 +68,13 @@ def main(argv=None):
     for suffix, adapt in [("", False)] + ([("+adapt", True)] if a.adapt else []):
         score(a.name + suffix, model.predict(test, adapt=adapt), opts)
     if a.blends:
-        cfg, parts = model.config, {}
-        for kind in ("head", "retrieval"):
-            cfg.predict = kind
-            parts[kind] = model.predict(test)
+        cfg, parts, kept = model.config, {}, model.config.predict
+        try:
+            for kind in ("head", "retrieval"):
+                cfg.predict = kind
+                parts[kind] = model.predict(test)
+        finally:
+            cfg.predict = kept
         for b in a.blends:
             score(f"{a.name}@blend{b:g}", b * parts["head"] + (1 - b) * parts["retrieval"],
                   {**opts, "predict": "blend", "blend": b})

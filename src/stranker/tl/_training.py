@@ -318,7 +318,7 @@ def bins_to_patches(
                    "name: rename that element, or sum them yourself with `sr.io.aggregate_bins(sdata, "
                    f"bin_size={bin_um}, size_um={width}, key_added=...)` and fit on that table "
                    "(`table_key=`), or pass `aggregate=False`.")
-            key, skey = aggregate(sdata, sp, bin_um, k * bin_um, fix=fix)
+            key, skey = aggregate(sdata, sp, bin_um, width, fix=fix)
             added.append((sdata, key, skey))
         out.append(as_sections(sdata, table_key=key, image_key=sp.keys.image_key, need_image=True)[0])
     return out, added
