@@ -79,6 +79,19 @@ def test_make_config_validates():
     with pytest.raises(ValueError, match="`predict` must be"):
         make_config(predict="x")
     assert make_config("bleep").predict == "retrieval"
+    # a prediction path whose branch no loss trains is refused, not computed from random weights
+    with pytest.raises(ValueError, match="untrained embeddings.*predict='head'"):
+        make_config(w_clip=0.0)
+    with pytest.raises(ValueError, match="untrained.*predict='retrieval'"):
+        make_config(w_regression=0.0)
+    assert make_config(w_clip=0.0, predict="head").w_clip == 0.0
+    assert make_config(w_regression=0.0, predict="retrieval").predict == "retrieval"
+    # so is a configuration built by hand, before any training
+    import stranker as sr
+    from stranker.model import Config
+
+    with pytest.raises(ValueError, match="untrained embeddings"):
+        sr.Model(Config(w_clip=0.0))
     assert make_config(scales=2).scales == (2.0,)
 
 

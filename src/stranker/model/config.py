@@ -125,9 +125,24 @@ def make_config(method: str = "stranker", **overrides: Any) -> Config:
     if "scales" in overrides:
         s = overrides["scales"]
         overrides["scales"] = (float(s),) if isinstance(s, int | float) else tuple(float(v) for v in s)
-    cfg = replace(cfg, **overrides)
+    return validate(replace(cfg, **overrides))
+
+
+def validate(cfg: Config) -> Config:
+    """Return ``cfg`` if its choices are valid and consistent; else raise a ``ValueError`` naming the fix."""
     if cfg.predict not in ("head", "retrieval", "blend"):
         raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
+    if cfg.predict != "head" and not cfg.w_clip > 0:
+        raise ValueError(
+            f"`predict={cfg.predict!r}` retrieves with the joint embedding, which only the clip term aligns "
+            "with expression; with `w_clip=0` it would retrieve with untrained embeddings. Pass "
+            "`predict='head'` or a positive `w_clip`."
+        )
+    if cfg.predict != "retrieval" and not cfg.w_regression > 0:
+        raise ValueError(
+            f"`predict={cfg.predict!r}` reads the regression head, which `w_regression=0` leaves untrained. "
+            "Pass `predict='retrieval'` or a positive `w_regression`."
+        )
     if cfg.stain_norm not in (None, "reinhard"):
         raise ValueError(f"`stain_norm` must be None or 'reinhard', got {cfg.stain_norm!r}.")
     if not 0 <= cfg.hed_jitter < 1:

@@ -75,6 +75,7 @@ class Model:
         bank: Mapping[str, Any] | None = None,
     ):
         from ..model import Config, make_config
+        from ..model.config import validate
 
         if config is None:
             config = make_config()
@@ -83,6 +84,11 @@ class Model:
                 "`config` must be a stranker.model.Config (sr.model.make_config(...)), "
                 f"got {type(config).__name__}."
             )
+        if aligner is None:  # a configuration built by hand is checked as make_config checks it
+            try:
+                validate(config)
+            except ValueError as err:
+                raise InputError(str(err)) from None
         if aligner is not None and (genes is None or isinstance(genes, str)):
             raise InputError("A trained model (`aligner=`) needs its list of `genes`.")
         self.config = config
