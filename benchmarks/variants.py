@@ -8,8 +8,10 @@ one row per weight of the regression head in the blend with retrieval (0: retrie
 head only), from one fit (the blend is linear, so the head's and retrieval's predictions are read once
 each and mixed); with ``--smooth`` each of those predictions is also scored after averaging every spot
 with the spots within the given radii (in spot pitches; a radius graph, unlike the kNN graph of
-``sr.pp.smooth``). Rows of this script are single runs of one seed; the figures a default rests on
-come from ``accuracy.py``.
+``sr.pp.smooth``); with ``--bn-match`` the model is also scored with the batch-norm statistics of its
+teacher renewed on up to 2048 training patches lowered in resolution by each given factor (1: sharp;
+A1's patches are upsampled about 2.3x), the statistics a slide of that resolution would meet. Rows
+of this script are single runs of one seed; the figures a default rests on come from ``accuracy.py``.
 
     python benchmarks/variants.py --name rj3 --test A1 --opts '{"resolution_jitter": 3}' --adapt
 """
@@ -25,6 +27,9 @@ import accuracy as A
 import numpy as np
 
 import stranker as sr
+from stranker.model.adapt import adapt_norm
+from stranker.model.augment import lower_resolution
+from stranker.train.loop import to_input
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--smooth", type=float, nargs="*", default=[],
                     help="also score each prediction averaged with its neighbours within these radii "
                          "(in spot pitches)")
+    ap.add_argument("--bn-match", type=float, nargs="*", default=[],
+                    help="also score the teacher with batch-norm statistics of training patches lowered "
+                         "in resolution by these factors")
     ap.add_argument("--out", default=str(HERE / "results" / "variants.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
@@ -85,9 +93,40 @@ def main(argv=None):
             for r0 in [r for r in rows if "@smooth" not in r["name"]]:
                 name = r0["name"]
                 score(f"{name}@smooth{radius:g}", w @ preds[name], {**r0["opts"], "smooth": radius})
+    if a.bn_match:
+        keep = model.aligner.teacher
+        patches = training_patches(model, train)
+        for factor in a.bn_match:
+            try:
+                model.aligner.teacher = adapt_norm(keep, lowered(patches, factor))
+                score(f"{a.name}@bn{factor:g}", model.predict(test), {**opts, "bn_match": factor})
+            finally:
+                model.aligner.teacher = keep
     with open(a.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
+
+
+def training_patches(model, train, most: int = 2048) -> np.ndarray:
+    """Up to ``most`` patches of the training spots as the model reads them, spread evenly over sections."""
+    rng = np.random.default_rng(0)
+    out = []
+    for s in train:
+        sp = A.as_sections(s)[0]
+        idx = np.sort(rng.choice(sp.n_spots, min(sp.n_spots, most // len(train)), replace=False))
+        out.append(model.patch_reader(sp).read(idx))
+    return np.concatenate(out)
+
+
+def lowered(patches: np.ndarray, factor: float, batch_size: int = 64):
+    """Batches of ``patches`` as model inputs, lowered in resolution by ``factor`` (1: unchanged)."""
+    import torch
+
+    for start in range(0, len(patches), batch_size):
+        x = to_input(torch.from_numpy(patches[start : start + batch_size]), torch.device("cpu"))
+        if factor > 1:
+            x = lower_resolution(x.reshape(-1, *x.shape[-3:]), factor).reshape(x.shape)
+        yield x
 
 
 def neighbour_mean(centers: np.ndarray, radius: float):

@@ -150,3 +150,25 @@ def test_accuracy_merge_joins_parallel_runs(tmp_path, capsys):
     assert got == {("bleep", 0): 0.2, ("stranker", 0): 0.3, ("stranker", 1): 0.4}
     keys = set(np.load(tmp_path / "all" / "accuracy_stats.npz"))
     assert keys == {"bleep|C5|0", "stranker|C5|0", "stranker|C5|1"}
+
+
+def test_variants_bn_match_reads_training_patches_and_lowers_them(monkeypatch):
+    import sys
+
+    import torch
+
+    import stranker as sr
+
+    monkeypatch.syspath_prepend(str(BENCH))  # variants.py imports accuracy.py as a sibling
+    var = _load("variants")
+    secs = sr.datasets.synthetic(2, 40, n_genes=20, seed=0)
+    model = sr.tl.fit(secs, epochs=1, backbone="test_resnet", patch_px=64, image_size=32, pretrained=False)
+    patches = var.training_patches(model, secs, most=30)
+    assert patches.shape == (30, 1, 32, 32, 3) and patches.dtype == np.uint8  # 15 per section
+    sharp = torch.cat(list(var.lowered(patches, 1.0, batch_size=8)))
+    assert sharp.shape == (30, 1, 3, 32, 32) and torch.equal(sharp, sharp.clamp(0, 1))
+    blurred = torch.cat(list(var.lowered(patches, 3.0, batch_size=8)))
+    # lowering the resolution keeps each image's mean and removes detail
+    assert torch.allclose(blurred.mean((2, 3, 4)), sharp.mean((2, 3, 4)), atol=0.03)
+    assert blurred.diff(dim=-1).abs().mean() < 0.6 * sharp.diff(dim=-1).abs().mean()
+    assert "accuracy" in sys.modules

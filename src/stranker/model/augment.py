@@ -124,12 +124,9 @@ def degrade(
     -------
     Images of the same shape.
     """
-    import torch.nn.functional as F
-
     if max_factor <= 1:
         return x
     steps = _rows(torch.randint(0, levels + 1, (_n(x, part),), generator=gen), part)
-    h, w = x.shape[-2:]
     out = x.clone()
     flat_shape = x.shape[1:-3]
     for k in range(1, levels + 1):
@@ -137,12 +134,19 @@ def degrade(
         if not m.any():
             continue
         f = max_factor ** (k / levels)
-        xs = x[m].reshape(-1, *x.shape[-3:])
-        small = F.interpolate(xs, size=(max(1, round(h / f)), max(1, round(w / f))), mode="bilinear",
-                              antialias=True, align_corners=False)
-        back = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-        out[m] = back.reshape(-1, *flat_shape, *x.shape[-3:]).clamp(0, 1)
+        back = lower_resolution(x[m].reshape(-1, *x.shape[-3:]), f)
+        out[m] = back.reshape(-1, *flat_shape, *x.shape[-3:])
     return out
+
+
+def lower_resolution(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``(n, 3, h, w)`` images downsampled by ``factor`` (bilinear, antialiased) and upsampled back."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, round(h / factor)), max(1, round(w / factor))), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def augment(
