@@ -239,6 +239,8 @@ def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
         (dict(genes=["EPCAM", "NOT_A_GENE"]), "NOT_A_GENE"),
         (dict(genes="xyz"), "`genes` must be"),
         (dict(device="cuda"), "no CUDA device"),
+        (dict(device="tpu"), "not one stranker runs on"),
+        (dict(device="cuda:99"), "CUDA device"),
         (dict(epochs=0), "`epochs` must be at least 1"),
         (dict(resume=True), "`resume=True` needs `checkpoint_dir=`"),
         (dict(colour="blue"), "Unknown model option"),
@@ -249,7 +251,7 @@ def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
 def test_bad_arguments_raise_and_write_nothing(kwargs, match, synthetic_small):
     import torch
 
-    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():  # cuda:99 is refused either way
         pytest.skip("a CUDA device is present")
     secs = _copy(synthetic_small[:1])
     before = set(secs[0].tables["table"].layers) | set(secs[0].tables["table"].obsm)

@@ -119,11 +119,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``'auto'`` -> CUDA when present, else CPU; checks that a requested CUDA device exists."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"`device={device!r}` is not one stranker runs on: use 'auto', 'cpu', 'cuda', "
+                         "'cuda:N' or 'mps'.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "`device='cuda'` was requested but no CUDA device is available; use device='cpu' or 'auto'."
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"`device={device!r}`: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("`device='mps'` was requested but MPS is not available; use 'cpu' or 'auto'.")
     return dev
 
 
