@@ -231,3 +231,23 @@ def test_add_elements_replaces_only_what_stranker_added_under_that_name():
     with pytest.raises(InputError, match=r"annotated by table\(s\) \['users'\]"):
         add_elements(sdata, shapes={"mine_tiles": spots.copy()}, by="test")
     assert sdata.shapes["mine_tiles"] is tiles
+
+
+def test_library_key_reaches_every_function_that_picks_a_library():
+    # normalize, select_genes, smooth, embed_patches and gene_map took library_id but not the key
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table = _two_libraries()
+    keys = dict(library_id="B", library_key="sample")
+    sr.pp.normalize(table, **keys)
+    lognorm = np.asarray(table.layers["lognorm"].todense() if hasattr(table.layers["lognorm"], "todense")
+                         else table.layers["lognorm"])
+    assert np.isfinite(lognorm[6:]).all() and lognorm[6:].any()  # library B's rows are written
+    assert len(sr.pp.select_genes(table, flavor="heg", n_top=3, **keys)) == 3
+    sr.pp.smooth(table, n_neighs=2, **keys)
+    assert "smoothed" in table.layers
+    sr.pp.embed_patches(table, backbone="test_resnet", size=9, image_size=16, pretrained=False, **keys)
+    feats = next(v for k, v in table.obsm.items() if k != "spatial")
+    assert np.isfinite(np.asarray(feats)[6:]).all()
+    sr.pl.gene_map(table, genes=list(table.var_names[:1]), layer="lognorm", **keys)

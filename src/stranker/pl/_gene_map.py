@@ -99,6 +99,7 @@ def gene_map(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ):
     """Measured and predicted expression of each gene side by side over the H&E image.
@@ -157,6 +158,7 @@ def gene_map(
     ax
         Axes to draw into: one per panel (2 per gene with measurements, 1 without).
     {doc_elements}
+    {doc_library_key}
     {doc_bin_size}
 
     Returns
@@ -179,7 +181,7 @@ def gene_map(
         raise InputError("`genes` is empty: name at least one gene.")
     secs = sections(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-        library_id=library_id, bin_size=bin_size,
+        library_id=library_id, library_key=library_key, bin_size=bin_size,
     )
     colormap = colormaps[cmap]
 

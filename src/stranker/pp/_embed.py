@@ -37,6 +37,7 @@ def embed_patches(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> Any:
     """Features of a frozen image backbone for the patch of every spot, into ``obsm``.
@@ -76,6 +77,7 @@ def embed_patches(
     copy
         Return a modified copy instead of writing in place.
     {doc_elements}
+    {doc_library_key}
     {doc_bin_size}
 
     Returns
@@ -130,7 +132,7 @@ def embed_patches(
     data = maybe_copy(data, copy)
     secs = as_sections(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-        library_id=library_id, bin_size=bin_size,
+        library_id=library_id, library_key=library_key, bin_size=bin_size,
     )
     if size is None and size_um is None and spec is not None and spec.patch_um is not None:
         if all(sp.microns_per_pixel is not None for sp in secs):

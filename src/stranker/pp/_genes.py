@@ -123,6 +123,7 @@ def normalize(
     copy: bool = False,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> Any:
     """Scale counts to ``target_sum`` per spot over all genes, then log1p, into a layer.
@@ -142,6 +143,7 @@ def normalize(
     copy
         Return a modified copy instead of writing in place.
     {doc_tables}
+    {doc_library_key}
     {doc_bin_size}
 
     Returns
@@ -152,7 +154,8 @@ def normalize(
         raise InputError(f"`target_sum` must be positive, got {target_sum!r}.")
     data = maybe_copy(data, copy)
     secs = unique_tables(
-        as_sections(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+        as_sections(data, table_key=table_key, library_id=library_id, library_key=library_key,
+                    bin_size=bin_size, need_image=False)
     )
     results = []
     for sp in secs:
@@ -313,6 +316,7 @@ def select_genes(
     key_added: str = Keys.SELECTED,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> list[str]:
     """Choose the genes to model, from the training sections only.
@@ -335,13 +339,15 @@ def select_genes(
     key_added
         ``var`` column (bool) marking the chosen genes in each table.
     {doc_tables}
+    {doc_library_key}
     {doc_bin_size}
 
     Returns
     -------
     The chosen gene names. Also writes ``var[key_added]`` and ``uns[key_added]``.
     """
-    secs = as_sections(data, table_key=table_key, library_id=library_id, bin_size=bin_size, need_image=False)
+    secs = as_sections(data, table_key=table_key, library_id=library_id, library_key=library_key,
+                       bin_size=bin_size, need_image=False)
     genes = choose(secs, flavor, n_top=n_top, layer=layer, on_missing=on_missing)
     params = {"genes": genes, "flavor": flavor if isinstance(flavor, str) else "list", "n_top": n_top,
               "sections": [sp.name for sp in secs]}

@@ -47,6 +47,7 @@ def smooth(
     shapes_key: str | None = None,
     table_key: str | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     bin_size: int | None = None,
 ) -> Any:
     """Average expression over each spot's spatial neighbours.
@@ -72,6 +73,7 @@ def smooth(
         Return a modified copy instead of writing in place.
     shapes_key, table_key, library_id
         Which elements when there are several.
+    {doc_library_key}
     {doc_bin_size}
 
     Returns
@@ -83,8 +85,8 @@ def smooth(
         raise InputError(f"`n_neighs` must be at least 1, got {n_neighs}.")
     data = maybe_copy(data, copy)
     secs = as_sections(
-        data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, bin_size=bin_size,
-        need_image=False,
+        data, shapes_key=shapes_key, table_key=table_key, library_id=library_id, library_key=library_key,
+        bin_size=bin_size, need_image=False,
     )
     if layer is not None:
         for sp in secs:
