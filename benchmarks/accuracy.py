@@ -450,8 +450,9 @@ def fold_table(rows):
 
 
 def ablation_table(rows):
-    """Markdown table of the ablations against ``stranker``: ACG / HEG (test) per held-out section, their
-    mean over the sections every ablation has run on, and the change from ``stranker`` on the same seeds."""
+    """Markdown table of the ablations against ``stranker``: ACG / HEG (test) per held-out section (mean
+    over the seeds it ran; – where it did not), and the change from ``stranker`` over the same sections
+    and seeds, on the other patient and on patient C apart (they often move in opposite directions)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -461,24 +462,30 @@ def ablation_table(rows):
         return ""
     pairs = set(zip(ran["test"], ran["seed"], strict=True))  # the folds and seeds the ablations ran
     df = df[[(t, s) in pairs for t, s in zip(df["test"], df["seed"], strict=True)]]
-    n_methods = df["method"].nunique()
-    tests = [t for t in SECTIONS + sorted(set(df["test"]) - set(SECTIONS))
-             if t in set(df["test"]) and df[df["test"] == t]["method"].nunique() == n_methods]
-    df = df[df["test"].isin(tests)]
+    tests = [t for t in OTHER_PATIENT + SECTIONS + sorted(set(ran["test"]) - set(OTHER_PATIENT + SECTIONS))
+             if t in set(ran["test"])]
+    groups = [(name, [t for t in tests if (t in OTHER_PATIENT) == other])
+              for name, other in (("on " + ", ".join(t for t in tests if t in OTHER_PATIENT), True),
+                                  ("on patient C", False))]
+    groups = [(name, ts) for name, ts in groups if ts]
     ref = df[df["method"] == "stranker"].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
-    lines = ["| method | " + " | ".join(tests) + f" | mean of {len(tests)} | change from stranker |",
-             "|---" * (len(tests) + 3) + "|"]
+    lines = ["| method | runs | " + " | ".join(tests) + " | "
+             + " | ".join(f"change {name}" for name, _ in groups) + " |",
+             "|---" * (len(tests) + 2 + len(groups)) + "|"]
     for method in ["stranker", *[m for m in ABLATIONS if m in set(df["method"])]]:
         d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
-        if d.empty:
-            continue
         per_test = d.groupby(level="test").mean()
-        cells = [f"{per_test.loc[t, 'pcc_all']:.3f} / {per_test.loc[t, 'pcc_heg']:.3f}" for t in tests]
-        diff = (d - ref.reindex(d.index)).mean()  # NaN where stranker has not run on those folds and seeds
-        delta = "–" if method == "stranker" or diff.isna().any() else (
-            f"{diff['pcc_all']:+.3f} / {diff['pcc_heg']:+.3f}")
-        lines.append(f"| {method} | " + " | ".join(cells)
-                     + f" | {d['pcc_all'].mean():.3f} / {d['pcc_heg'].mean():.3f} | {delta} |")
+        cells = [f"{per_test.loc[t, 'pcc_all']:.3f} / {per_test.loc[t, 'pcc_heg']:.3f}"
+                 if t in per_test.index else "–" for t in tests]
+        paired = (d - ref.reindex(d.index)).dropna()  # where stranker ran the same fold and seed
+        changes = []
+        for _, ts in groups:
+            g = paired[paired.index.get_level_values("test").isin(ts)]
+            n = g.index.get_level_values("test").nunique()
+            changes.append("–" if method == "stranker" or g.empty else
+                           f"{g['pcc_all'].mean():+.3f} / {g['pcc_heg'].mean():+.3f}"
+                           + (f" ({n} fold{'s' * (n > 1)})" if len(ts) > 1 else ""))
+        lines.append(f"| {method} | {len(d)} | " + " | ".join(cells) + " | " + " | ".join(changes) + " |")
     return "\n".join(lines)
 
 

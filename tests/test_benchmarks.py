@@ -82,9 +82,19 @@ def test_tables_count_a_seed_once_it_has_every_fold():
     assert acc.table(with_ablation) == acc.table(rows)
     assert acc.fold_table(with_ablation) == folds
     abl = acc.ablation_table(with_ablation).splitlines()
-    assert abl[0].startswith("| method | C5 | mean of 1 |")  # only the folds the ablation ran on
-    assert abl[2] == "| stranker | 0.200 / 0.200 | 0.200 / 0.200 | – |"  # seed 0 only: as the ablation
-    assert abl[3] == "| stranker+rank | 0.150 / 0.150 | 0.150 / 0.150 | -0.050 / -0.050 |"
+    assert abl[0] == "| method | runs | C5 | change on patient C |"  # only the folds the ablation ran on
+    assert abl[2] == "| stranker | 1 | 0.200 / 0.200 | – |"  # seed 0 only: as the ablation
+    assert abl[3] == "| stranker+rank | 1 | 0.150 / 0.150 | -0.050 / -0.050 |"
+    # ablations on other folds: each keeps its own cells (– where it did not run), and the change on
+    # the other patient is kept apart from the change on patient C
+    more = with_ablation + [row("stranker", "A1", 0, 0.05), row("stranker-no-clip", "A1", 0, 0.04),
+                            row("stranker-no-clip", "C2", 0, 0.23)]
+    abl = acc.ablation_table(more).splitlines()
+    assert abl[0] == "| method | runs | A1 | C5 | C2 | change on A1 | change on patient C |"
+    assert abl[2] == "| stranker | 3 | 0.050 / 0.050 | 0.200 / 0.200 | 0.210 / 0.210 | – | – |"
+    assert abl[3] == ("| stranker-no-clip | 2 | 0.040 / 0.040 | – | 0.230 / 0.230 | -0.010 / -0.010 "
+                      "| +0.020 / +0.020 (1 fold) |")
+    assert abl[4] == "| stranker+rank | 1 | – | 0.150 / 0.150 | – | – | -0.050 / -0.050 (1 fold) |"
 
 
 def test_speed_smoke(tmp_path):
