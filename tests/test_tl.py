@@ -239,7 +239,7 @@ def test_predict_on_image_only_slide_lays_tiles(fitted, synthetic_small):
         (dict(genes=["EPCAM", "NOT_A_GENE"]), "NOT_A_GENE"),
         (dict(genes="xyz"), "`genes` must be"),
         (dict(device="cuda"), "no CUDA device"),
-        (dict(device="tpu"), "not one stranker runs on"),
+        (dict(device="tpu"), "not a torch device"),
         (dict(device="cuda:99"), "CUDA device"),
         (dict(epochs=0), "`epochs` must be at least 1"),
         (dict(resume=True), "`resume=True` needs `checkpoint_dir=`"),

@@ -122,10 +122,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"`device={device!r}` is not one stranker runs on: use 'auto', 'cpu', 'cuda', "
-                         "'cuda:N' or 'mps'.")
+        raise ValueError(f"`device={device!r}` is not a torch device: use 'auto', 'cpu', 'cuda', 'cuda:N' "
+                         "or 'mps'.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "`device='cuda'` was requested but no CUDA device is available; use device='cpu' or 'auto'."
