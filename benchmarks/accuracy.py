@@ -464,10 +464,9 @@ def ablation_table(rows):
     df = df[[(t, s) in pairs for t, s in zip(df["test"], df["seed"], strict=True)]]
     tests = [t for t in OTHER_PATIENT + SECTIONS + sorted(set(ran["test"]) - set(OTHER_PATIENT + SECTIONS))
              if t in set(ran["test"])]
-    groups = [(name, [t for t in tests if (t in OTHER_PATIENT) == other])
-              for name, other in (("on " + ", ".join(t for t in tests if t in OTHER_PATIENT), True),
-                                  ("on patient C", False))]
-    groups = [(name, ts) for name, ts in groups if ts]
+    other = [t for t in tests if t in OTHER_PATIENT]
+    groups = [(name, ts) for name, ts in ((f"on {', '.join(other)}", other),
+                                          ("on patient C", [t for t in tests if t not in other])) if ts]
     ref = df[df["method"] == "stranker"].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
     lines = ["| method | runs | " + " | ".join(tests) + " | "
              + " | ".join(f"change {name}" for name, _ in groups) + " |",

@@ -116,7 +116,7 @@ def chunks(data: TrainData, size: int = 256) -> Iterator[torch.Tensor]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``'auto'`` -> CUDA when present, else CPU; checks that a requested CUDA device exists."""
+    """``'auto'`` -> CUDA when present, else CPU; checks that a requested device parses and exists."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
