@@ -139,6 +139,46 @@ def degrade(
     return out
 
 
+def random_crop(x: torch.Tensor, gen: torch.Generator, max_crop: float, part: Part | None = None) -> torch.Tensor:
+    """Per-sample random crop: a square of side ``1 - max_crop`` to 1 of the patch, at a random place,
+    resized back to the patch's size.
+
+    Done for the whole batch at once (one ``grid_sample``); every scale of a sample is cropped alike.
+    The spot's centre stays inside every crop for ``max_crop < 1``.
+
+    Parameters
+    ----------
+    x
+        ``(b, ..., 3, h, w)`` images.
+    gen
+        Generator of the random draws (on the CPU).
+    max_crop
+        Largest fraction of the side cut away, e.g. 0.25: crops of 75-100 % of the side.
+    part
+        As in :func:`augment`.
+
+    Returns
+    -------
+    Images of the same shape.
+    """
+    import torch.nn.functional as F
+
+    if max_crop <= 0:
+        return x
+    b = _n(x, part)
+    side = _rows(1 - max_crop * torch.rand(b, generator=gen), part)
+    shift = _rows(2 * torch.rand(b, 2, generator=gen) - 1, part) * (1 - side)[:, None]
+    reps = x[0, ..., 0, 0, 0].numel() if x.dim() > 4 else 1
+    theta = torch.zeros(len(side), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    theta[:, :, 2] = shift
+    theta = theta.repeat_interleave(reps, dim=0).to(x.device, x.dtype)
+    flat = x.reshape(-1, *x.shape[-3:])
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(x.shape).clamp(0, 1)
+
+
 def lower_resolution(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``(n, 3, h, w)`` images downsampled by ``factor`` (bilinear, antialiased) and upsampled back."""
     import torch.nn.functional as F
@@ -151,7 +191,7 @@ def lower_resolution(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def augment(
     x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None, hed: float = 0.0,
-    resolution: float = 1.0,
+    resolution: float = 1.0, crop: float = 0.0,
 ) -> torch.Tensor:
     """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise.
 
@@ -159,9 +199,12 @@ def augment(
     rows (one process's share under distributed training): the random draws are those of the whole
     batch, so each process augments its rows exactly as a single process would. ``hed > 0`` adds
     :func:`hed_jitter` of that strength to both views (no random draws are taken when it is 0);
-    ``resolution > 1`` adds :func:`degrade` up to that factor.
+    ``resolution > 1`` adds :func:`degrade` up to that factor; ``crop > 0`` first takes a
+    :func:`random_crop` of each patch (no draws are taken when it is 0).
     """
     x = random_dihedral(x, gen, part)
+    if crop > 0:
+        x = random_crop(x, gen, crop, part)
     if resolution > 1:
         x = degrade(x, gen, resolution, part)
     if hed > 0:

@@ -29,6 +29,7 @@ class Config:
     stain_norm: str | None = None  # 'reinhard': each patch's tissue L*a*b* mean/sd set to a fixed target
     hed_jitter: float = 0.0  # strength of per-channel HED scale/shift augmentation (Tellez et al. 2018)
     resolution_jitter: float = 3.0  # train on patches downsampled by up to this factor; 1: off
+    crop_jitter: float = 0.0  # train on random crops of 1 - crop_jitter to 1 of the patch side, resized back
     embed_dim: int = 256
     dropout: float = 0.0
     # gene branch
@@ -147,6 +148,9 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"`stain_norm` must be None or 'reinhard', got {cfg.stain_norm!r}.")
     if not 0 <= cfg.hed_jitter < 1:
         raise ValueError(f"`hed_jitter` must be in [0, 1) (0.02 is mild), got {cfg.hed_jitter}.")
+    if not 0 <= cfg.crop_jitter < 1:
+        raise ValueError(f"`crop_jitter` must be in [0, 1) (0.25: crops of 75-100 % of the side), "
+                         f"got {cfg.crop_jitter}.")
     if not (math.isfinite(cfg.resolution_jitter) and 1 <= cfg.resolution_jitter <= 16):
         raise ValueError(f"`resolution_jitter` must be in [1, 16] (1: off), got {cfg.resolution_jitter}.")
     if cfg.target_scale not in ("pooled", "section"):

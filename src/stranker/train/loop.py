@@ -309,7 +309,8 @@ def _train(
                 it = torch.from_numpy(li)
                 x = to_input(x_cpu, device)
                 if data.pixels:
-                    aug = dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter)
+                    aug = dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter,
+                               crop=cfg.crop_jitter)
                     weak = augment(x, gen, strong=False, **aug)
                     strong = augment(x, gen, strong=cfg.student_view == "strong", **aug)
                 else:
