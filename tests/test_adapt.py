@@ -6,7 +6,7 @@ import torch
 
 import stranker as sr
 from stranker.model.adapt import adapt_norm, has_batchnorm
-from stranker.model.augment import augment, degrade
+from stranker.model.augment import augment, degrade, random_crop
 from stranker.tl._training import standardise
 
 TINY = dict(backbone="test_resnet", pretrained=False, epochs=1, patch_px=64, image_size=32)
@@ -28,6 +28,38 @@ def test_augment_without_resolution_jitter_draws_as_before():
     a = augment(x, torch.Generator().manual_seed(3), strong=True)
     b = augment(x, torch.Generator().manual_seed(3), strong=True, resolution=1.0)
     assert torch.equal(a, b)
+
+
+def test_random_crop_zooms_in_around_the_centre_and_splits_across_processes():
+    # a patch whose pixels hold their own coordinate: a crop shows a narrower range, centre kept
+    ramp = torch.linspace(0, 1, 32)
+    x = torch.stack([ramp.expand(32, 32), ramp[:, None].expand(32, 32), torch.zeros(32, 32)])
+    x = x.expand(16, 2, 3, 32, 32).contiguous()
+    y = random_crop(x, torch.Generator().manual_seed(0), 0.4)
+    assert y.shape == x.shape
+    span = y[:, :, 0, 0, -1] - y[:, :, 0, 0, 0]  # range of x-coordinates seen along a row
+    assert torch.all(span >= 0.6 - 0.05) and torch.all(span <= 1.0 + 1e-4) and span.min() < 0.9
+    assert torch.equal(y[:, 0], y[:, 1])  # every scale of a sample is cropped alike
+    centre = y[:, 0, :2, 15:17, 15:17].mean((-2, -1))
+    assert torch.all((centre - 0.5).abs() < 0.4 / 2 + 0.05)  # the spot's centre stays inside
+    part = random_crop(x[5:9], torch.Generator().manual_seed(0), 0.4, part=(5, 9, 16))
+    torch.testing.assert_close(part, y[5:9])
+    assert random_crop(x, torch.Generator(), 0.0) is x
+
+
+def test_augment_without_crop_jitter_draws_as_before():
+    x = torch.rand(8, 1, 3, 16, 16)
+    a = augment(x, torch.Generator().manual_seed(3), strong=False, resolution=2.0)
+    b = augment(x, torch.Generator().manual_seed(3), strong=False, resolution=2.0, crop=0.0)
+    assert torch.equal(a, b)
+    c = augment(x, torch.Generator().manual_seed(3), strong=False, resolution=2.0, crop=0.3)
+    assert not torch.equal(a, c)
+
+
+def test_crop_jitter_out_of_range_is_refused():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="crop_jitter"):
+            sr.model.make_config(crop_jitter=bad)
 
 
 def test_resolution_jitter_out_of_range_is_refused():
