@@ -48,7 +48,8 @@ class Aligner(nn.Module):
         """Return the names of the loss terms with a positive weight."""
         c = self.cfg
         terms = [
-            ("regression", c.w_regression), ("clip", c.w_clip), ("rank", c.w_rank), ("distill", c.w_distill)
+            ("regression", c.w_regression), ("corr", c.w_corr), ("clip", c.w_clip), ("rank", c.w_rank),
+            ("distill", c.w_distill),
         ]
         return [t for t, w in terms if w > 0]
 
@@ -70,10 +71,14 @@ class Aligner(nn.Module):
         if c.w_regression > 0:
             out["regression"] = losses.regression(pred, expr) * local_weight
         if gather is not None:
+            if c.w_corr > 0:  # a correlation over the whole batch
+                pred = gather(pred)
             emb_l, emb, expr = emb, gather(emb), gather(expr)
             pos = gather(pos) if pos is not None else None
         else:
             emb_l = emb
+        if c.w_corr > 0:
+            out["corr"] = losses.gene_correlation(pred, expr)
         need_gene = c.w_clip > 0 or (c.w_rank > 0 and c.rank_reference == "gene")
         g = self.gene(expr, pos) if need_gene else None
         if c.w_clip > 0:
@@ -85,7 +90,7 @@ class Aligner(nn.Module):
             with torch.no_grad():
                 t_emb, _ = self.teacher(weak)
             out["distill"] = losses.distillation(emb_l, t_emb) * local_weight
-        weights = {"regression": c.w_regression, "clip": c.w_clip, "rank": c.w_rank, "distill": c.w_distill}
+        weights = {"regression": c.w_regression, "corr": c.w_corr, "clip": c.w_clip, "rank": c.w_rank, "distill": c.w_distill}
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out
 

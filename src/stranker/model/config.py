@@ -40,6 +40,7 @@ class Config:
     position_bins: int = 64
     # losses
     w_regression: float = 1.0
+    w_corr: float = 0.0  # 1 - per-gene Pearson r over a batch's spots (one section) beside the regression
     w_clip: float = 0.03
     w_rank: float = 0.0  # measured at 0.03 on her2st: no gain beyond the seed spread (docs/method.md)
     w_distill: float = 0.0  # likewise; the EMA teacher still averages the student's weights

@@ -59,6 +59,22 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(student.float(), teacher.float().detach(), dim=1)).mean()
 
 
+def gene_correlation(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 - Pearson r between predicted and measured expression of each gene over the batch's spots.
+
+    Averaged over genes. A batch holds spots of one section, so the term asks each gene's predicted
+    order of spots within a section to follow its measured order, blind to the section's level and
+    scale (what the per-gene Pearson r of a held-out section scores). Genes constant in the batch
+    count as r = 0.
+    """
+    if pred.shape[0] < 3:
+        return pred.sum() * 0.0
+    p = pred.float() - pred.float().mean(0)
+    t = target.float() - target.float().mean(0)
+    r = (p * t).sum(0) / (p.norm(dim=0) * t.norm(dim=0) + eps)
+    return 1 - r.mean()
+
+
 def regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error on standardised expression."""
     return F.mse_loss(pred.float(), target.float())
