@@ -38,7 +38,7 @@ def _one_process(seed=0, **kw):
 
 
 def _curve(history):
-    return np.array([[h[k] for k in ("regression", "clip", "rank", "distill", "total")] for h in history])
+    return np.array([[h[k] for k in ("regression", "corr", "clip", "rank", "distill", "total")] for h in history])
 
 
 @pytest.mark.slow

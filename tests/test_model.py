@@ -31,6 +31,22 @@ def test_rank_consistency_rewards_matching_orders(mode):
     assert img.grad.abs().sum() > 0
 
 
+def test_gene_correlation_is_blind_to_level_and_scale_and_scores_order():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(40, 12, generator=g)
+    # each gene rescaled and shifted on its own: still a perfect prediction
+    assert losses.gene_correlation(t * torch.rand(12, generator=g) * 5 + 3, t) < 1e-5
+    assert abs(float(losses.gene_correlation(-t, t)) - 2.0) < 1e-5
+    noise = losses.gene_correlation(torch.randn(40, 12, generator=g), t)
+    assert 0.7 < noise < 1.3
+    p = torch.randn(40, 12, generator=g, requires_grad=True)
+    losses.gene_correlation(p, t).backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # a gene constant in the batch counts as r = 0, without NaN
+    t[:, 0] = 1.0
+    assert torch.isfinite(losses.gene_correlation(p.detach(), t))
+
+
 def test_rank_consistency_rejects_unknown_mode():
     with pytest.raises(ValueError, match="listwise"):
         losses.rank_consistency(torch.randn(5, 3), torch.randn(5, 3), mode="x")
@@ -93,6 +109,11 @@ def test_make_config_validates():
     with pytest.raises(ValueError, match="untrained embeddings"):
         sr.Model(Config(w_clip=0.0))
     assert make_config(scales=2).scales == (2.0,)
+    for w in ("w_regression", "w_corr", "w_clip", "w_rank", "w_distill"):
+        with pytest.raises(ValueError, match=f"`{w}` must be a number >= 0"):
+            make_config(**{w: -0.1, "predict": "head" if w == "w_clip" else "blend"})
+        with pytest.raises(ValueError, match=f"`{w}`"):
+            make_config(**{w: float("nan")})
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,6 +134,10 @@ def validate(cfg: Config) -> Config:
     """Return ``cfg`` if its choices are valid and consistent; else raise a ``ValueError`` naming the fix."""
     if cfg.predict not in ("head", "retrieval", "blend"):
         raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
+    for k in ("w_regression", "w_corr", "w_clip", "w_rank", "w_distill"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"`{k}` must be a number >= 0 (0: the term is off), got {v!r}.")
     if cfg.predict != "head" and not cfg.w_clip > 0:
         raise ValueError(
             f"`predict={cfg.predict!r}` retrieves with the joint embedding, which only the clip term aligns "
