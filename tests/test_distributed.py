@@ -38,7 +38,8 @@ def _one_process(seed=0, **kw):
 
 
 def _curve(history):
-    return np.array([[h[k] for k in ("regression", "corr", "clip", "rank", "distill", "total")] for h in history])
+    terms = ("regression", "corr", "clip", "rank", "distill", "total")
+    return np.array([[h[k] for k in terms] for h in history])
 
 
 @pytest.mark.slow

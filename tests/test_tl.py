@@ -9,7 +9,7 @@ from stranker.pp._genes import lognorm
 
 FAST = dict(epochs=6, batch_size=32, patch_px=64, image_size=32, backbone="test_resnet", pretrained=False,
             n_top_genes=40, genes="heg")
-ALL_TERMS = dict(w_corr=0.1, w_rank=0.03, w_distill=0.03)  # options (off by default): on here, so every term is tested
+ALL_TERMS = dict(w_corr=0.1, w_rank=0.03, w_distill=0.03)  # options (off by default): on here, all tested
 
 
 def _copy(secs):

@@ -90,7 +90,10 @@ class Aligner(nn.Module):
             with torch.no_grad():
                 t_emb, _ = self.teacher(weak)
             out["distill"] = losses.distillation(emb_l, t_emb) * local_weight
-        weights = {"regression": c.w_regression, "corr": c.w_corr, "clip": c.w_clip, "rank": c.w_rank, "distill": c.w_distill}
+        weights = {
+            "regression": c.w_regression, "corr": c.w_corr, "clip": c.w_clip, "rank": c.w_rank,
+            "distill": c.w_distill,
+        }
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out
 

@@ -139,9 +139,10 @@ def degrade(
     return out
 
 
-def random_crop(x: torch.Tensor, gen: torch.Generator, max_crop: float, part: Part | None = None) -> torch.Tensor:
-    """Per-sample random crop: a square of side ``1 - max_crop`` to 1 of the patch, at a random place,
-    resized back to the patch's size.
+def random_crop(
+    x: torch.Tensor, gen: torch.Generator, max_crop: float, part: Part | None = None
+) -> torch.Tensor:
+    """Per-sample random crop of ``1 - max_crop`` to 1 of the side, at a random place, resized back.
 
     Done for the whole batch at once (one ``grid_sample``); every scale of a sample is cropped alike.
     The spot's centre stays inside every crop for ``max_crop < 1``.
