@@ -49,13 +49,14 @@ class Aligner(nn.Module):
         c = self.cfg
         terms = [
             ("regression", c.w_regression), ("corr", c.w_corr), ("clip", c.w_clip), ("rank", c.w_rank),
-            ("distill", c.w_distill),
+            ("distill", c.w_distill), ("consistency", c.w_consistency),
         ]
         return [t for t, w in terms if w > 0]
 
     def training_losses(
         self, strong: torch.Tensor, weak: torch.Tensor | None, expr: torch.Tensor, pos: torch.Tensor | None,
         *, gather: Callable[[torch.Tensor], torch.Tensor] | None = None, local_weight: float = 1.0,
+        unlabeled: tuple[torch.Tensor, torch.Tensor] | None = None, unlabeled_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """All loss terms of one batch (spots of one section) and their weighted ``total``.
 
@@ -64,9 +65,19 @@ class Aligner(nn.Module):
         ranking terms see the whole batch; the per-spot terms (regression, distillation) are scaled
         by ``local_weight`` (share of the batch times world size), so that the gradient averaged
         over processes is the gradient of the whole batch.
+
+        ``unlabeled``: a strong and a weak view of patches without expression (``w_consistency``):
+        the student reads the strong view in the same forward pass as ``strong`` (one batch for
+        batch-norm), the teacher the weak view, and the ``consistency`` term asks the student's
+        predicted expression to match the teacher's (scaled by ``unlabeled_weight`` as above).
         """
         c = self.cfg
-        emb, pred = self.student(strong)
+        n = strong.shape[0]
+        if unlabeled is not None:
+            emb, pred = self.student(torch.cat([strong, unlabeled[0]]))
+            emb, pred, pred_u = emb[:n], pred[:n], pred[n:]
+        else:
+            emb, pred = self.student(strong)
         out: dict[str, torch.Tensor] = {}
         if c.w_regression > 0:
             out["regression"] = losses.regression(pred, expr) * local_weight
@@ -90,9 +101,13 @@ class Aligner(nn.Module):
             with torch.no_grad():
                 t_emb, _ = self.teacher(weak)
             out["distill"] = losses.distillation(emb_l, t_emb) * local_weight
+        if unlabeled is not None:
+            with torch.no_grad():
+                _, t_pred = self.teacher(unlabeled[1])
+            out["consistency"] = losses.consistency(pred_u, t_pred) * unlabeled_weight
         weights = {
             "regression": c.w_regression, "corr": c.w_corr, "clip": c.w_clip, "rank": c.w_rank,
-            "distill": c.w_distill,
+            "distill": c.w_distill, "consistency": c.w_consistency,
         }
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out

@@ -44,6 +44,7 @@ class Config:
     w_clip: float = 0.03
     w_rank: float = 0.0  # measured at 0.03 on her2st: no gain beyond the seed spread (docs/method.md)
     w_distill: float = 0.0  # likewise; the EMA teacher still averages the student's weights
+    w_consistency: float = 0.0  # mean teacher on unlabelled patches: student (strong view) ~ teacher (weak)
     temperature: float = 0.07
     rank_temperature: float = 0.1
     rank_mode: str = "listwise"
@@ -134,7 +135,7 @@ def validate(cfg: Config) -> Config:
     """Return ``cfg`` if its choices are valid and consistent; else raise a ``ValueError`` naming the fix."""
     if cfg.predict not in ("head", "retrieval", "blend"):
         raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
-    for k in ("w_regression", "w_corr", "w_clip", "w_rank", "w_distill"):
+    for k in ("w_regression", "w_corr", "w_clip", "w_rank", "w_distill", "w_consistency"):
         v = getattr(cfg, k)
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
             raise ValueError(f"`{k}` must be a number >= 0 (0: the term is off), got {v!r}.")

@@ -75,6 +75,14 @@ def gene_correlation(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6
     return 1 - r.mean()
 
 
+def consistency(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the student's predicted expression and the (detached) teacher's.
+
+    The mean-teacher term (Tarvainen & Valpola 2017) on patches without measured expression.
+    """
+    return F.mse_loss(student.float(), teacher.float().detach())
+
+
 def regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error on standardised expression."""
     return F.mse_loss(pred.float(), target.float())

@@ -205,9 +205,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.aligner = aligner
 
-    def forward(self, strong, weak, expr, pos, local_weight: float):  # noqa: D102
+    def forward(self, strong, weak, expr, pos, local_weight: float, **unlabeled):  # noqa: D102
         return self.aligner.training_losses(
-            strong, weak, expr, pos, gather=gather_rows, local_weight=local_weight
+            strong, weak, expr, pos, gather=gather_rows, local_weight=local_weight, **unlabeled
         )
 
 

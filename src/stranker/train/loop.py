@@ -39,6 +39,7 @@ class TrainData:
     pos: torch.Tensor  # (n, 2) positions in [0, 1] within each section
     section: torch.Tensor  # (n,) int section index
     read: Callable[[np.ndarray], np.ndarray] | None = None
+    unlabeled: torch.Tensor | None = None  # uint8 (m, s, h, w, 3) patches without expression
 
     @property
     def pixels(self) -> bool:
@@ -174,6 +175,25 @@ def set_input_statistics(
         br.stain_mean.copy_(stats.mean(0))
         br.stain_std.copy_(stats.std(0).clamp_min(1e-3))
     aligner.teacher.load_state_dict(br.state_dict())
+
+
+def unlabeled_views(
+    data: TrainData, cfg: Any, gen: torch.Generator, n: int, device: torch.device, ws: int = 1, rk: int = 0
+) -> dict[str, Any]:
+    """A strong and a weak view of ``n`` random unlabelled patches (this process's share), or nothing.
+
+    Drawn only when ``cfg.w_consistency > 0`` and ``data.unlabeled`` holds patches, so other fits draw
+    exactly as before.
+    """
+    if not (cfg.w_consistency > 0 and data.unlabeled is not None and len(data.unlabeled)):
+        return {}
+    rows = torch.randint(0, len(data.unlabeled), (n,), generator=gen)
+    mine, part = distributed.shard(np.arange(n), ws, rk) if ws > 1 else (np.arange(n), None)
+    x = to_input(data.unlabeled[rows[torch.from_numpy(mine)]], device)
+    aug = dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter, crop=cfg.crop_jitter)
+    weak = augment(x, gen, strong=False, **aug)
+    strong = augment(x, gen, strong=True, **aug)
+    return {"unlabeled": (strong, weak), "unlabeled_weight": len(mine) * ws / n}
 
 
 def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> list[np.ndarray]:
@@ -316,11 +336,12 @@ def _train(
                 else:
                     weak = strong = x
                 e, p = expr_all[it.to(device)], pos_all[it.to(device)]
+                unl = unlabeled_views(data, cfg, gen, len(idx), device, ws, rk)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     if ddp is None:
-                        terms = aligner.training_losses(strong, weak, e, p)
+                        terms = aligner.training_losses(strong, weak, e, p, **unl)
                     else:
-                        terms = ddp(strong, weak, e, p, len(li) * ws / len(idx))
+                        terms = ddp(strong, weak, e, p, len(li) * ws / len(idx), **unl)
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
