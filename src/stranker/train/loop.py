@@ -180,7 +180,7 @@ def set_input_statistics(
 def unlabeled_views(
     data: TrainData, cfg: Any, gen: torch.Generator, n: int, device: torch.device, ws: int = 1, rk: int = 0
 ) -> dict[str, Any]:
-    """A strong and a weak view of ``n`` random unlabelled patches (this process's share), or nothing.
+    """Return a strong and a weak view of ``n`` random unlabelled patches (this process's share), or nothing.
 
     Drawn only when ``cfg.w_consistency > 0`` and ``data.unlabeled`` holds patches, so other fits draw
     exactly as before.
