@@ -433,3 +433,32 @@ def test_spearman_per_gene_matches_scipy_and_ignores_scale():
     np.testing.assert_allclose(spearman_per_gene(np.exp(pred), true), rho, atol=1e-12)  # monotone map
     m = summarise(pred, true, list("abcde"), n_heg=2)
     assert m["spearman_all"] == pytest.approx(np.mean(rho))
+
+
+def test_fit_with_unlabeled_trains_the_mean_teacher_on_their_patches(synthetic_small):
+    secs = _copy(synthetic_small)
+    opts = dict(FAST, epochs=2)
+    before = secs[3].tables["table"].copy()
+    model = sr.tl.fit(secs[:2], seed=0, unlabeled=secs[3], w_consistency=1.0, **opts)
+    h = model.history
+    assert all(np.isfinite(x["consistency"]) and x["consistency"] > 0 for x in h)
+    assert model.config.w_consistency == 1.0
+    after = secs[3].tables["table"]  # read for its H&E only: untouched
+    assert list(after.layers) == list(before.layers) and set(after.uns) == set(before.uns)
+    np.testing.assert_array_equal(after.X.toarray() if hasattr(after.X, "toarray") else after.X,
+                                  before.X.toarray() if hasattr(before.X, "toarray") else before.X)
+    # the unlabelled patches change the fit; without them it is the plain fit
+    plain = sr.tl.fit(_copy(synthetic_small[:2]), seed=0, **opts)
+    assert "consistency" not in plain.history[0]
+    a, b = (m.predict(_copy(synthetic_small[3:])[0]) for m in (model, plain))
+    assert not np.allclose(a, b)
+
+
+def test_unlabeled_without_its_weight_and_the_reverse_are_refused(synthetic_small):
+    secs = _copy(synthetic_small)
+    with pytest.raises(InputError, match="no `unlabeled` sections were given"):
+        sr.tl.fit(secs[:2], seed=0, w_consistency=1.0, **FAST)
+    with pytest.raises(InputError, match="`w_consistency=0` would never read them"):
+        sr.tl.fit(secs[:2], seed=0, unlabeled=secs[3], **FAST)
+    for s in secs[:2]:  # refused before anything was written
+        assert "stranker" not in s.tables["table"].layers

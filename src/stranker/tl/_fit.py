@@ -41,6 +41,7 @@ def fit(
     library_key: str | None = None,
     bin_size: int | None = None,
     aggregate: bool = True,
+    unlabeled: Any = None,
     **options: Any,
 ):
     """Train the image-gene model and write its in-sample results.
@@ -106,6 +107,12 @@ def fit(
         (:func:`stranker.io.aggregate_bins`; the table ``'square_{width:03d}um'`` and its squares are
         added, or reused when present), so that the target is the expression of the tissue the patch
         shows. ``False`` trains on every bin against the patch centred on it.
+    unlabeled
+        Sections whose H&E, not expression, also trains the image branch: the mean-teacher term
+        ``w_consistency`` (required > 0) asks the student's predicted expression on a strongly
+        augmented view of their spots' patches to match the EMA teacher's on a weak view. Pass the
+        slides you will predict (test-time training on their tissue); same formats as ``data``,
+        counts not needed and never read. Their patches are held in memory.
     **options
         Any field of :class:`stranker.model.Config` (``scales``, ``patch_px``, ``w_rank``, ``predict``, ...).
 
@@ -135,5 +142,5 @@ def fit(
         data, layer=layer, device=device, seed=seed, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, stream=stream, key_added=key_added,
         image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
-        library_key=library_key, bin_size=bin_size, aggregate=aggregate,
+        library_key=library_key, bin_size=bin_size, aggregate=aggregate, unlabeled=unlabeled,
     )

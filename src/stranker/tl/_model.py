@@ -22,6 +22,7 @@ from ._training import (
     feature_record,
     reference_bank,
     training_sections,
+    unlabeled_patches,
 )
 
 ADAPT_MOST = 2048  # patches of a section whose batch-norm statistics `adapt=True` takes, evenly spread
@@ -155,6 +156,7 @@ class Model:
         library_key: str | None = None,
         bin_size: int | None = None,
         aggregate: bool = True,
+        unlabeled: Any = None,
     ) -> Model:
         """Train on one or more sections (what :func:`stranker.tl.fit` does; see it for details).
 
@@ -186,6 +188,8 @@ class Model:
         aggregate
             Visium HD: train on the bins summed into pseudo-spots as wide as the patch
             (:func:`stranker.io.aggregate_bins`); ``False`` trains on every bin.
+        unlabeled
+            Sections whose H&E, not expression, also trains the model (``w_consistency``).
 
         Returns
         -------
@@ -220,9 +224,12 @@ class Model:
             aggregate=aggregate, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
             library_id=library_id, library_key=library_key, bin_size=bin_size,
         )
+        unl = unlabeled_patches(unlabeled, cfg, geometry)  # refused before any training patch is read
         genes = choose_genes(secs, self._genes, layer, self._n_top_genes)
         inputs = TrainingInputs.of(secs, genes, cfg, geometry, layer=layer, target_sum=self._target_sum,
                                    stream=stream)
+        if unl is not None:
+            inputs.data.unlabeled = torch.from_numpy(unl)
         with kept_rng(dev):  # the caller's global random state is theirs again after training
             torch.manual_seed(seed)
             aligner = Aligner(cfg, len(genes), feature_dim=inputs.feature_dim,

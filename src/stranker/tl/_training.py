@@ -84,6 +84,42 @@ def training_sections(
     return secs, cfg, geometry
 
 
+def unlabeled_patches(data: Any, cfg: Any, geometry: PatchGeometry | None) -> np.ndarray | None:
+    """uint8 patches of every spot of the sections ``data`` (no expression read), for ``w_consistency``.
+
+    ``None`` when ``data`` is ``None``. Refuses the combinations that would silently do nothing: a
+    positive ``w_consistency`` without unlabelled sections and unlabelled sections without it, and
+    precomputed features (the term reads pixels).
+    """
+    if data is None:
+        if cfg.w_consistency > 0:
+            raise InputError(
+                f"`w_consistency={cfg.w_consistency:g}` trains the teacher-student consistency on "
+                "unlabelled tissue, but no `unlabeled` sections were given: pass `unlabeled=` (e.g. the "
+                "slides to predict) or `w_consistency=0`."
+            )
+        return None
+    if not cfg.w_consistency > 0:
+        raise InputError(
+            "`unlabeled` sections were given but `w_consistency=0` would never read them: pass "
+            "`w_consistency=` > 0 (1 is the measured choice, docs/method.md) or leave out `unlabeled`."
+        )
+    if geometry is None:
+        raise InputError("`unlabeled` needs pixels: it cannot be used with `image_features`.")
+    secs = as_sections(data, need_table=False)
+    n_bytes = sum(sp.n_spots for sp in secs) * len(cfg.scales) * cfg.image_size**2 * 3
+    if n_bytes > settings.max_patch_memory:
+        raise InputError(
+            f"The unlabelled patches would take {n_bytes / 2**30:.1f} GiB, more than "
+            "`sr.settings.max_patch_memory`: pass fewer `unlabeled` sections or raise that setting."
+        )
+    out = []
+    for sp in secs:
+        check_inside(sp)
+        out.append(PatchReader(sp, geometry.size_on(sp), cfg.scales, cfg.image_size).read_all())
+    return np.concatenate(out)
+
+
 def check_distinct(secs: list[Section]) -> None:
     """Refuse one section passed twice (its spots would count twice)."""
     seen: dict[tuple[int, bytes], str] = {}

@@ -68,6 +68,10 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
         sample = data.images[torch.from_numpy(first)]
     h.update(sample.numpy().tobytes() if sample.dtype == torch.uint8 else
              np.round(sample.double().numpy(), 4).tobytes())
+    unl = getattr(data, "unlabeled", None)
+    if unl is not None:
+        h.update(f"unlabeled {list(unl.shape)}".encode())
+        h.update(unl[:8].numpy().tobytes())
     return {
         "spots_per_section": np.bincount(data.section.numpy()).tolist() if n else [],
         "n_targets": int(data.expr.shape[1]),
