@@ -8,9 +8,11 @@ one row per weight of the regression head in the blend with retrieval (0: retrie
 head only), from one fit (the blend is linear, so the head's and retrieval's predictions are read once
 each and mixed); with ``--smooth`` each of those predictions is also scored after averaging every spot
 with the spots within the given radii (in spot pitches; a radius graph, unlike the kNN graph of
-``sr.pp.smooth``); with ``--bn-match`` the model is also scored with the batch-norm statistics of its
-teacher renewed on up to 2048 training patches lowered in resolution by each given factor (1: sharp;
-A1's patches are upsampled about 2.3x), the statistics a slide of that resolution would meet. Rows
+``sr.pp.smooth``); with ``--unlabeled-test`` the fit also reads the held-out section's H&E, unlabelled
+(``fit(unlabeled=...)``, with ``w_consistency`` in ``--opts``); with ``--bn-match`` the model is also
+scored with the batch-norm statistics of its teacher renewed on up to 2048 training patches lowered in
+resolution by each given factor (1: sharp; A1's patches are upsampled about 2.3x), the statistics a
+slide of that resolution would meet. Rows
 of this script are single runs of one seed; the figures a default rests on come from ``accuracy.py``.
 
     python benchmarks/variants.py --name rj3 --test A1 --opts '{"resolution_jitter": 3}' --adapt
@@ -50,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--bn-match", type=float, nargs="*", default=[],
                     help="also score the teacher with batch-norm statistics of training patches lowered "
                          "in resolution by these factors")
+    ap.add_argument("--unlabeled-test", action="store_true",
+                    help="fit with unlabeled=the held-out section (its H&E only; w_consistency in --opts)")
     ap.add_argument("--out", default=str(HERE / "results" / "variants.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
@@ -58,7 +62,8 @@ def main(argv=None):
     genes = A.genes_785()
     opts = json.loads(a.opts)
     t0 = time.perf_counter()
-    model = sr.tl.fit(train, genes=genes, method=a.method, seed=a.seed, pretrained=False, **opts)
+    unl = dict(unlabeled=sr.datasets.her2st(a.test)) if a.unlabeled_test else {}
+    model = sr.tl.fit(train, genes=genes, method=a.method, seed=a.seed, pretrained=False, **unl, **opts)
     fit_s = time.perf_counter() - t0
     ytr = np.concatenate([A.truth(s, genes) for s in train])
     true = A.truth(test, genes)
@@ -70,7 +75,8 @@ def main(argv=None):
         st = A.suff_stats(pred, true)
         rows.append({"name": name, "method": a.method, "test": a.test, "seed": a.seed,
                      **A.scores_from_stats(st, None, heg), **A.spearman_scores(pred, true, st),
-                     "fit_s": round(fit_s, 1), "opts": row_opts})
+                     "fit_s": round(fit_s, 1), "opts": row_opts,
+                     **({"unlabeled": a.test} if a.unlabeled_test else {})})
         print(json.dumps(rows[-1]), flush=True)
 
     for suffix, adapt in [("", False)] + ([("+adapt", True)] if a.adapt else []):
