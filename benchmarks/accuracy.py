@@ -61,6 +61,9 @@ ABLATIONS = {
     "stranker+reinhard": ("stranker", {"stain_norm": "reinhard"}),  # per-patch Reinhard normalisation
     "stranker+section": ("stranker", {"target_scale": "section"}),  # targets standardised per section
     "stranker+adapt": ("stranker", {"adapt": True}),  # AdaBN on the section predicted
+    "stranker+corr": ("stranker", {"w_corr": 1.0}),  # per-gene Pearson r over each batch beside the MSE
+    # transductive: the mean teacher also trains on the H&E (not the expression) of the section predicted
+    "stranker+unlabeled-test": ("stranker", {"w_consistency": 10.0, "unlabeled_test": True}),
 }
 PREDICT_OPTIONS = ("adapt",)  # options of ABLATIONS that go to predict, not fit
 STATS = ("n", "mx", "my", "sxx", "syy", "sxy", "sae", "sse")
@@ -210,6 +213,8 @@ def run_one(method, train, test, genes, seed, opts):
         base, extra = ABLATIONS.get(method, (method, {}))
         extra = dict(extra)
         at_predict = {k: extra.pop(k) for k in PREDICT_OPTIONS if k in extra}
+        if extra.pop("unlabeled_test", False):
+            extra["unlabeled"] = test
         model = sr.tl.fit([_light(s) for s in train], genes=genes, method=base, seed=seed, **extra, **opts)
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
