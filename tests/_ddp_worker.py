@@ -22,16 +22,16 @@ def tiny_data():
     expr = torch.randn(n, 6, generator=g)
     pos = torch.rand(n, 2, generator=g)
     section = torch.from_numpy(np.repeat(np.arange(len(SIZES)), SIZES))
-    return TrainData(images=images, expr=expr, pos=pos, section=section)
+    unlabeled = torch.randint(0, 256, (10, 1, 16, 16, 3), generator=g, dtype=torch.uint8)
+    return TrainData(images=images, expr=expr, pos=pos, section=section, unlabeled=unlabeled)
 
 
 def tiny_aligner(init_seed: int = 0, **kw):
     from stranker.model import Aligner, make_config
 
     opts = dict(backbone="test_resnet", pretrained=False, image_size=16, epochs=2, batch_size=8, embed_dim=16,
-                gene_hidden=16, w_corr=0.5, w_clip=0.5, w_rank=0.5, w_distill=0.5, spot_context=True,
-                context_layers=1,
-                position_bins=8)
+                gene_hidden=16, w_corr=0.5, w_clip=0.5, w_rank=0.5, w_distill=0.5, w_consistency=0.5,
+                spot_context=True, context_layers=1, position_bins=8)
     opts.update(kw)
     cfg = make_config("stranker", **opts)
     torch.manual_seed(init_seed)

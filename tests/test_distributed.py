@@ -38,7 +38,7 @@ def _one_process(seed=0, **kw):
 
 
 def _curve(history):
-    terms = ("regression", "corr", "clip", "rank", "distill", "total")
+    terms = ("regression", "corr", "clip", "rank", "distill", "consistency", "total")
     return np.array([[h[k] for k in terms] for h in history])
 
 
