@@ -209,3 +209,17 @@ def test_image_branch_normalises_before_the_backbone():
         with torch.no_grad():
             gap[norm] = (br(x)[0] - br(cast)[0]).norm() / br(x)[0].norm()
     assert gap["reinhard"] < 0.5 * gap[None]  # 1.0 if the option were not wired through
+
+
+def test_a_saved_configuration_without_a_newer_field_reads_as_trained_then():
+    from stranker.model import Config
+
+    today = make_config().to_dict()
+    old = {k: v for k, v in today.items()
+           if k not in ("resolution_jitter", "crop_jitter", "hed_jitter", "w_corr", "w_consistency")}
+    cfg = Config.from_dict(old)
+    # a model saved before resolution jitter existed was trained on sharp patches only: predict's
+    # warning about coarser slides must use 1, not today's default of 3
+    assert cfg.resolution_jitter == 1.0 and cfg.w_corr == 0.0 and cfg.w_consistency == 0.0
+    assert cfg.crop_jitter == 0.0 and cfg.hed_jitter == 0.0
+    assert Config.from_dict(today) == make_config()  # a configuration saved today reads back as it was

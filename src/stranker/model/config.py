@@ -74,13 +74,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        """Build a configuration from a dict, ignoring unknown keys."""
+        """Build a configuration from a dict, ignoring unknown keys.
+
+        A field that a saved configuration lacks (saved before the field existed) takes the value
+        that the model was trained with then (:data:`ABSENT_MEANS`), not today's default.
+        """
         names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
+        d = {**ABSENT_MEANS, **{k: v for k, v in d.items() if k in names}}
         if "scales" in d:
             d["scales"] = tuple(float(s) for s in d["scales"])
         return cls(**d)
 
+
+# what a saved configuration without the field was trained with (the option did not exist yet)
+ABSENT_MEANS: dict[str, Any] = {
+    "resolution_jitter": 1.0, "crop_jitter": 0.0, "hed_jitter": 0.0, "w_corr": 0.0, "w_consistency": 0.0,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ours: supervised regression on backbone features + InfoNCE on the joint embedding, trained on patches
