@@ -223,3 +223,16 @@ def test_a_saved_configuration_without_a_newer_field_reads_as_trained_then():
     assert cfg.resolution_jitter == 1.0 and cfg.w_corr == 0.0 and cfg.w_consistency == 0.0
     assert cfg.crop_jitter == 0.0 and cfg.hed_jitter == 0.0
     assert Config.from_dict(today) == make_config()  # a configuration saved today reads back as it was
+
+
+def test_presets_keep_their_published_loss_terms_whatever_the_default():
+    from stranker.model import Aligner
+
+    want = {
+        "stnet": ["regression"], "bleep": ["clip"], "mclstexp": ["clip"],
+        "rankbygene": ["regression", "clip", "rank", "distill"],
+        "stranker": ["regression", "corr", "clip"],
+    }
+    for method, terms in want.items():
+        cfg = make_config(method, backbone="test_resnet", pretrained=False)
+        assert Aligner(cfg, 4).loss_terms() == terms, method
