@@ -169,7 +169,7 @@ def random_crop(
     b = _n(x, part)
     side = _rows(1 - max_crop * torch.rand(b, generator=gen), part)
     shift = _rows(2 * torch.rand(b, 2, generator=gen) - 1, part) * (1 - side)[:, None]
-    reps = x[0, ..., 0, 0, 0].numel() if x.dim() > 4 else 1
+    reps = x.shape[1:-3].numel()  # scales per sample
     theta = torch.zeros(len(side), 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = side
     theta[:, :, 2] = shift

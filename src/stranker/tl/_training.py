@@ -102,7 +102,7 @@ def unlabeled_patches(data: Any, cfg: Any, geometry: PatchGeometry | None) -> np
     if not cfg.w_consistency > 0:
         raise InputError(
             "`unlabeled` sections were given but `w_consistency=0` would never read them: pass "
-            "`w_consistency=` > 0 (1 is the measured choice, docs/method.md) or leave out `unlabeled`."
+            "`w_consistency=` > 0 (10 is the value measured, docs/method.md) or leave out `unlabeled`."
         )
     if geometry is None:
         raise InputError("`unlabeled` needs pixels: it cannot be used with `image_features`.")

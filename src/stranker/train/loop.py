@@ -177,6 +177,11 @@ def set_input_statistics(
     aligner.teacher.load_state_dict(br.state_dict())
 
 
+def augment_options(cfg: Any, part: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`~stranker.model.augment.augment` that ``cfg`` sets."""
+    return dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter, crop=cfg.crop_jitter)
+
+
 def unlabeled_views(
     data: TrainData, cfg: Any, gen: torch.Generator, n: int, device: torch.device, ws: int = 1, rk: int = 0
 ) -> dict[str, Any]:
@@ -190,7 +195,7 @@ def unlabeled_views(
     rows = torch.randint(0, len(data.unlabeled), (n,), generator=gen)
     mine, part = distributed.shard(np.arange(n), ws, rk) if ws > 1 else (np.arange(n), None)
     x = to_input(data.unlabeled[rows[torch.from_numpy(mine)]], device)
-    aug = dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter, crop=cfg.crop_jitter)
+    aug = augment_options(cfg, part)
     weak = augment(x, gen, strong=False, **aug)
     strong = augment(x, gen, strong=True, **aug)
     return {"unlabeled": (strong, weak), "unlabeled_weight": len(mine) * ws / n}
@@ -329,8 +334,7 @@ def _train(
                 it = torch.from_numpy(li)
                 x = to_input(x_cpu, device)
                 if data.pixels:
-                    aug = dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter,
-                               crop=cfg.crop_jitter)
+                    aug = augment_options(cfg, part)
                     weak = augment(x, gen, strong=False, **aug)
                     strong = augment(x, gen, strong=cfg.student_view == "strong", **aug)
                 else:
