@@ -23,6 +23,32 @@ def test_degrade_blurs_some_images_and_keeps_shape():
     assert degrade(x, torch.Generator().manual_seed(0), 1.0) is x
 
 
+def test_degrade_keeps_the_asked_share_sharp_and_spreads_the_rest_over_the_steps():
+    x = torch.rand(4000, 1, 3, 8, 8)
+    for keep in (0.0, 0.5, 0.8):
+        y = degrade(x, torch.Generator().manual_seed(1), 3.0, keep=keep)
+        sharp = (y - x).abs().flatten(1).amax(1) < 1e-6
+        assert abs(float(sharp.float().mean()) - keep) < 0.03
+        blur = (y - x).abs().flatten(1).mean(1)[~sharp]
+        # four lowered steps, each about as often: four distinct losses of detail in equal numbers
+        assert len(torch.unique(blur.round(decimals=2))) > 3
+    assert torch.equal(degrade(x, torch.Generator().manual_seed(1), 3.0, keep=1.0), x)
+    # keep=None: each of the five steps alike, one in five sharp
+    y = degrade(x, torch.Generator().manual_seed(2), 3.0)
+    assert abs(float(((y - x).abs().flatten(1).amax(1) < 1e-6).float().mean()) - 0.2) < 0.03
+    # a process's rows are degraded as the whole batch's are
+    whole = degrade(x[:16], torch.Generator().manual_seed(5), 3.0, keep=0.5)
+    part = degrade(x[4:8], torch.Generator().manual_seed(5), 3.0, part=(4, 8, 16), keep=0.5)
+    torch.testing.assert_close(part, whole[4:8])
+
+
+def test_resolution_keep_out_of_range_is_refused():
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="resolution_keep"):
+            sr.model.make_config(resolution_keep=bad)
+    assert sr.model.make_config(resolution_keep=0.5).resolution_keep == 0.5
+
+
 def test_augment_without_resolution_jitter_draws_as_before():
     x = torch.rand(8, 1, 3, 16, 16)
     a = augment(x, torch.Generator().manual_seed(3), strong=True)

@@ -98,7 +98,8 @@ def hed_jitter(x: torch.Tensor, gen: torch.Generator, sigma: float, part: Part |
 
 
 def degrade(
-    x: torch.Tensor, gen: torch.Generator, max_factor: float, part: Part | None = None, levels: int = 4
+    x: torch.Tensor, gen: torch.Generator, max_factor: float, part: Part | None = None, levels: int = 4,
+    keep: float | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of resolution: downsample by a random factor in [1, ``max_factor``], upsample back.
 
@@ -119,6 +120,9 @@ def degrade(
         As in :func:`augment`.
     levels
         Number of steps above 1.
+    keep
+        Share of images left unchanged; the others take one of the ``levels`` lowered steps, each
+        alike. ``None``: every step alike, so ``1 / (levels + 1)`` are unchanged.
 
     Returns
     -------
@@ -126,7 +130,12 @@ def degrade(
     """
     if max_factor <= 1:
         return x
-    steps = _rows(torch.randint(0, levels + 1, (_n(x, part),), generator=gen), part)
+    if keep is None:
+        steps = _rows(torch.randint(0, levels + 1, (_n(x, part),), generator=gen), part)
+    else:
+        u = _rows(torch.rand(_n(x, part), generator=gen), part)
+        lowered = 1 + ((u - keep) / max(1 - keep, 1e-12) * levels).long().clamp(0, levels - 1)
+        steps = torch.where(u < keep, torch.zeros_like(lowered), lowered)
     out = x.clone()
     flat_shape = x.shape[1:-3]
     for k in range(1, levels + 1):
@@ -192,7 +201,7 @@ def lower_resolution(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def augment(
     x: torch.Tensor, gen: torch.Generator, strong: bool, part: Part | None = None, hed: float = 0.0,
-    resolution: float = 1.0, crop: float = 0.0,
+    resolution: float = 1.0, crop: float = 0.0, resolution_keep: float | None = None,
 ) -> torch.Tensor:
     """Weak view: random dihedral. Strong view: dihedral, colour/stain jitter and pixel noise.
 
@@ -200,14 +209,15 @@ def augment(
     rows (one process's share under distributed training): the random draws are those of the whole
     batch, so each process augments its rows exactly as a single process would. ``hed > 0`` adds
     :func:`hed_jitter` of that strength to both views (no random draws are taken when it is 0);
-    ``resolution > 1`` adds :func:`degrade` up to that factor; ``crop > 0`` first takes a
+    ``resolution > 1`` adds :func:`degrade` up to that factor, leaving ``resolution_keep`` of the
+    patches unchanged (``None``: one in ``levels + 1``); ``crop > 0`` first takes a
     :func:`random_crop` of each patch (no draws are taken when it is 0).
     """
     x = random_dihedral(x, gen, part)
     if crop > 0:
         x = random_crop(x, gen, crop, part)
     if resolution > 1:
-        x = degrade(x, gen, resolution, part)
+        x = degrade(x, gen, resolution, part, keep=resolution_keep)
     if hed > 0:
         x = hed_jitter(x, gen, hed, part)
     if strong:

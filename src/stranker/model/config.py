@@ -29,6 +29,7 @@ class Config:
     stain_norm: str | None = None  # 'reinhard': each patch's tissue L*a*b* mean/sd set to a fixed target
     hed_jitter: float = 0.0  # strength of per-channel HED scale/shift augmentation (Tellez et al. 2018)
     resolution_jitter: float = 3.0  # train on patches downsampled by up to this factor; 1: off
+    resolution_keep: float | None = None  # share of patches the jitter leaves sharp; None: 1 in 5
     crop_jitter: float = 0.0  # train on random crops of 1 - crop_jitter to 1 of the patch side, resized back
     embed_dim: int = 256
     dropout: float = 0.0
@@ -88,7 +89,8 @@ class Config:
 
 # what a saved configuration without the field was trained with (the option did not exist yet)
 ABSENT_MEANS: dict[str, Any] = {
-    "resolution_jitter": 1.0, "crop_jitter": 0.0, "hed_jitter": 0.0, "w_corr": 0.0, "w_consistency": 0.0,
+    "resolution_jitter": 1.0, "resolution_keep": None, "crop_jitter": 0.0, "hed_jitter": 0.0, "w_corr": 0.0,
+    "w_consistency": 0.0,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -169,6 +171,10 @@ def validate(cfg: Config) -> Config:
                          f"got {cfg.crop_jitter}.")
     if not (math.isfinite(cfg.resolution_jitter) and 1 <= cfg.resolution_jitter <= 16):
         raise ValueError(f"`resolution_jitter` must be in [1, 16] (1: off), got {cfg.resolution_jitter}.")
+    k = cfg.resolution_keep
+    if k is not None and (isinstance(k, bool) or not (isinstance(k, numbers.Real) and 0 <= k <= 1)):
+        raise ValueError(f"`resolution_keep` must be None or the share in [0, 1] of patches left sharp, "
+                         f"got {k!r}.")
     if cfg.target_scale not in ("pooled", "section"):
         raise ValueError(f"`target_scale` must be 'pooled' or 'section', got {cfg.target_scale!r}.")
     if not 0 <= cfg.blend <= 1:

@@ -179,7 +179,8 @@ def set_input_statistics(
 
 def augment_options(cfg: Any, part: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`~stranker.model.augment.augment` that ``cfg`` sets."""
-    return dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter, crop=cfg.crop_jitter)
+    return dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter, crop=cfg.crop_jitter,
+                resolution_keep=cfg.resolution_keep)
 
 
 def unlabeled_views(
