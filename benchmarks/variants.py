@@ -12,7 +12,9 @@ with the spots within the given radii (in spot pitches; a radius graph, unlike t
 (``fit(unlabeled=...)``, with ``w_consistency`` in ``--opts``); with ``--bn-match`` the model is also
 scored with the batch-norm statistics of its teacher renewed on up to 2048 training patches lowered in
 resolution by each given factor (1: sharp; A1's patches are upsampled about 2.3x), the statistics a
-slide of that resolution would meet. Rows
+slide of that resolution would meet; with ``--res-tta`` the model is also scored with its predictions
+averaged over views of the test patches lowered by 1 and each given factor up to the one named in the
+row (a test-time mean over the resolutions that resolution jitter trained on). Rows
 of this script are single runs of one seed; the figures a default rests on come from ``accuracy.py``.
 
     python benchmarks/variants.py --name rj3 --test A1 --opts '{"resolution_jitter": 3}' --adapt
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import accuracy as A
 import numpy as np
+import torch
 
 import stranker as sr
 from stranker.model.adapt import adapt_norm
@@ -52,6 +55,10 @@ def main(argv=None):
     ap.add_argument("--bn-match", type=float, nargs="*", default=[],
                     help="also score the teacher with batch-norm statistics of training patches lowered "
                          "in resolution by these factors")
+    ap.add_argument("--res-tta", type=float, nargs="*", default=[],
+                    help="also score predictions averaged over views lowered by 1 and each of these "
+                         "factors up to each one in turn")
+    ap.add_argument("--save", default=None, help="folder to save the fitted model in (NAME-TEST-sSEED)")
     ap.add_argument("--unlabeled-test", action="store_true",
                     help="fit with unlabeled=the held-out section (its H&E only; w_consistency in --opts)")
     ap.add_argument("--out", default=str(HERE / "results" / "variants.jsonl"))
@@ -65,6 +72,8 @@ def main(argv=None):
     unl = dict(unlabeled=sr.datasets.her2st(a.test)) if a.unlabeled_test else {}
     model = sr.tl.fit(train, genes=genes, method=a.method, seed=a.seed, pretrained=False, **unl, **opts)
     fit_s = time.perf_counter() - t0
+    if a.save:
+        model.save(Path(a.save) / f"{a.name}-{a.test}-s{a.seed}", overwrite=True)
     ytr = np.concatenate([A.truth(s, genes) for s in train])
     true = A.truth(test, genes)
     heg = np.argsort(-ytr.mean(0))[:50]
@@ -108,9 +117,31 @@ def main(argv=None):
                 score(f"{a.name}@bn{factor:g}", model.predict(test), {**opts, "bn_match": factor})
             finally:
                 model.aligner.teacher = keep
+    if a.res_tta:
+        keep = model.aligner.teacher
+        for top in a.res_tta:
+            try:
+                model.aligner.teacher = ResolutionMean(keep, [1.0, *[f for f in a.res_tta if f <= top]])
+                score(f"{a.name}@rtta{top:g}", model.predict(test), {**opts, "res_tta": top})
+            finally:
+                model.aligner.teacher = keep
     with open(a.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
+
+
+class ResolutionMean(torch.nn.Module):
+    """A branch whose ``forward_tta`` is the mean over views lowered in resolution by ``factors``."""
+
+    def __init__(self, branch, factors):
+        super().__init__()
+        self.branch, self.factors = branch, factors
+
+    def forward_tta(self, x, tta):
+        outs = [self.branch.forward_tta(
+            x if f == 1 else lower_resolution(x.reshape(-1, *x.shape[-3:]), f).reshape(x.shape), tta)
+            for f in self.factors]
+        return torch.stack([e for e, _ in outs]).mean(0), torch.stack([p for _, p in outs]).mean(0)
 
 
 def training_patches(model, train, most: int = 2048) -> np.ndarray:
