@@ -182,3 +182,25 @@ def test_variants_bn_match_reads_training_patches_and_lowers_them(monkeypatch):
     assert torch.allclose(blurred.mean((2, 3, 4)), sharp.mean((2, 3, 4)), atol=0.03)
     assert blurred.diff(dim=-1).abs().mean() < 0.6 * sharp.diff(dim=-1).abs().mean()
     assert "accuracy" in sys.modules
+
+
+def test_variants_resolution_mean_averages_the_branch_over_lowered_views(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    var = _load("variants")
+    seen = []
+
+    class Branch(torch.nn.Module):  # records what it reads; embedding = mean, prediction = detail
+        def forward_tta(self, x, tta):
+            seen.append((x.clone(), tta))
+            return x.mean((-3, -2, -1)), x.diff(dim=-1).abs().mean((-3, -2, -1))
+
+    x = torch.rand(4, 1, 3, 16, 16)
+    e, p = var.ResolutionMean(Branch(), [1.0, 3.0]).forward_tta(x, True)
+    assert [t for _, t in seen] == [True, True] and torch.equal(seen[0][0], x)  # the sharp view as it is
+    low = seen[1][0]
+    assert low.shape == x.shape and low.diff(dim=-1).abs().mean() < 0.6 * x.diff(dim=-1).abs().mean()
+    ref = [Branch().forward_tta(v, True) for v in (seen[0][0], seen[1][0])]
+    torch.testing.assert_close(e, (ref[0][0] + ref[1][0]) / 2)
+    torch.testing.assert_close(p, (ref[0][1] + ref[1][1]) / 2)
