@@ -14,7 +14,8 @@ scored with the batch-norm statistics of its teacher renewed on up to 2048 train
 resolution by each given factor (1: sharp; A1's patches are upsampled about 2.3x), the statistics a
 slide of that resolution would meet; with ``--res-tta`` the model is also scored with its predictions
 averaged over views of the test patches lowered by 1 and each given factor up to the one named in the
-row (a test-time mean over the resolutions that resolution jitter trained on). Rows
+row (a test-time mean over the resolutions that resolution jitter trained on); ``--save DIR`` keeps
+the fitted model (``sr.tl.Model.save``) for scoring later. Rows
 of this script are single runs of one seed; the figures a default rests on come from ``accuracy.py``.
 
     python benchmarks/variants.py --name rj3 --test A1 --opts '{"resolution_jitter": 3}' --adapt
@@ -138,9 +139,7 @@ class ResolutionMean(torch.nn.Module):
         self.branch, self.factors = branch, factors
 
     def forward_tta(self, x, tta):
-        outs = [self.branch.forward_tta(
-            x if f == 1 else lower_resolution(x.reshape(-1, *x.shape[-3:]), f).reshape(x.shape), tta)
-            for f in self.factors]
+        outs = [self.branch.forward_tta(lower(x, f), tta) for f in self.factors]
         return torch.stack([e for e, _ in outs]).mean(0), torch.stack([p for _, p in outs]).mean(0)
 
 
@@ -157,13 +156,14 @@ def training_patches(model, train, most: int = 2048) -> np.ndarray:
 
 def lowered(patches: np.ndarray, factor: float, batch_size: int = 64):
     """Batches of ``patches`` as model inputs, lowered in resolution by ``factor`` (1: unchanged)."""
-    import torch
-
     for start in range(0, len(patches), batch_size):
         x = to_input(torch.from_numpy(patches[start : start + batch_size]), torch.device("cpu"))
-        if factor > 1:
-            x = lower_resolution(x.reshape(-1, *x.shape[-3:]), factor).reshape(x.shape)
-        yield x
+        yield lower(x, factor)
+
+
+def lower(x, factor: float):
+    """Model inputs ``(..., 3, h, w)`` lowered in resolution by ``factor`` (``x`` itself when it is 1)."""
+    return x if factor <= 1 else lower_resolution(x.reshape(-1, *x.shape[-3:]), factor).reshape(x.shape)
 
 
 def neighbour_mean(centers: np.ndarray, radius: float):
