@@ -31,7 +31,7 @@ def tiny_aligner(init_seed: int = 0, **kw):
 
     opts = dict(backbone="test_resnet", pretrained=False, image_size=16, epochs=2, batch_size=8, embed_dim=16,
                 gene_hidden=16, w_corr=0.5, w_clip=0.5, w_rank=0.5, w_distill=0.5, w_consistency=0.5,
-                spot_context=True, context_layers=1, position_bins=8)
+                spot_context=True, context_layers=1, position_bins=8, sharp_epochs=1)
     opts.update(kw)
     cfg = make_config("stranker", **opts)
     torch.manual_seed(init_seed)

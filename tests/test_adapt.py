@@ -147,3 +147,53 @@ def test_predict_warns_when_a_slide_is_coarser_than_the_model_was_trained_on(str
     model = sr.tl.fit(train, **TINY)  # the default resolution_jitter=3 covers 2x
     sr.tl.predict(model, test, copy=True)
     assert not any("coarser than any patch" in r.getMessage() for r in stranker_log.records)
+
+
+def test_the_sharp_finish_keeps_the_jittered_teacher_as_the_coarse_branch():
+    from stranker.train import train
+    from tests._ddp_worker import tiny_aligner, tiny_data
+
+    kw = dict(resolution_jitter=3.0, w_rank=0.0, w_distill=0.0)
+    plain, finished = tiny_aligner(sharp_epochs=0, **kw), tiny_aligner(sharp_epochs=1, **kw)
+    assert plain.coarse is None
+    hist0 = train(plain, tiny_data(), device=torch.device("cpu"), seed=0, progress=False)
+    hist1 = train(finished, tiny_data(), device=torch.device("cpu"), seed=0, progress=False)
+    def curve(hist):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
+
+    assert [h["epoch"] for h in hist1] == [1, 2, 3] and curve(hist1[:2]) == curve(hist0)  # the same 2 epochs
+    state = finished.coarse.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in plain.teacher.state_dict().items())
+    assert not all(torch.equal(v, state[k]) for k, v in finished.teacher.state_dict().items())
+    # the gene branch, which the retrieval bank reads, is as the jittered training left it
+    genes = finished.gene.state_dict()
+    assert all(torch.equal(v, genes[k]) for k, v in plain.gene.state_dict().items())
+
+
+def test_the_sharp_finish_is_off_where_nothing_is_jittered():
+    from stranker.model import Aligner, make_config
+
+    for opts in (dict(resolution_jitter=1.0), dict(image_features="X_uni")):
+        al = Aligner(make_config(backbone="test_resnet", pretrained=False, **opts), 4, feature_dim=8)
+        assert al.coarse is None
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="sharp_epochs"):
+            make_config(sharp_epochs=bad)
+    assert sr.model.Config.from_dict({"epochs": 20}).sharp_epochs == 0  # models saved before it: none
+
+
+def test_predict_reads_a_coarser_slide_with_the_coarse_branch():
+    from spatialdata import deepcopy
+
+    train, test = sr.datasets.synthetic(2, 30, n_genes=10, seed=0)
+    coarse = deepcopy(test)
+    coarse.tables["table"].uns["microns_per_pixel"] *= 4  # 64 px patches fed at 32 px; here 16 px: 2x coarser
+    model = sr.tl.fit(train, **TINY, sharp_epochs=1)
+    tables = [sr.tl.predict(model, s, copy=True).tables["table"] for s in (test, coarse)]
+    assert [t.uns["stranker"]["resampling"]["branch"] for t in tables] == ["sharp", "coarse"]
+    assert tables[1].uns["stranker"]["resampling"]["coarser"] == pytest.approx(2.0)
+    # the coarse slide's predictions are the coarse branch's: replacing its weights changes them alone
+    model.aligner.coarse.load_state_dict(model.aligner.teacher.state_dict())
+    again = [sr.tl.predict(model, s, copy=True).tables["table"].layers["stranker"] for s in (test, coarse)]
+    np.testing.assert_array_equal(again[0], tables[0].layers["stranker"])
+    assert not np.allclose(again[1], tables[1].layers["stranker"])

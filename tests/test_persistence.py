@@ -65,7 +65,8 @@ def test_checkpoint_loads_without_pickle_and_leaves_only_itself(tmp_path):
     _train(tmp_path / "c")
     assert sorted(os.listdir(tmp_path / "c")) == ["last.pt"]  # no lock, no temporary file left
     state = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["identity"]["config"]["epochs"] == 2
+    assert state["epoch"] == 3 and state["identity"]["config"]["epochs"] == 2  # and 1 sharp epoch
+    assert state["identity"]["config"]["sharp_epochs"] == 1
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,7 @@ def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, change, match):
     assert _snapshot(tmp_path / "c") == before
     # which is what it says: the same call without resume trains afresh over the old checkpoint
     _, hist = _train(tmp_path / "c", data=data, identity=identity, **change)
-    assert hist[-1]["epoch"] == change.get("epochs", 2)
+    assert hist[-1]["epoch"] == change.get("epochs", 2) + 1  # and the sharp epoch
 
 
 def test_resume_with_other_genes_is_refused_by_fit(tmp_path, synthetic_small):

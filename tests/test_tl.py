@@ -158,7 +158,8 @@ def test_same_seed_same_model(synthetic_small):
 def test_interrupted_fit_resumes_to_the_same_result(synthetic_small, tmp_path, monkeypatch):
     import stranker.train.loop as loop
 
-    kw = dict(FAST, epochs=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    # 2 epochs with resolution jitter, then 2 of the sharp finish; the fit is cut in the finish's 2nd
+    kw = dict(FAST, epochs=2, sharp_epochs=2, checkpoint_dir=str(tmp_path / "ckpt"))
     full = sr.tl.fit(_copy(synthetic_small[:2]), seed=1, **dict(kw, checkpoint_dir=str(tmp_path / "full")))
     secs = _copy(synthetic_small[:2])
     real = loop.batches
@@ -166,7 +167,7 @@ def test_interrupted_fit_resumes_to_the_same_result(synthetic_small, tmp_path, m
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # 1 call to count steps, then epochs 1, 2; the 3rd epoch is interrupted
+        if calls["n"] == 5:  # 1 call to count steps, then epochs 1, 2, 3; the 4th epoch is interrupted
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 

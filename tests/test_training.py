@@ -157,3 +157,15 @@ def test_a_train_that_fails_writing_leaves_model_and_data_as_they_were(synthetic
         model.train(secs, seed=0, key_added="stranker")
     assert not model.is_trained and model.aligner is None and model.genes == [] and model.bank == {}
     assert all(layer is None for layer in _layers(secs)) and "stranker" not in secs[0].tables["table"].uns
+
+
+def test_a_training_of_five_steps_runs():
+    # torch's OneCycleLR divided by zero when its warm-up (a fifth of the steps) was exactly one step
+    from stranker.train import TrainData, train
+    from tests._ddp_worker import tiny_aligner, tiny_data
+
+    d = tiny_data()
+    keep = slice(0, len(d.expr) - 1)  # 13, 11 and 8 spots: 2 + 2 + 1 batches of 8
+    data = TrainData(images=d.images[keep], expr=d.expr[keep], pos=d.pos[keep], section=d.section[keep])
+    hist = train(tiny_aligner(epochs=1, sharp_epochs=0), data, device=torch.device("cpu"), progress=False)
+    assert [h["epoch"] for h in hist] == [1]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .config import Config
+from .augment import JITTER_LEVELS
+from .config import Config, finish_epochs
 from .encoders import GeneBranch, ImageBranch, SpotContext
 
 
@@ -30,14 +31,31 @@ class Aligner(nn.Module):
             download=download, stain_norm=cfg.stain_norm,
         )
         # a wholly frozen backbone is shared by student and teacher (a foundation model held once)
-        shared = {id(self.student.backbone): self.student.backbone} if self.student.frozen else {}
-        self.teacher = copy.deepcopy(self.student, memo=shared).requires_grad_(False)
+        def shared() -> dict:  # a fresh memo for each copy (deepcopy fills it)
+            return {id(self.student.backbone): self.student.backbone} if self.student.frozen else {}
+
+        self.teacher = copy.deepcopy(self.student, memo=shared()).requires_grad_(False)
         context = (
             SpotContext(cfg.embed_dim, cfg.context_layers, cfg.context_heads, cfg.position_bins, cfg.dropout)
             if cfg.spot_context else None
         )
         self.gene = GeneBranch(n_genes, hidden=cfg.gene_hidden, embed_dim=cfg.embed_dim, dropout=cfg.dropout,
                                context=context)
+        # with a sharp finish: the teacher as resolution jitter left it, for slides coarser than the training
+        self.coarse = (
+            copy.deepcopy(self.student, memo=shared()).requires_grad_(False) if finish_epochs(cfg) else None
+        )
+
+    def branch_for(self, coarser: float) -> ImageBranch:
+        """Return the image branch that reads a slide with ``coarser`` times less detail than the training's.
+
+        Without a sharp finish, the teacher. With one, the teacher (finished on sharp patches) up to half
+        a step of the resolution jitter in log scale (``resolution_jitter ** (1 / 8)``, 1.15 at 3), and
+        beyond it the teacher as the jitter left it (:attr:`coarse`), which has seen such patches.
+        """
+        if self.coarse is None or coarser <= self.cfg.resolution_jitter ** (1 / (2 * JITTER_LEVELS)):
+            return self.teacher
+        return self.coarse
 
     @property
     def weights_source(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+JITTER_LEVELS = 4  # resolution jitter: steps of lowered resolution above 1 (unchanged)
+
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """Return the k-th (0..7) of the 8 flips/rotations of ``(..., h, w)`` images."""
@@ -98,8 +100,8 @@ def hed_jitter(x: torch.Tensor, gen: torch.Generator, sigma: float, part: Part |
 
 
 def degrade(
-    x: torch.Tensor, gen: torch.Generator, max_factor: float, part: Part | None = None, levels: int = 4,
-    keep: float | None = None,
+    x: torch.Tensor, gen: torch.Generator, max_factor: float, part: Part | None = None,
+    levels: int = JITTER_LEVELS, keep: float | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of resolution: downsample by a random factor in [1, ``max_factor``], upsample back.
 

@@ -320,6 +320,15 @@ class Model:
         c = self.config
         return PatchReader(sp, self.geometry.size_on(sp), c.scales, c.image_size)
 
+    def coarser(self, sp: Section) -> float:
+        """How many times less detail ``sp``'s patches give the backbone than the training slides' did.
+
+        Detail is the pixels per patch side up to the backbone's input size: a slide scanned finer than
+        the input is as sharp as the training slides. 1 for a slide at their resolution.
+        """
+        size = self.config.image_size
+        return min(self.geometry.size_px, size) / min(self.geometry.size_on(sp), size)
+
     def infer(self, sp: Section, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
 
@@ -387,7 +396,7 @@ class Model:
         if c.predict != "head":
             keys = torch.as_tensor(self.bank["keys"], device=dev)
             values = torch.as_tensor(self.bank["values"], device=dev)
-        branch = al.teacher
+        branch = al.teacher if c.image_features is not None else al.branch_for(self.coarser(sp))
         if adapt:
             if c.image_features is not None:
                 raise InputError("`adapt=True` renews a backbone's statistics: a model on features has none.")

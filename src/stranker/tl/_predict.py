@@ -120,7 +120,17 @@ def resampling(sp: Section, model: Any) -> dict[str, Any]:
         "patch_px": float(reader.size),
         "level": int(level),
         "level_scale": float(sp.image.scales[level]),
+        **_branch(sp, model),
     }
+
+
+def _branch(sp: Section, model: Any) -> dict[str, Any]:
+    """Which image branch of a model with a sharp finish reads ``sp`` (``Aligner.branch_for``)."""
+    al = model.aligner
+    if getattr(al, "coarse", None) is None:
+        return {}
+    coarser = model.coarser(sp)
+    return {"coarser": float(coarser), "branch": "coarse" if al.branch_for(coarser) is al.coarse else "sharp"}
 
 
 def check_detail(sp: Section, model: Any, info: dict[str, Any]) -> float:

@@ -22,6 +22,7 @@ import torch
 
 from ..model.aligner import Aligner
 from ..model.augment import augment
+from ..model.config import SHARP_LR, finish_epochs
 from . import checkpoint, distributed
 
 
@@ -177,14 +178,18 @@ def set_input_statistics(
     aligner.teacher.load_state_dict(br.state_dict())
 
 
-def augment_options(cfg: Any, part: Any) -> dict[str, Any]:
-    """Keyword arguments of :func:`~stranker.model.augment.augment` that ``cfg`` sets."""
-    return dict(part=part, hed=cfg.hed_jitter, resolution=cfg.resolution_jitter, crop=cfg.crop_jitter,
-                resolution_keep=cfg.resolution_keep)
+def augment_options(cfg: Any, part: Any, sharp: bool = False) -> dict[str, Any]:
+    """Keyword arguments of :func:`~stranker.model.augment.augment` that ``cfg`` sets.
+
+    ``sharp``: the sharp finish (no resolution jitter).
+    """
+    return dict(part=part, hed=cfg.hed_jitter, resolution=1.0 if sharp else cfg.resolution_jitter,
+                crop=cfg.crop_jitter, resolution_keep=cfg.resolution_keep)
 
 
 def unlabeled_views(
-    data: TrainData, cfg: Any, gen: torch.Generator, n: int, device: torch.device, ws: int = 1, rk: int = 0
+    data: TrainData, cfg: Any, gen: torch.Generator, n: int, device: torch.device, ws: int = 1, rk: int = 0,
+    sharp: bool = False,
 ) -> dict[str, Any]:
     """Return a strong and a weak view of ``n`` random unlabelled patches (this process's share), or nothing.
 
@@ -196,7 +201,7 @@ def unlabeled_views(
     rows = torch.randint(0, len(data.unlabeled), (n,), generator=gen)
     mine, part = distributed.shard(np.arange(n), ws, rk) if ws > 1 else (np.arange(n), None)
     x = to_input(data.unlabeled[rows[torch.from_numpy(mine)]], device)
-    aug = augment_options(cfg, part)
+    aug = augment_options(cfg, part, sharp)
     weak = augment(x, gen, strong=False, **aug)
     strong = augment(x, gen, strong=True, **aug)
     return {"unlabeled": (strong, weak), "unlabeled_weight": len(mine) * ws / n}
@@ -209,6 +214,29 @@ def _plan(sec: np.ndarray, batch_size: int, gen: torch.Generator, ws: int) -> li
     """
     plan = batches(sec, batch_size, gen)
     return plan if ws == 1 else [b for b in plan if len(b) >= ws]
+
+
+def optimiser(
+    aligner: Aligner, cfg: Any, steps_per_epoch: int, sharp: bool = False
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any]:
+    """Parameters, AdamW and one-cycle schedule of the main training or of the sharp finish.
+
+    The finish trains the student image branch alone (the gene branch, and so the retrieval bank,
+    stay as the main training left them) at ``SHARP_LR`` times ``lr``.
+    """
+    if sharp:
+        params = [p for p in aligner.student.parameters() if p.requires_grad]
+        lr, epochs = cfg.lr * SHARP_LR, finish_epochs(cfg)
+    else:
+        params = [p for n, p in aligner.named_parameters()
+                  if not n.startswith("teacher.") and p.requires_grad]
+        lr, epochs = cfg.lr, cfg.epochs
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    total = max(epochs * steps_per_epoch, 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(  # torch divides by zero when pct_start * total_steps == 1
+        opt, max_lr=lr, total_steps=total, pct_start=0.2 if total != 5 else 0.25
+    )
+    return params, opt, sched
 
 
 def kept_rng(device: torch.device | None = None) -> contextlib.AbstractContextManager:
@@ -287,11 +315,10 @@ def _train(
         aligner.student.to(memory_format=torch.channels_last)
         aligner.teacher.to(memory_format=torch.channels_last)
     set_input_statistics(aligner, data, device)
-    params = [p for n, p in aligner.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(cfg.epochs * steps_per_epoch, 1), pct_start=0.2
-    )
+    total_epochs = cfg.epochs + finish_epochs(cfg)
+    # a checkpoint taken after the first epoch of the sharp finish holds the finish's optimiser
+    params, opt, sched = optimiser(aligner, cfg, steps_per_epoch, sharp=state is not None
+                                   and state["epoch"] > cfg.epochs)
     history: list[dict[str, float]] = []
     start_epoch, step = 0, 0
     if state is not None:
@@ -319,10 +346,16 @@ def _train(
 
     show = progress and rk == 0
     bar = tqdm(
-        range(start_epoch, cfg.epochs), desc="fit", disable=not show, initial=start_epoch, total=cfg.epochs
+        range(start_epoch, total_epochs), desc="fit", disable=not show, initial=start_epoch,
+        total=total_epochs,
     )
     try:
         for epoch in bar:
+            sharp = epoch >= cfg.epochs  # the sharp finish: see Config.sharp_epochs
+            if epoch == cfg.epochs:  # it starts from the teacher, which is kept as the coarse branch
+                aligner.coarse.load_state_dict(aligner.teacher.state_dict())
+                aligner.student.load_state_dict(aligner.teacher.state_dict())
+                params, opt, sched = optimiser(aligner, cfg, steps_per_epoch, sharp=True)
             aligner.train()
             aligner.teacher.eval()
             t0 = time.perf_counter()
@@ -335,24 +368,25 @@ def _train(
                 it = torch.from_numpy(li)
                 x = to_input(x_cpu, device)
                 if data.pixels:
-                    aug = augment_options(cfg, part)
+                    aug = augment_options(cfg, part, sharp)
                     weak = augment(x, gen, strong=False, **aug)
                     strong = augment(x, gen, strong=cfg.student_view == "strong", **aug)
                 else:
                     weak = strong = x
                 e, p = expr_all[it.to(device)], pos_all[it.to(device)]
-                unl = unlabeled_views(data, cfg, gen, len(idx), device, ws, rk)
+                unl = unlabeled_views(data, cfg, gen, len(idx), device, ws, rk, sharp)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     if ddp is None:
                         terms = aligner.training_losses(strong, weak, e, p, **unl)
                     else:
                         terms = ddp(strong, weak, e, p, len(li) * ws / len(idx), **unl)
-                opt.zero_grad(set_to_none=True)
+                aligner.zero_grad(set_to_none=True)  # the finish leaves the gene branch's gradients unused
                 terms["total"].backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
                 opt.step()
                 sched.step()
-                aligner.update_teacher(step)
+                # the teacher's decay ramps up again at the start of the finish
+                aligner.update_teacher(step - cfg.epochs * steps_per_epoch if sharp else step)
                 step += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
@@ -365,7 +399,7 @@ def _train(
             bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("epoch", "seconds", "lr")})
             if not np.isfinite(rec.get("total", 0.0)):
                 raise FloatingPointError(f"The loss became {rec['total']} at epoch {epoch + 1}; lower `lr`.")
-            if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == total_epochs):
                 if rk == 0:
                     checkpoint.save(ckpt, {
                         "aligner": aligner.state_dict(), "optimizer": opt.state_dict(),
