@@ -127,11 +127,13 @@ def test_fit_command_launches_two_processes(tmp_path):
         s.write(paths[-1])
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "fit", *paths, "--out", str(tmp_path / "m"), "--genes", "heg",
-         "--epochs", "2", "--backbone", "test_resnet", "--no-pretrained", "--nproc", "2"],
+         "--epochs", "2", "--sharp-epochs", "1", "--backbone", "test_resnet", "--no-pretrained",
+         "--nproc", "2"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "launching:" in out.stdout and "--nproc_per_node=2" in out.stdout
     assert out.stdout.count("model saved to") == 1  # rank 0 only
     model = sr.Model.load(tmp_path / "m")
-    assert model.meta["world_size"] == 2 and len(model.history) == 2
+    assert model.meta["world_size"] == 2 and len(model.history) == 3  # 2 epochs and 1 sharp
+    assert model.config.sharp_epochs == 1 and model.aligner.coarse is not None

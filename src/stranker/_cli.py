@@ -132,7 +132,8 @@ def _fit(args: argparse.Namespace) -> int:
         genes = [g.strip() for g in open(genes[0]) if g.strip()]
     elif genes and len(genes) == 1 and genes[0] in ("hvg", "heg"):
         genes = genes[0]
-    options = {} if args.image_size is None else {"image_size": args.image_size}
+    options = {k: v for k, v in (("image_size", args.image_size), ("sharp_epochs", args.sharp_epochs))
+               if v is not None}
     model = sr.tl.fit(
         data if len(data) > 1 else data[0], genes=genes, method=args.method, backbone=args.backbone,
         weights=args.weights, pretrained=args.pretrained, freeze=_freeze(args.freeze),
@@ -249,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=int, default=None,
                    help="pixels per side fed to the backbone (default: the method's, 112 for stranker)")
     f.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
+    f.add_argument("--sharp-epochs", type=_at_least(0), default=None,
+                   help="then epochs of a copy on sharp patches, which reads slides as sharp as the training "
+                        "ones (default: the method's, 4 for stranker; 0: off)")
     f.add_argument("--batch-size", type=int, default=None,
                    help="spots per batch (default: the method's)")
     f.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")

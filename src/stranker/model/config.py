@@ -96,8 +96,9 @@ ABSENT_MEANS: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ours: supervised regression (MSE + per-gene correlation over each batch) on backbone features +
-    # InfoNCE on the joint embedding, trained on patches of randomly lowered resolution; the EMA teacher
-    # predicts, blending its regression head (0.7) with top-k retrieval (0.3). Ranking and teacher-student
+    # InfoNCE on the joint embedding, trained on patches of randomly lowered resolution, then a copy 4 epochs
+    # on sharp patches for slides as sharp as the training ones; the EMA teacher predicts, blending its
+    # regression head (0.7) with top-k retrieval (0.3). Ranking and teacher-student
     # terms are options (w_rank, w_distill; w_consistency with fit(unlabeled=...)).
     "stranker": {},
     # ST-Net-like supervised baseline: the backbone regresses expression, nothing else

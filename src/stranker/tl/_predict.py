@@ -271,7 +271,10 @@ def predict(
     (``in_sample=False``; ``genes``: the genes written, to pass on, e.g. to ``sq.gr.spatial_autocorr``;
     ``genes_absent``: modelled genes the table lacks, not written, with a warning; ``adapt``: whether
     the predictions came from the adapted model; ``resampling``: slide and model µm/px, their ratio
-    ``factor``, the pyramid level read).
+    ``factor``, the pyramid level read, and for a model with a sharp finish (``sharp_epochs``) how
+    many times ``coarser`` the slide's patches are than the training slides' and which image
+    ``branch`` read them: ``'sharp'`` (the finished teacher) or ``'coarse'`` (the teacher as resolution
+    jitter left it, for slides coarser than the training slides by more than half a jitter step)).
     On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
     ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
     empty, so the predictions are held once: pass ``layer=key_added`` to scanpy); on spots without a
