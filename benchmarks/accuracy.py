@@ -223,6 +223,16 @@ def run_one(method, train, test, genes, seed, opts):
     return pred, ytr, fit_s, time.perf_counter() - t1
 
 
+def fold(test: str) -> tuple:
+    """One her2st fold for the screens: the training sections (patient C but ``test``), the held-out
+    section, the 785 genes, its measured targets and the 50 most expressed genes of the training sections."""
+    train = [_light(sr.datasets.her2st(s)) for s in SECTIONS if s != test]
+    held = sr.datasets.her2st(test)
+    genes = genes_785()
+    ytr = np.concatenate([truth(s, genes) for s in train])
+    return train, held, genes, truth(held, genes), np.argsort(-ytr.mean(0))[:50]
+
+
 def _light(sdata):
     """A shallow copy, so that fit's in-sample results do not pile up on the cached sections."""
     from spatialdata import SpatialData

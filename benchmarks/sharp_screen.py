@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import accuracy as A
-import numpy as np
 import torch
 
 import stranker as sr
@@ -43,12 +42,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "results" / "sharp_screen.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
-    train_secs = [A._light(sr.datasets.her2st(s)) for s in A.SECTIONS if s != a.test]
-    test = sr.datasets.her2st(a.test)
-    genes = A.genes_785()
-    ytr = np.concatenate([A.truth(s, genes) for s in train_secs])
-    true = A.truth(test, genes)
-    heg = np.argsort(-ytr.mean(0))[:50]
+    train_secs, test, genes, true, heg = A.fold(a.test)
     rows = []
 
     def score(name, pred, extra):

@@ -65,9 +65,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "results" / "variants.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
-    train = [A._light(sr.datasets.her2st(s)) for s in A.SECTIONS if s != a.test]
-    test = sr.datasets.her2st(a.test)
-    genes = A.genes_785()
+    train, test, genes, true, heg = A.fold(a.test)
     opts = json.loads(a.opts)
     t0 = time.perf_counter()
     unl = dict(unlabeled=sr.datasets.her2st(a.test)) if a.unlabeled_test else {}
@@ -75,9 +73,6 @@ def main(argv=None):
     fit_s = time.perf_counter() - t0
     if a.save:
         model.save(Path(a.save) / f"{a.name}-{a.test}-s{a.seed}", overwrite=True)
-    ytr = np.concatenate([A.truth(s, genes) for s in train])
-    true = A.truth(test, genes)
-    heg = np.argsort(-ytr.mean(0))[:50]
     rows, preds = [], {}
 
     def score(name, pred, row_opts):
