@@ -326,8 +326,10 @@ class Model:
         Detail is the pixels per patch side up to the backbone's input size: a slide scanned finer than
         the input is as sharp as the training slides. 1 for a slide at their resolution.
         """
-        size = self.config.image_size
-        return min(self.geometry.size_px, size) / min(self.geometry.size_on(sp), size)
+        g, size = self.geometry, self.config.image_size
+        # a section of unknown scale is read at the training width (size_on warns once, where it is read)
+        side = g.size_on(sp) if sp.microns_per_pixel is not None else g.size_px
+        return min(g.size_px, size) / min(side, size)
 
     def infer(self, sp: Section, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
