@@ -78,7 +78,8 @@ def fit(
         ``True`` trains the heads on a frozen backbone, ``False`` fine-tunes it, ``'last:N'`` its last N
         blocks; default: frozen for the foundation models of the registry, fine-tuned otherwise.
     epochs, batch_size
-        Training length and spots per batch (each batch holds spots of one section).
+        Training length and spots per batch (each batch holds spots of one section). With resolution
+        jitter, ``sharp_epochs`` (default 4) more train a copy on sharp patches (see ``docs/method.md``).
     device
         ``'auto'``, ``'cpu'``, ``'cuda'``; default ``sr.settings.device``.
     seed
