@@ -52,7 +52,9 @@ ABLATIONS = {
     "stranker-12epochs-no-resjitter": ("stranker", {"epochs": 12, "resolution_jitter": 1.0}),
     "stnet-20epochs": ("stnet", {"epochs": 20}),  # control: the supervised baseline at the default's epochs
     "stranker-no-clip": ("stranker", {"w_clip": 0.0, "predict": "head"}),  # no aligned embedding: head only
-    "stranker-no-sharp": ("stranker", {"sharp_epochs": 0}),  # no sharp finish: the default before it
+    "stranker-no-sharp": ("stranker", {"sharp_epochs": 0}),  # no sharp finish
+    # predictions not projected onto the training targets' principal axes: the default before it
+    "stranker-no-lowrank": ("stranker", {"predict_rank": 0}),
     "stranker+rank": ("stranker", {"w_rank": 0.03}),  # the ranking term at its weight before issue 17
     "stranker+distill": ("stranker", {"w_distill": 0.03}),
     "stranker+context": ("stranker", {"spot_context": True}),

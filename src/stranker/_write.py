@@ -145,4 +145,6 @@ def write_outputs(
         "in_sample": in_sample,
         "layer_format": layer_format,
     }
+    if model.expression_rank is not None:  # predictions projected onto this many axes of the training targets
+        record["expression_rank"] = model.expression_rank
     write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})

@@ -66,6 +66,7 @@ class Config:
     blend: float = 0.7  # weight of the regression head in 'blend'
     top_k: int = 50
     tta: bool = True
+    predict_rank: int | str = "auto"  # project onto the targets' main axes; 'auto': those above noise; 0: off
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,37 +92,38 @@ class Config:
 # what a saved configuration without the field was trained with (the option did not exist yet)
 ABSENT_MEANS: dict[str, Any] = {
     "resolution_jitter": 1.0, "resolution_keep": None, "crop_jitter": 0.0, "hed_jitter": 0.0, "w_corr": 0.0,
-    "w_consistency": 0.0, "sharp_epochs": 0,
+    "w_consistency": 0.0, "sharp_epochs": 0, "predict_rank": 0,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ours: supervised regression (MSE + per-gene correlation over each batch) on backbone features +
     # InfoNCE on the joint embedding, trained on patches of randomly lowered resolution, then a copy 4 epochs
     # on sharp patches for slides as sharp as the training ones; the EMA teacher predicts, blending its
-    # regression head (0.7) with top-k retrieval (0.3). Ranking and teacher-student
+    # regression head (0.7) with top-k retrieval (0.3), projected onto the principal axes of the training
+    # expression that rise above its noise. Ranking and teacher-student
     # terms are options (w_rank, w_distill; w_consistency with fit(unlabeled=...)).
     "stranker": {},
     # ST-Net-like supervised baseline: the backbone regresses expression, nothing else
     "stnet": dict(
-        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, use_stain=False, epochs=12,
+        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, predict_rank=0, use_stain=False, epochs=12,
         w_regression=1.0, w_corr=0.0, w_clip=0.0, w_rank=0.0, w_distill=0.0,
         head_on="embedding", predict="head",
     ),
     # BLEEP: CLIP loss between image and expression, prediction by top-k retrieval
     "bleep": dict(
-        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, use_stain=False, epochs=12,
+        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, predict_rank=0, use_stain=False, epochs=12,
         w_regression=0.0, w_corr=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
         predict="retrieval", tta=False, temperature=1.0,
     ),
     # mclSTExp: BLEEP + a transformer over the spots of a section with learned 2-D positions
     "mclstexp": dict(
-        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, use_stain=False, epochs=12,
+        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, predict_rank=0, use_stain=False, epochs=12,
         w_regression=0.0, w_corr=0.0, w_clip=1.0, w_rank=0.0, w_distill=0.0,
         spot_context=True, predict="retrieval", tta=False, temperature=1.0,
     ),
     # RankByGene: InfoNCE + ranking consistency + EMA teacher-student; a head on the frozen embedding
     "rankbygene": dict(
-        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, use_stain=False, epochs=12,
+        scales=(1.0,), resolution_jitter=1.0, sharp_epochs=0, predict_rank=0, use_stain=False, epochs=12,
         w_regression=1.0, w_corr=0.0, probe_only=True, w_clip=1.0, w_rank=1.0,
         w_distill=1.0, rank_reference="gene", predict="head", tta=False, student_view="strong",
         head_on="embedding",
@@ -203,6 +205,11 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"`{k}` must be a whole number, got {v!r}.")
         if v < 1:
             raise ValueError(f"`{k}` must be at least 1, got {v}.")
+    r = cfg.predict_rank
+    whole = isinstance(r, numbers.Integral) and not isinstance(r, bool)
+    if r != "auto" and not (whole and r >= 0):
+        raise ValueError(f"`predict_rank` must be 'auto' (the axes above the noise), a number of axes or 0 "
+                         f"(predictions not projected), got {r!r}.")
     v = cfg.sharp_epochs
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
         raise ValueError(f"`sharp_epochs` must be a whole number >= 0 (0: no sharp copy), got {v!r}.")

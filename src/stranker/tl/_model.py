@@ -361,6 +361,7 @@ class Model:
         import torch
 
         from ..model import retrieve
+        from ..model.lowrank import project
         from ..train.loop import to_input
 
         dev = self._device(device)
@@ -398,6 +399,9 @@ class Model:
         if c.predict != "head":
             keys = torch.as_tensor(self.bank["keys"], device=dev)
             values = torch.as_tensor(self.bank["values"], device=dev)
+        axes = self._axes()
+        if axes is not None:
+            center, axes = (torch.as_tensor(a, device=dev) for a in axes)
         branch = al.teacher if c.image_features is not None else al.branch_for(self.coarser(sp))
         if adapt:
             if c.image_features is not None:
@@ -429,9 +433,34 @@ class Model:
             else:
                 ret = retrieve(e, keys, values, c.top_k)
                 out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
+            if axes is not None:
+                out = project(out, center, axes)
             emb_out[start : start + len(sl)] = e.cpu().numpy()
             pred_out[start : start + len(sl)] = out.cpu().numpy()
         return emb_out, pred_out
+
+    def _axes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Mean and principal axes of the training targets that predictions are projected onto, or None.
+
+        Computed from the reference bank's targets for ``config.predict_rank`` on first use, then kept.
+        """
+        from ..model.lowrank import expression_axes
+
+        rank = self.config.predict_rank
+        if rank == 0:
+            return None
+        values = self.bank["values"]
+        key = (rank, id(values), np.shape(values))
+        if getattr(self, "_axes_of", None) != key:
+            self._axes_cached, self._axes_of = expression_axes(values, rank), key
+        return self._axes_cached
+
+    @property
+    def expression_rank(self) -> int | None:
+        """Number of principal axes of the training targets its predictions lie on (None: not projected)."""
+        self._check_trained()
+        axes = self._axes()
+        return None if axes is None else int(axes[1].shape[1])
 
     def _adapted(self, branch, n, batch_size, dev, patches, reader, centers):
         """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs of this section."""
