@@ -36,12 +36,13 @@ def test_fit_command_on_a_zarr_store(tmp_path):
     secs[0].write(tmp_path / "s.zarr")
     out = subprocess.run(
         [sys.executable, "-m", "stranker._cli", "fit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "m"),
-         "--genes", "heg", "--epochs", "1", "--backbone", "test_resnet", "--no-pretrained"],
+         "--genes", "heg", "--epochs", "1", "--backbone", "test_resnet", "--no-pretrained",
+         "--predict-rank", "3"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     model = sr.Model.load(tmp_path / "m")
-    assert len(model.genes) == 20
+    assert len(model.genes) == 20 and model.expression_rank == 3
     assert "WARNING" in out.stderr and "randomly initialised" in out.stderr  # random weights are said
     # predict: into a new store, then in place; the input store is unchanged by the first
     before = _tree(tmp_path / "s.zarr")

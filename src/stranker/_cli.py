@@ -88,6 +88,14 @@ def _compact_png(fig, path, colors: int = 64, dpi: int = 100) -> None:
     pal.save(path, optimize=True)
 
 
+def _rank(text: str) -> int | str:
+    """Parse ``--predict-rank``: 'auto' or a whole number >= 0."""
+    return "auto" if text == "auto" else _at_least(0)(text)
+
+
+_rank.__name__ = "'auto' or integer"
+
+
 def _at_least(low: int):
     """Return an argparse type: an integer of at least ``low``."""
 
@@ -132,8 +140,8 @@ def _fit(args: argparse.Namespace) -> int:
         genes = [g.strip() for g in open(genes[0]) if g.strip()]
     elif genes and len(genes) == 1 and genes[0] in ("hvg", "heg"):
         genes = genes[0]
-    options = {k: v for k, v in (("image_size", args.image_size), ("sharp_epochs", args.sharp_epochs))
-               if v is not None}
+    options = {k: v for k, v in (("image_size", args.image_size), ("sharp_epochs", args.sharp_epochs),
+                                 ("predict_rank", args.predict_rank)) if v is not None}
     model = sr.tl.fit(
         data if len(data) > 1 else data[0], genes=genes, method=args.method, backbone=args.backbone,
         weights=args.weights, pretrained=args.pretrained, freeze=_freeze(args.freeze),
@@ -253,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--sharp-epochs", type=_at_least(0), default=None,
                    help="then epochs of a copy on sharp patches, which reads slides as sharp as the training "
                         "ones (default: the method's, 4 for stranker; 0: off)")
+    f.add_argument("--predict-rank", type=_rank, default=None,
+                   help="predictions projected onto this many principal axes of the training expression; "
+                        "auto: those above its noise (default: the method's, auto for stranker; 0: off)")
     f.add_argument("--batch-size", type=int, default=None,
                    help="spots per batch (default: the method's)")
     f.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
