@@ -51,6 +51,7 @@ ABLATIONS = {
     "stranker-12epochs": ("stranker", {"epochs": 12}),  # the default before 20 epochs
     "stranker-12epochs-no-resjitter": ("stranker", {"epochs": 12, "resolution_jitter": 1.0}),
     "stnet-20epochs": ("stnet", {"epochs": 20}),  # control: the supervised baseline at the default's epochs
+    "stnet+lowrank": ("stnet", {"predict_rank": "auto"}),  # control: the baseline, projected as the default
     "stranker-no-clip": ("stranker", {"w_clip": 0.0, "predict": "head"}),  # no aligned embedding: head only
     "stranker-no-sharp": ("stranker", {"sharp_epochs": 0}),  # no sharp finish
     # predictions not projected onto the training targets' principal axes: the default before it
