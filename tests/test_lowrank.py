@@ -33,6 +33,17 @@ def test_auto_finds_the_rank_of_a_noisy_low_rank_matrix(n, g):
     assert expression_axes(pure_noise, "auto")[1].shape[1] <= 2
 
 
+def test_axes_are_the_same_when_the_gram_matrix_is_built_in_blocks(monkeypatch):
+    import stranker.model.lowrank as lowrank
+
+    _, noisy = low_rank(300, 40, 3, 1.0)
+    whole = expression_axes(noisy.astype(np.float32), "auto")
+    monkeypatch.setattr(lowrank, "_CHUNK", 64)  # 300 spots in 5 blocks
+    blocks = expression_axes(noisy.astype(np.float32), "auto")
+    np.testing.assert_allclose(blocks[0], whole[0], atol=1e-6)
+    np.testing.assert_allclose(np.abs(blocks[1].T @ whole[1]), np.eye(3), atol=1e-5)
+
+
 def test_noise_threshold_matches_gavish_donoho_for_a_square_matrix():
     assert noise_threshold(np.array([1.0, 2.0, 3.0]), (50, 50)) == pytest.approx(2.86 * 2.0)
 

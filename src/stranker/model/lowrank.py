@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+_CHUNK = 8192  # spots per block of the Gram matrix: memory is one block, whatever the number of spots
+
 
 def noise_threshold(singular_values: np.ndarray, shape: tuple[int, int]) -> float:
     """Gavish & Donoho's (2014) optimal hard threshold for a matrix of ``shape`` with unknown noise.
@@ -41,14 +43,18 @@ def expression_axes(values: np.ndarray, rank: int | str) -> tuple[np.ndarray, np
     -------
     ``(center, axes)``: ``(n_genes,)`` and ``(n_genes, rank)``, float32, axes orthonormal.
     """
-    x = np.asarray(values, dtype=np.float64)
-    center = x.mean(0)
-    x = x - center
-    n, g = x.shape
-    if n >= g:  # eigenvectors of the gene-by-gene Gram matrix are the axes
-        ev, vec = np.linalg.eigh(x.T @ x)
+    values = np.asarray(values)
+    n, g = values.shape
+    center = values.mean(0, dtype=np.float64)
+    if n >= g:  # eigenvectors of the gene-by-gene Gram matrix are the axes; built in chunks of spots
+        gram = np.zeros((g, g))
+        for start in range(0, n, _CHUNK):
+            x = values[start : start + _CHUNK].astype(np.float64) - center
+            gram += x.T @ x
+        ev, vec = np.linalg.eigh(gram)
         ev, axes = ev[::-1], vec[:, ::-1]
     else:  # fewer spots than genes: through the spot-by-spot Gram matrix
+        x = values.astype(np.float64) - center
         ev, u = np.linalg.eigh(x @ x.T)
         ev, u = ev[::-1], u[:, ::-1]
         axes = x.T @ u / np.sqrt(np.clip(ev, 1e-300, None))
