@@ -106,3 +106,17 @@ def test_predictions_lie_on_the_axes_the_model_reports(tmp_path):
     # projecting the unprojected predictions gives the model's
     center, axes = (torch.from_numpy(a) for a in model._axes())
     np.testing.assert_allclose(project(torch.from_numpy(free), center, axes).numpy(), pred, atol=1e-4)
+
+
+def test_the_axes_follow_the_bank_and_the_rank():
+    model = sr.Model(make_config(predict_rank=2))
+    first, second = low_rank(100, 20, 2, 0.1, seed=3)[1], low_rank(100, 20, 2, 0.1, seed=4)[1]
+    model.bank = {"values": first.astype(np.float32)}
+    a = model._axes()
+    assert a[1].shape == (20, 2) and model._axes() is a  # kept, not recomputed
+    model.bank = {"values": second.astype(np.float32)}  # trained again: new targets, new axes
+    np.testing.assert_allclose(model._axes()[0], second.mean(0), atol=1e-5)
+    model.config.predict_rank = 3
+    assert model._axes()[1].shape == (20, 3)
+    model.config.predict_rank = 0
+    assert model._axes() is None

@@ -450,10 +450,10 @@ class Model:
         if rank == 0:
             return None
         values = self.bank["values"]
-        key = (rank, id(values), np.shape(values))
-        if getattr(self, "_axes_of", None) != key:
-            self._axes_cached, self._axes_of = expression_axes(values, rank), key
-        return self._axes_cached
+        kept = getattr(self, "_axes_kept", None)  # (rank, the values they came from, axes)
+        if kept is None or kept[0] != rank or kept[1] is not values:
+            kept = self._axes_kept = (rank, values, expression_axes(values, rank))
+        return kept[2]
 
     @property
     def expression_rank(self) -> int | None:
