@@ -125,7 +125,9 @@ def fit(
     - ``layers[key_added]``: predicted expression (target scale) for the modelled genes; other
       genes hold NaN;
     - ``uns[key_added]``: parameters, genes, per-epoch history of every loss term, timing, device,
-      ``in_sample=True`` (these spots were seen in training).
+      ``in_sample=True`` (these spots were seen in training), and ``expression_rank``: the number of
+      principal axes of the training expression that predictions are projected onto
+      (``predict_rank``, by default those above its noise; ``predict_rank=0`` turns it off).
 
     Under ``torchrun`` (``stranker fit --nproc N``) every process calls ``fit`` with the same
     arguments and trains on its share of each batch (see :mod:`stranker.train.distributed`); all
