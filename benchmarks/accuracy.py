@@ -31,6 +31,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -224,6 +225,47 @@ def run_one(method, train, test, genes, seed, opts):
         t1 = time.perf_counter()
         pred = model.predict(test, **at_predict)
     return pred, ytr, fit_s, time.perf_counter() - t1
+
+
+def saved_fit_parser(doc: str, out: Path, seed_help: str) -> argparse.ArgumentParser:
+    """Arguments of a screen of a saved fit: ``--model``, ``--test``, ``--seed`` and ``--out``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--model", required=True, help="folder of a saved fit")
+    ap.add_argument("--test", required=True, help="held-out section the model was fitted without")
+    ap.add_argument("--seed", type=int, default=0, help=seed_help)
+    ap.add_argument("--out", default=str(out), help="file the rows are appended to")
+    return ap
+
+
+def saved_fit_rows(a: argparse.Namespace, true: np.ndarray, heg: np.ndarray) -> tuple[list, Any]:
+    """The rows of a screen of a saved fit, and ``score(name, pred, extra)``, which adds (and prints) one."""
+    rows: list[dict] = []
+
+    def score(name, pred, extra):
+        rows.append({"name": name, "test": a.test, "seed": a.seed, "model": Path(a.model).name,
+                     **scores(pred, true, heg), **extra})
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}),
+              flush=True)
+
+    return rows, score
+
+
+def scores(pred: np.ndarray, true: np.ndarray, heg: np.ndarray) -> dict:
+    """ACG, HEG (the columns ``heg``) and Spearman of ``pred`` against ``true``: a screen's row."""
+    st = suff_stats(pred, true)
+    return {**scores_from_stats(st, None, heg), **spearman_scores(pred, true, st)}
+
+
+def predict_parts(model, test) -> dict[str, np.ndarray]:
+    """The predictions of ``test`` by ``model``'s regression head and by retrieval, each alone."""
+    cfg, parts, kept = model.config, {}, model.config.predict
+    try:
+        for kind in ("head", "retrieval"):
+            cfg.predict = kind
+            parts[kind] = model.predict(test)
+    finally:
+        cfg.predict = kept
+    return parts
 
 
 def fold(test: str) -> tuple:

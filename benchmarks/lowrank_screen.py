@@ -14,7 +14,6 @@ library's projection come from ``accuracy.py`` (``stranker`` against ``stranker-
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,38 +27,22 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="folder of a saved fit")
-    ap.add_argument("--test", required=True, help="held-out section the model was fitted without")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the saved fit (for the row)")
+    ap = A.saved_fit_parser(__doc__, HERE / "results" / "lowrank_screen.jsonl",
+                            "seed of the saved fit (for the row)")
     ap.add_argument("--ranks", type=int, nargs="*", default=[8, 16, 32, 64, 128])
     ap.add_argument("--z", action="store_true", help="also project standardised genes")
     ap.add_argument("--shrink", type=float, nargs="*", default=[],
                     help="also keep these fractions of the part off the axes")
-    ap.add_argument("--out", default=str(HERE / "results" / "lowrank_screen.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
     _, test, _, true, heg = A.fold(a.test)
     model = sr.Model.load(a.model)
     cfg = model.config
     cfg.predict_rank = 0  # the parts unprojected; projected here
-    parts, kept = {}, cfg.predict
-    try:
-        for kind in ("head", "retrieval"):
-            cfg.predict = kind
-            parts[kind] = model.predict(test)
-    finally:
-        cfg.predict = kept
+    parts = A.predict_parts(model, test)
     parts["blend"] = cfg.blend * parts["head"] + (1 - cfg.blend) * parts["retrieval"]
     values = np.asarray(model.bank["values"], dtype=np.float64)
-    rows = []
-
-    def score(name, pred, extra):
-        st = A.suff_stats(pred, true)
-        rows.append({"name": name, "test": a.test, "seed": a.seed, "model": Path(a.model).name,
-                     **A.scores_from_stats(st, None, heg), **A.spearman_scores(pred, true, st), **extra})
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}),
-              flush=True)
+    rows, score = A.saved_fit_rows(a, true, heg)
 
     spaces = {"log": np.ones(values.shape[1])}
     if a.z:

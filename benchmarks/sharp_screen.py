@@ -14,7 +14,6 @@ score is appended to ``results/sharp_screen.jsonl``. The figures of the library'
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
@@ -31,25 +30,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="folder of a saved fit")
-    ap.add_argument("--test", required=True, help="held-out section the model was fitted without")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the saved fit (the finish draws seed+1000)")
+    ap = A.saved_fit_parser(__doc__, HERE / "results" / "sharp_screen.jsonl",
+                            "seed of the saved fit (the finish draws seed+1000)")
     ap.add_argument("--spec", nargs="+", default=[], help="NAME:EPOCHS:LR[:JITTER] finishes to run")
     ap.add_argument("--freeze-genes", action="store_true", help="do not train the gene branch in the finish")
     ap.add_argument("--means", type=float, nargs="*", default=[],
                     help="also score these weights of the finished model in a mean with the saved one")
-    ap.add_argument("--out", default=str(HERE / "results" / "sharp_screen.jsonl"))
     a = ap.parse_args(argv)
     sr.settings.progress = False
     train_secs, test, genes, true, heg = A.fold(a.test)
-    rows = []
-
-    def score(name, pred, extra):
-        st = A.suff_stats(pred, true)
-        rows.append({"name": name, "test": a.test, "seed": a.seed, "model": Path(a.model).name,
-                     **A.scores_from_stats(st, None, heg), **A.spearman_scores(pred, true, st), **extra})
-        print(json.dumps(rows[-1]), flush=True)
+    rows, score = A.saved_fit_rows(a, true, heg)
 
     base = sr.Model.load(a.model)
     before = base.predict(test)

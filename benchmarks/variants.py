@@ -77,23 +77,15 @@ def main(argv=None):
 
     def score(name, pred, row_opts):
         preds[name] = pred
-        st = A.suff_stats(pred, true)
         rows.append({"name": name, "method": a.method, "test": a.test, "seed": a.seed,
-                     **A.scores_from_stats(st, None, heg), **A.spearman_scores(pred, true, st),
-                     "fit_s": round(fit_s, 1), "opts": row_opts,
+                     **A.scores(pred, true, heg), "fit_s": round(fit_s, 1), "opts": row_opts,
                      **({"unlabeled": a.test} if a.unlabeled_test else {})})
         print(json.dumps(rows[-1]), flush=True)
 
     for suffix, adapt in [("", False)] + ([("+adapt", True)] if a.adapt else []):
         score(a.name + suffix, model.predict(test, adapt=adapt), opts)
     if a.blends:
-        cfg, parts, kept = model.config, {}, model.config.predict
-        try:
-            for kind in ("head", "retrieval"):
-                cfg.predict = kind
-                parts[kind] = model.predict(test)
-        finally:
-            cfg.predict = kept
+        parts = A.predict_parts(model, test)
         for b in a.blends:
             score(f"{a.name}@blend{b:g}", b * parts["head"] + (1 - b) * parts["retrieval"],
                   {**opts, "predict": "blend", "blend": b})
