@@ -275,13 +275,13 @@ def predict(
     many times ``coarser`` the slide's patches are than the training slides' and which image
     ``branch`` read them: ``'sharp'`` (the finished teacher) or ``'coarse'`` (the teacher as resolution
     jitter left it, for slides coarser than the training slides by more than half a jitter step));
-    ``expression_rank``: for a model with ``predict_rank`` (the default), on how many principal axes
-    of the training expression the predictions were projected. On an image-only SpatialData, adds circles ``'{key_added}_tiles'`` and a table
-    ``'{key_added}_table'`` annotating them (predictions in ``layers[key_added]`` only; its ``X`` is
-    empty, so the predictions are held once: pass ``layer=key_added`` to scanpy); on spots without a
-    table, the table only. Elements that an earlier predict added under these names are replaced
-    (its tiles are laid anew, at this call's ``tile_px``, not read as spots); an element of the
-    user's is not (pass another ``key_added``).
+    ``expression_rank``: for a model with ``predict_rank`` (the default), on how many principal axes of
+    the training expression the predictions were projected. On an image-only SpatialData, adds circles
+    ``'{key_added}_tiles'`` and a table ``'{key_added}_table'`` annotating them (predictions in
+    ``layers[key_added]`` only; its ``X`` is empty, so the predictions are held once: pass
+    ``layer=key_added`` to scanpy); on spots without a table, the table only. Elements that an earlier
+    predict added under these names are replaced (its tiles are laid anew, at this call's ``tile_px``,
+    not read as spots); an element of the user's is not (pass another ``key_added``).
     """
     model = as_model(model)
     data = maybe_copy(data, copy)
