@@ -47,11 +47,14 @@ def main(argv=None):
     spaces = {"log": np.ones(values.shape[1])}
     if a.z:
         spaces["z"] = values.std(0) + 1e-6
+    ranks = ["auto", *a.ranks]
+    axes_of = {(space, rank): expression_axes(values / scale, rank)  # the same for every kind of prediction
+               for space, scale in spaces.items() for rank in ranks}
     for kind in ("blend", "head"):
         score(kind, parts[kind], {"rank": 0})
         for space, scale in spaces.items():
-            for rank in ["auto", *a.ranks]:
-                center, axes = expression_axes(values / scale, rank)
+            for rank in ranks:
+                center, axes = axes_of[space, rank]
                 off = parts[kind] / scale - center
                 inside = off @ axes @ axes.T
                 for keep in [0.0, *a.shrink]:
