@@ -151,24 +151,36 @@ def core_fit(a, dev):
 
 
 def core_predict(a, dev, tta):
-    """Teacher inference in batches + top-k retrieval against a bank of ``spots`` references."""
+    """Teacher inference in batches + top-k retrieval against a bank of ``spots`` references, then the
+    projection onto the bank's main axes (``predict_rank``; the axes are found once per model, outside
+    the timed steps, as ``Model`` caches them).
+    """
     import torch
 
     from stranker.model import Aligner, retrieve
+    from stranker.model.lowrank import expression_axes, project
     from stranker.train.loop import to_input
 
     cfg = _config(a)
     aligner = Aligner(cfg, a.genes).to(dev).eval()
     x8 = _images(a.predict_batch, a.image_size)
     keys = torch.randn(a.spots, cfg.embed_dim, device=dev)
-    values = torch.randn(a.spots, a.genes, device=dev)
+    g = torch.Generator().manual_seed(1)  # a bank with structure, so that 'auto' keeps some axes
+    values = torch.randn(a.spots, 8, generator=g) @ torch.randn(8, a.genes, generator=g)
+    values = (values + 0.5 * torch.randn(a.spots, a.genes, generator=g)).to(dev)
+    axes = None
+    if cfg.predict_rank:
+        center, v = expression_axes(values.cpu().numpy(), cfg.predict_rank)
+        axes = torch.from_numpy(center).to(dev), torch.from_numpy(v).to(dev)
     amp = dev.type == "cuda"
 
     @torch.no_grad()
     def step():
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
             e, p = aligner.teacher.forward_tta(to_input(x8, dev), tta)
-        retrieve(e.float(), keys, values, cfg.top_k)
+        pred = retrieve(e.float(), keys, values, cfg.top_k)
+        if axes is not None:
+            project(pred, *axes)
 
     return _rate(step, a.predict_batch, a.iters, dev)
 
