@@ -108,6 +108,13 @@ def test_speed_smoke(tmp_path):
         assert rep["results"][part]["spots_per_s"] > 0
         assert rep["results"][part]["peak_mb"] > 0
     assert "| fit, core loop |" in speed.table(rep)
+    # end-to-end throughput counts every epoch that ran, the sharp finish's too (it counted `epochs` only)
+    from stranker.model import Config
+
+    for run in rep["results"]["full"]["rounds"]:
+        assert run["fit_epochs"] == 2 + Config().sharp_epochs
+        spots = run["fit_end_to_end_spots_per_s"] * run["fit_end_to_end_s"] / run["fit_epochs"]
+        assert math.isclose(spots, 3 * (96 // 3))  # the smoke run trains on 3 sections of 32 spots
 
 
 def _run(script, *args, tmp_path):
