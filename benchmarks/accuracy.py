@@ -385,6 +385,8 @@ def report(rows: list[dict], stats: dict, names: list[str]) -> list[dict]:
     if any(r["method"] in ABLATIONS for r in rows):
         print()
         print(ablation_table(rows))
+        print()
+        print(seed_table(rows))
     return rows
 
 
@@ -510,17 +512,16 @@ def fold_table(rows):
     return "\n".join(lines)
 
 
-def ablation_table(rows):
-    """Markdown table of the ablations against ``stranker``: ACG / HEG (test) per held-out section (mean
-    over the seeds it ran; – where it did not), and the change from ``stranker`` over the same sections
-    and seeds, on the other patient and on patient C apart (they often move in opposite directions)."""
+def _ablation_frame(rows):
+    """The ablation rows and ``stranker``'s on the folds and seeds they ran, the tests in table order, the
+    groups (the other patient; patient C) and ``stranker``'s scores by (test, seed); None if none ran."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     df = df[(df["test"] != "pooled") & df["method"].isin(("stranker", *ABLATIONS))]
     ran = df[df["method"] != "stranker"]
     if ran.empty:
-        return ""
+        return None
     pairs = set(zip(ran["test"], ran["seed"], strict=True))  # the folds and seeds the ablations ran
     df = df[[(t, s) in pairs for t, s in zip(df["test"], df["seed"], strict=True)]]
     tests = [t for t in OTHER_PATIENT + SECTIONS + sorted(set(ran["test"]) - set(OTHER_PATIENT + SECTIONS))
@@ -529,25 +530,62 @@ def ablation_table(rows):
     groups = [(name, ts) for name, ts in ((f"on {', '.join(other)}", other),
                                           ("on patient C", [t for t in tests if t not in other])) if ts]
     ref = df[df["method"] == "stranker"].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
+    methods = ["stranker", *[m for m in ABLATIONS if m in set(df["method"])]]
+    return df, tests, groups, ref, methods
+
+
+def _change(paired, ts, many: bool) -> str:
+    """Mean change (ACG / HEG) over the paired rows of tests ``ts``, with the number of folds if ``many``."""
+    g = paired[paired.index.get_level_values("test").isin(ts)]
+    if g.empty:
+        return "–"
+    n = g.index.get_level_values("test").nunique()
+    return (f"{g['pcc_all'].mean():+.3f} / {g['pcc_heg'].mean():+.3f}"
+            + (f" ({n} fold{'s' * (n > 1)})" if many else ""))
+
+
+def ablation_table(rows):
+    """Markdown table of the ablations against ``stranker``: ACG / HEG (test) per held-out section (mean
+    over the seeds it ran; – where it did not), and the change from ``stranker`` over the same sections
+    and seeds, on the other patient and on patient C apart (they often move in opposite directions)."""
+    frame = _ablation_frame(rows)
+    if frame is None:
+        return ""
+    df, tests, groups, ref, methods = frame
     lines = ["| method | runs | " + " | ".join(tests) + " | "
              + " | ".join(f"change {name}" for name, _ in groups) + " |",
              "|---" * (len(tests) + 2 + len(groups)) + "|"]
-    for method in ["stranker", *[m for m in ABLATIONS if m in set(df["method"])]]:
+    for method in methods:
         d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
         per_test = d.groupby(level="test").mean()
         cells = [f"{per_test.loc[t, 'pcc_all']:.3f} / {per_test.loc[t, 'pcc_heg']:.3f}"
                  if t in per_test.index else "–" for t in tests]
         paired = (d - ref.reindex(d.index)).dropna()  # where stranker ran the same fold and seed
-        changes = []
-        for _, ts in groups:
-            g = paired[paired.index.get_level_values("test").isin(ts)]
-            n = g.index.get_level_values("test").nunique()
-            changes.append("–" if method == "stranker" or g.empty else
-                           f"{g['pcc_all'].mean():+.3f} / {g['pcc_heg'].mean():+.3f}"
-                           + (f" ({n} fold{'s' * (n > 1)})" if len(ts) > 1 else ""))
+        changes = ["–" if method == "stranker" else _change(paired, ts, len(ts) > 1) for _, ts in groups]
         lines.append(f"| {method} | {len(d)} | " + " | ".join(cells) + " | " + " | ".join(changes) + " |")
     return "\n".join(lines)
 
+
+def seed_table(rows):
+    """Markdown table of each ablation's change from ``stranker`` seed by seed (the same fit seed paired),
+    on the other patient and on patient C apart: whether a change holds in every seed, not only on
+    average."""
+    frame = _ablation_frame(rows)
+    if frame is None:
+        return ""
+    df, _, groups, ref, methods = frame
+    seeds = sorted(set(df["seed"]))
+    lines = ["| method | change | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (len(seeds) + 2) + "|"]
+    for method in methods[1:]:
+        d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
+        paired = (d - ref.reindex(d.index)).dropna()
+        for name, ts in groups:
+            by_seed = [_change(paired[paired.index.get_level_values("seed") == s], ts, len(ts) > 1)
+                       for s in seeds]
+            if set(by_seed) != {"–"}:
+                lines.append(f"| {method} | {name} | " + " | ".join(by_seed) + " |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -95,6 +95,14 @@ def test_tables_count_a_seed_once_it_has_every_fold():
     assert abl[3] == ("| stranker-no-clip | 2 | 0.040 / 0.040 | – | 0.230 / 0.230 | -0.010 / -0.010 "
                       "| +0.020 / +0.020 (1 fold) |")
     assert abl[4] == "| stranker+rank | 1 | – | 0.150 / 0.150 | – | – | -0.050 / -0.050 (1 fold) |"
+    # seed by seed: each seed of the ablation against the same seed of the default, groups apart
+    more += [row("stranker", "C2", 1, 0.30), row("stranker-no-clip", "C2", 1, 0.31)]
+    seeds = acc.seed_table(more).splitlines()
+    assert seeds[0] == "| method | change | seed 0 | seed 1 |"
+    assert seeds[2] == "| stranker-no-clip | on A1 | -0.010 / -0.010 | – |"
+    assert seeds[3] == ("| stranker-no-clip | on patient C | +0.020 / +0.020 (1 fold) "
+                        "| +0.010 / +0.010 (1 fold) |")
+    assert seeds[4] == "| stranker+rank | on patient C | -0.050 / -0.050 (1 fold) | – |"
 
 
 def test_speed_smoke(tmp_path):
