@@ -534,6 +534,13 @@ def _ablation_frame(rows):
     return df, tests, groups, ref, methods
 
 
+def _paired(df, ref, method):
+    """``method``'s ACG / HEG by (test, seed), and their change from ``stranker`` where it ran the same fold
+    and seed."""
+    d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
+    return d, (d - ref.reindex(d.index)).dropna()
+
+
 def _change(paired, ts, many: bool) -> str:
     """Mean change (ACG / HEG) over the paired rows of tests ``ts``, with the number of folds if ``many``."""
     g = paired[paired.index.get_level_values("test").isin(ts)]
@@ -556,11 +563,10 @@ def ablation_table(rows):
              + " | ".join(f"change {name}" for name, _ in groups) + " |",
              "|---" * (len(tests) + 2 + len(groups)) + "|"]
     for method in methods:
-        d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
+        d, paired = _paired(df, ref, method)
         per_test = d.groupby(level="test").mean()
         cells = [f"{per_test.loc[t, 'pcc_all']:.3f} / {per_test.loc[t, 'pcc_heg']:.3f}"
                  if t in per_test.index else "–" for t in tests]
-        paired = (d - ref.reindex(d.index)).dropna()  # where stranker ran the same fold and seed
         changes = ["–" if method == "stranker" else _change(paired, ts, len(ts) > 1) for _, ts in groups]
         lines.append(f"| {method} | {len(d)} | " + " | ".join(cells) + " | " + " | ".join(changes) + " |")
     return "\n".join(lines)
@@ -578,14 +584,14 @@ def seed_table(rows):
     lines = ["| method | change | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---" * (len(seeds) + 2) + "|"]
     for method in methods[1:]:
-        d = df[df["method"] == method].set_index(["test", "seed"])[["pcc_all", "pcc_heg"]]
-        paired = (d - ref.reindex(d.index)).dropna()
+        _, paired = _paired(df, ref, method)
         for name, ts in groups:
             by_seed = [_change(paired[paired.index.get_level_values("seed") == s], ts, len(ts) > 1)
                        for s in seeds]
             if set(by_seed) != {"–"}:
                 lines.append(f"| {method} | {name} | " + " | ".join(by_seed) + " |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

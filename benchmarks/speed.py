@@ -167,11 +167,11 @@ def core_predict(a, dev, tta):
     keys = torch.randn(a.spots, cfg.embed_dim, device=dev)
     g = torch.Generator().manual_seed(1)  # a bank with structure, so that 'auto' keeps some axes
     values = torch.randn(a.spots, 8, generator=g) @ torch.randn(8, a.genes, generator=g)
-    values = (values + 0.5 * torch.randn(a.spots, a.genes, generator=g)).to(dev)
+    values = values + 0.5 * torch.randn(a.spots, a.genes, generator=g)
     axes = None
     if cfg.predict_rank:
-        center, v = expression_axes(values.cpu().numpy(), cfg.predict_rank)
-        axes = torch.from_numpy(center).to(dev), torch.from_numpy(v).to(dev)
+        axes = tuple(torch.from_numpy(x).to(dev) for x in expression_axes(values.numpy(), cfg.predict_rank))
+    values = values.to(dev)
     amp = dev.type == "cuda"
 
     @torch.no_grad()
