@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 import stranker as sr
-from stranker._section import as_sections
-from stranker.pp._genes import lognorm
+from stranker._expression import lognorm
+from stranker.section import as_sections
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ["C5", "C2", "C3", "C4"]  # C5 first: that fold is the dev split
@@ -134,7 +134,7 @@ def scores_from_stats(st: np.ndarray, heg: np.ndarray | None, heg_train: np.ndar
 
 def spearman_scores(pred: np.ndarray, true: np.ndarray, st: np.ndarray) -> dict:
     """Mean Spearman rho over all genes and over the test's 50 most expressed (HEG)."""
-    from stranker.tl._evaluate import spearman_per_gene
+    from stranker._metrics import spearman_per_gene
 
     rho = spearman_per_gene(pred, true)
     heg = np.argsort(-st[2])[:50]

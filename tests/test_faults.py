@@ -6,7 +6,7 @@ import pytest
 from shapely.geometry import Point
 
 import stranker as sr
-from stranker._section import InputError
+from stranker._errors import InputError
 
 from .conftest import make_sdata
 
@@ -235,7 +235,7 @@ def _fail_on_call(monkeypatch, module, n):
 
 
 def test_predict_interrupted_mid_write_leaves_every_section_unchanged(model, monkeypatch):
-    import stranker._write as fit_module  # write_outputs' module: the one writer of model outputs
+    import stranker.write.predictions as fit_module  # write_outputs' module: the one writer of model outputs
 
     secs = [_section(seed=1), _section(seed=2)]
     before = [_state(s) for s in secs]
@@ -247,7 +247,7 @@ def test_predict_interrupted_mid_write_leaves_every_section_unchanged(model, mon
 
 
 def test_fit_interrupted_mid_write_leaves_every_section_unchanged(monkeypatch):
-    import stranker._write as fit_module  # write_outputs' module: the one writer of model outputs
+    import stranker.write.predictions as fit_module  # write_outputs' module: the one writer of model outputs
 
     secs = [_section(seed=1), _section(seed=2)]
     before = [_state(s) for s in secs]
@@ -273,7 +273,7 @@ def test_predict_on_a_slide_interrupted_after_adding_tiles_removes_them(model, m
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
 
-    import stranker._write as fit_module  # write_outputs' module: the one writer of model outputs
+    import stranker.write.predictions as fit_module  # write_outputs' module: the one writer of model outputs
 
     tissue = np.random.default_rng(0).integers(60, 200, (3, 128, 128), dtype=np.uint8)  # stained everywhere
     sdata = SpatialData(images={"he": Image2DModel.parse(tissue, dims=("c", "y", "x"))})
@@ -355,7 +355,7 @@ def test_survival_interrupted_mid_write_leaves_the_cohort_unchanged(monkeypatch)
     import anndata as ad
 
     import stranker.tl._survival as survival_module
-    from stranker._write import write_cohort
+    from stranker.write import write_cohort
 
     rng = np.random.default_rng(0)
     cohort = ad.AnnData(rng.normal(size=(20, 4)).astype(np.float32))
@@ -384,7 +384,7 @@ def test_evaluate_refuses_a_section_of_one_spot(model):
 
 def test_aggregate_bins_refuses_a_min_fraction_beyond_one(tmp_path):
     pytest.importorskip("spatialdata_io")
-    from .test_visium import _read_hd, write_visium_hd
+    from tests.section.test_visium import _read_hd, write_visium_hd
 
     write_visium_hd(tmp_path)
     sdata = _read_hd(tmp_path)

@@ -3,9 +3,10 @@
 __version__ = "0.1.0"
 
 from . import datasets, io, pl, pp, tl
+from ._errors import InputError
 from ._settings import settings
 
-__all__ = ["datasets", "io", "pl", "pp", "settings", "tl", "__version__"]
+__all__ = ["InputError", "datasets", "io", "pl", "pp", "settings", "tl", "__version__"]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
                       backbone=args.backbone, pretrained=args.pretrained)
     sr.tl.predict(model, test)
     m = sr.tl.evaluate(test)
-    from stranker.pp._genes import lognorm
+    from stranker._expression import lognorm
 
     idx = test.tables["table"].var_names.get_indexer(genes)
     y = lognorm(test.tables["table"].X, cols=idx)

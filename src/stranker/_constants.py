@@ -35,3 +35,7 @@ class Keys:
     CLASSIFY = "classify"  # uns[f"{key_added}_classify"]
     PRED = "pred"  # obs[f"{key_added}_pred"]: out-of-fold predicted class
     PROBA = "proba"  # obsm[f"{key_added}_proba"]: out-of-fold class probabilities
+
+
+# physical spot diameters of the spot-based technologies, in µm (10x Genomics; Ståhl et al. 2016)
+SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}

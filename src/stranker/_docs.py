@@ -28,6 +28,13 @@ library_key
     AnnData with several libraries: the ``obs`` column naming each spot's library (squidpy's
     ``library_key``; default ``'library_id'``)."""
 
+doc_resolution = """\
+spot_diameter_um, microns_per_pixel
+    The physical scale, for data that does not record it (give at most one; it overrides what the
+    data records): the spots' diameter in µm (e.g. ``100`` for legacy ST), or µm per full-resolution
+    pixel. Visium read from Space Ranger output (spatialdata-io, squidpy, scanpy) needs neither: its
+    55 µm spot gives the scale."""
+
 doc_crossval = """\
 cv
     Number of folds.
@@ -49,7 +56,7 @@ model
     Deprecated name of ``method``."""
 
 PARAMS = {"doc_crossval": doc_crossval, "doc_elements": doc_elements, "doc_library_key": doc_library_key,
-          "doc_tables": doc_tables, "doc_bin_size": doc_bin_size}
+          "doc_tables": doc_tables, "doc_bin_size": doc_bin_size, "doc_resolution": doc_resolution}
 
 
 def doc_params(**params: str) -> Callable[[F], F]:

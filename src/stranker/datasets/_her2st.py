@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._section import InputError
+from .._errors import InputError
 from .._settings import logger, settings
 
 BASE_URL = "https://github.com/almaan/her2st/raw/master/"

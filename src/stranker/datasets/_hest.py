@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._section import InputError
+from .._errors import InputError
 from .._settings import logger, settings
 from ..io._hest import HEST_REPO, read_hest
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._section import InputError, add_elements
+from .._errors import InputError
 from .._settings import logger
+from ..write import add_elements
 
 HEST_REPO = "MahmoodLab/hest"
 EXPR_DIRS = ("st", "adata")  # HEST-1k, HEST-Bench

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
+from .._errors import InputError
 from .._pixels import float_range, to_uint8
-from .._section import InputError
 from .._settings import logger
 
 # formats OpenSlide reads and tifffile does not (or not as well): vendor formats

@@ -11,7 +11,23 @@ from typing import Any
 
 @dataclass
 class Config:
-    """Every choice of the model and its training, with the defaults of ``method='stranker'``."""
+    """Every choice of the model and its training, with the defaults of ``method='stranker'``.
+
+    Build one with :func:`make_config` (a preset and the options changed); every field is also a
+    keyword of :func:`stranker.tl.fit`.
+
+    Attributes
+    ----------
+    chosen
+        The fields the user set (the options given to :func:`make_config`, or to
+        :func:`stranker.tl.fit`, which passes them on), so that :meth:`chosen_fields` can tell a value
+        asked for from a default: a named ``backbone`` sets ``image_size`` and ``patch_um`` only where
+        the user left them. ``None``: not known (a ``Config(...)`` built directly, or a configuration
+        saved before the record existed); then the fields that differ from the method's preset count
+        as chosen. Kept by :func:`dataclasses.replace` and by :meth:`to_dict` / :meth:`from_dict` (so
+        saved models keep it), and left out of ``==``: it records how a configuration came about, not
+        what it is.
+    """
 
     method: str = "stranker"
     # image branch
@@ -68,11 +84,30 @@ class Config:
     tta: bool = True
     predict_rank: int | str = "auto"  # project onto the targets' main axes; 'auto': those above noise; 0: off
     extra: dict[str, Any] = field(default_factory=dict)
+    # the fields the user set (make_config's options); None: unknown, those off the preset count
+    chosen: frozenset[str] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.chosen is not None and not isinstance(self.chosen, frozenset):
+            self.chosen = frozenset(self.chosen)  # e.g. a list read from model.json
+
+    def chosen_fields(self) -> frozenset[str]:
+        """Return the fields the user set.
+
+        That is :attr:`chosen`; where it is unknown (``None``), the fields whose value differs from
+        the preset of ``method`` (a guess that misses a value asked for that equals the preset's).
+        """
+        if self.chosen is not None:
+            return self.chosen
+        preset = make_config(self.method)
+        return frozenset(f.name for f in fields(self)
+                         if f.name != "chosen" and getattr(self, f.name) != getattr(preset, f.name))
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the configuration as a plain dict (``scales`` as a list)."""
+        """Return the configuration as a plain dict (``scales`` and ``chosen`` as lists; JSON-ready)."""
         d = asdict(self)
         d["scales"] = list(self.scales)
+        d["chosen"] = None if self.chosen is None else sorted(self.chosen)
         return d
 
     @classmethod
@@ -80,7 +115,8 @@ class Config:
         """Build a configuration from a dict, ignoring unknown keys.
 
         A field that a saved configuration lacks (saved before the field existed) takes the value
-        that the model was trained with then (:data:`ABSENT_MEANS`), not today's default.
+        that the model was trained with then (:data:`ABSENT_MEANS`), not today's default; without
+        ``chosen`` which fields the user set is unknown (``None``, see :class:`Config`).
         """
         names = {f.name for f in fields(cls)}
         d = {**ABSENT_MEANS, **{k: v for k, v in d.items() if k in names}}
@@ -93,6 +129,7 @@ class Config:
 ABSENT_MEANS: dict[str, Any] = {
     "resolution_jitter": 1.0, "resolution_keep": None, "crop_jitter": 0.0, "hed_jitter": 0.0, "w_corr": 0.0,
     "w_consistency": 0.0, "sharp_epochs": 0, "predict_rank": 0,
+    "chosen": None,  # not recorded: the fields off the method's preset count as chosen
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -132,10 +169,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(method: str = "stranker", **overrides: Any) -> Config:
-    """Return the preset ``method`` with ``overrides`` (``None`` values are ignored)."""
+    """Return the preset ``method`` with ``overrides``, recording which fields they set.
+
+    Parameters
+    ----------
+    method
+        The preset: ``'stranker'`` (default), ``'stnet'``, ``'bleep'``, ``'mclstexp'``, ``'rankbygene'``.
+    **overrides
+        Any field of :class:`Config`; ``None`` values are ignored.
+
+    Returns
+    -------
+    The validated :class:`Config`. Its ``chosen`` holds the names of the overrides given (not
+    ``None``), also where a value equals the preset's: ``make_config(backbone="uni", image_size=112)``
+    keeps 112 px although a named backbone otherwise sets its own input size, as
+    ``sr.tl.fit(..., backbone="uni", image_size=112)`` does.
+    """
     if method not in PRESETS:
         raise ValueError(f"`method` must be one of {sorted(PRESETS)}, got {method!r}.")
-    names = {f.name for f in fields(Config)}
+    names = {f.name for f in fields(Config)} - {"chosen"}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"Unknown model option(s) {unknown}; valid options: {sorted(names - {'extra'})}.")
@@ -144,7 +196,7 @@ def make_config(method: str = "stranker", **overrides: Any) -> Config:
     if "scales" in overrides:
         s = overrides["scales"]
         overrides["scales"] = (float(s),) if isinstance(s, int | float) else tuple(float(v) for v in s)
-    return validate(replace(cfg, **overrides))
+    return validate(replace(cfg, **overrides, chosen=frozenset(overrides)))
 
 
 # the sharp finish trains at this fraction of `lr` (measured at 0.1, 0.3 and 1: docs/method.md)
@@ -162,6 +214,10 @@ def finish_epochs(cfg: Config) -> int:
 
 def validate(cfg: Config) -> Config:
     """Return ``cfg`` if its choices are valid and consistent; else raise a ``ValueError`` naming the fix."""
+    if cfg.chosen is not None:
+        unknown = sorted(set(cfg.chosen) - ({f.name for f in fields(cfg)} - {"chosen"}))
+        if unknown:
+            raise ValueError(f"`chosen` must name fields of the configuration, got {unknown}.")
     if cfg.predict not in ("head", "retrieval", "blend"):
         raise ValueError(f"`predict` must be 'head', 'retrieval' or 'blend', got {cfg.predict!r}.")
     for k in ("w_regression", "w_corr", "w_clip", "w_rank", "w_distill", "w_consistency"):

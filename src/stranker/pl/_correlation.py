@@ -9,8 +9,9 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._predictions import modelled_genes, read_predictions
-from .._section import InputError, Section
+from .._errors import InputError
+from ..section import Section
+from ..write import modelled_genes, read_predictions
 from ._utils import finish, measured, new_axes, sections
 
 
@@ -21,7 +22,7 @@ def gene_scores(
 
     r is ``var[f'{key}_pcc']`` when :func:`stranker.tl.evaluate` wrote it, else computed here.
     """
-    from ..tl._evaluate import pearson_per_gene
+    from .._metrics import pearson_per_gene
 
     genes = modelled_genes(sp, layer)
     if not genes:

@@ -10,9 +10,9 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._predictions import modelled_genes, read_predictions
-from .._section import InputError
+from .._errors import InputError
 from .._settings import logger, resolve_seed
+from ..write import modelled_genes, read_predictions
 from ._utils import finish, sections
 
 

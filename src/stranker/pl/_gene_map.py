@@ -10,8 +10,9 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._predictions import read_predictions
-from .._section import InputError, Section
+from .._errors import InputError
+from ..section import Section
+from ..write import read_predictions
 from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
 
 
@@ -172,7 +173,7 @@ def gene_map(
     """
     from matplotlib import colormaps
 
-    from ..tl._evaluate import pearson_per_gene
+    from .._metrics import pearson_per_gene
 
     if scale not in ("shared", "separate"):
         raise InputError(f"`scale` must be 'shared' or 'separate', got {scale!r}.")

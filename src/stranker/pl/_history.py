@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._section import InputError
+from .._errors import InputError
 from ._utils import as_list, finish, new_axes
 
 _NOT_LOSSES = ("epoch", "seconds", "lr")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._section import InputError
+from .._errors import InputError
 
 
 def kaplan_meier(
@@ -55,7 +55,7 @@ def kaplan_meier(
     from sksurv.nonparametric import kaplan_meier_estimator
     from sksurv.util import Surv
 
-    from ..tl._survival import survival_target
+    from .._outcomes import survival_target
 
     if risk not in cohort.obs:
         raise InputError(

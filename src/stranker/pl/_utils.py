@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .._section import InputError, Section
+from .._errors import InputError
+from ..section import Section
 
 
 def pyplot():
@@ -70,7 +71,7 @@ def sections(data: Any, **keys: Any) -> list[Section]:
 
 
 def as_list(data: Any, **keys: Any) -> list[Section]:
-    from .._section import as_sections
+    from ..section import as_sections
 
     return as_sections(
         data, need_image=False, need_table=False, **{k: v for k, v in keys.items() if v is not None}
@@ -92,7 +93,7 @@ def has_measured(sp: Section, layer: str, counts_layer: str | None) -> bool:
 
 def measured(sp: Section, genes: Sequence[str], counts_layer: str | None, target_sum: float) -> np.ndarray:
     """Measured expression on the model's target scale: ``log1p(counts / total * target_sum)``."""
-    from ..pp._genes import log_expression
+    from .._expression import log_expression
 
     return log_expression(sp, genes, counts_layer, target_sum)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,11 +9,12 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._section import InputError, as_sections
+from .._errors import InputError
 from .._settings import logger, settings
-from .._undo import unchanged_on_failure
-from .._write import maybe_copy, write_results
-from ._patches import PatchReader, check_inside, patch_size_px
+from ..section import as_sections
+from ..section.patches import PatchReader, check_inside, patch_size_px
+from ..spots import SpotInputs, device_of, run_batches
+from ..write import maybe_copy, unchanged_on_failure, write_results
 
 
 @unchanged_on_failure()
@@ -39,6 +39,8 @@ def embed_patches(
     library_id: str | None = None,
     library_key: str | None = None,
     bin_size: int | None = None,
+    spot_diameter_um: float | None = None,
+    microns_per_pixel: float | None = None,
 ) -> Any:
     """Features of a frozen image backbone for the patch of every spot, into ``obsm``.
 
@@ -61,7 +63,7 @@ def embed_patches(
     pretrained
         ``False``: random weights (a warning says so).
     size, size_um
-        Patch side in level-0 pixels, or in micrometres; ignored for a Model. Default: the physical
+        Patch side in full-resolution pixels, or in micrometres; ignored for a Model. Default: the physical
         size a named model was trained at (e.g. 112 µm: 224 px at 0.5 µm/px), else 224 px.
     scales
         One multiplier of the patch side or several; features of the scales are concatenated.
@@ -79,6 +81,7 @@ def embed_patches(
     {doc_elements}
     {doc_library_key}
     {doc_bin_size}
+    {doc_resolution}
 
     Returns
     -------
@@ -88,12 +91,10 @@ def embed_patches(
     ``image_size``, ``scales``, ``mean``, ``std``).
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..model.backbones import create_backbone, named, pixel_stats
-    from ..train.loop import resolve_device, to_input
 
-    dev = resolve_device(device or settings.device)
+    dev = device_of(device)
     scale_list = [float(scales)] if np.ndim(scales) == 0 else [float(s) for s in scales]  # type: ignore[arg-type]
     model, spec, source = None, None, "module"
     if type(backbone).__name__ == "Model" and hasattr(backbone, "aligner"):
@@ -133,6 +134,7 @@ def embed_patches(
     secs = as_sections(
         data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
         library_id=library_id, library_key=library_key, bin_size=bin_size,
+        spot_diameter_um=spot_diameter_um, microns_per_pixel=microns_per_pixel,
     )
     if size is None and size_um is None and spec is not None and spec.patch_um is not None:
         if all(sp.microns_per_pixel is not None for sp in secs):
@@ -151,25 +153,19 @@ def embed_patches(
     norm = {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()]}
     net = net.to(dev).eval()
     mean, std = mean.to(dev), std.to(dev)
+    def step(x: Any) -> tuple[Any]:  # (b, scales, 3, h, w) -> features of the scales side by side
+        return (net(((x.flatten(0, 1) - mean) / std).contiguous()).reshape(len(x), -1),)
+
     results = []
     try:
-        for sp, reader in zip(secs, readers, strict=True):
-            out = []
-            for start in tqdm(range(0, sp.n_spots, batch_size), desc=f"embed {sp.name}",
-                              disable=not settings.show_progress() or sp.n_spots < 4 * batch_size):
-                x = to_input(
-                    torch.from_numpy(reader.read(np.arange(start, min(start + batch_size, sp.n_spots)))), dev
-                )
-                b, s = x.shape[:2]
-                amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
-                       else contextlib.nullcontext())  # bf16 on GPU
-                with torch.no_grad(), amp:
-                    f = net(((x.flatten(0, 1) - mean) / std).contiguous())
-                out.append(f.float().reshape(b, -1).cpu().numpy())
-            feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        for reader in readers:
+            feats = run_batches(step, SpotInputs.streamed(reader), device=dev,
+                                batch_size=batch_size, desc="embed")[0]
             if not np.isfinite(feats).all():
-                raise InputError(f"The backbone gave NaN or infinite features on section {sp.name!r}.")
-            results.append(feats.astype(np.float32))
+                raise InputError(
+                    f"The backbone gave NaN or infinite features on section {reader.spots.name!r}."
+                )
+            results.append(feats)
     finally:
         net.train(was_training)
         if home is not None:

@@ -9,9 +9,9 @@ import scipy.sparse as sps
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._section import InputError, as_sections
-from .._undo import unchanged_on_failure
-from .._write import maybe_copy, write_results
+from .._errors import InputError
+from ..section import as_sections
+from ..write import maybe_copy, unchanged_on_failure, write_results
 
 
 def neighbour_weights(centers: np.ndarray, n_neighs: int = 6, include_self: bool = True) -> sps.csr_matrix:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._section import InputError
+from .._errors import InputError
 from .._settings import resolve_seed
 
 

@@ -12,10 +12,9 @@ import numpy as np
 from .._constants import Keys
 from .._deprecate import _UNSET, renamed
 from .._docs import doc_params
-from .._section import InputError
+from .._errors import InputError
 from .._settings import logger, resolve_seed
-from .._undo import unchanged_on_failure
-from .._write import write_cohort
+from ..write import unchanged_on_failure, write_cohort
 from ._crossval import bags, check_cv, features, folds, one_blas_thread, standardise_bags, transform
 
 CLASSIFY_METHODS = ("logistic", "attention")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .._section import InputError
+from .._errors import InputError
 
 
 def features(cohort: Any, use_rep: str | None) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._key_added import check_key_added
+from ..write import check_key_added
 from ._training import targets as targets  # where it was; the training pieces live in _training
 
 
@@ -42,6 +42,8 @@ def fit(
     bin_size: int | None = None,
     aggregate: bool = True,
     unlabeled: Any = None,
+    spot_diameter_um: float | None = None,
+    microns_per_pixel: float | None = None,
     **options: Any,
 ):
     """Train the image-gene model and write its in-sample results.
@@ -114,6 +116,7 @@ def fit(
         augmented view of their spots' patches to match the EMA teacher's on a weak view. Pass the
         slides you will predict (test-time training on their tissue); same formats as ``data``,
         counts not needed and never read. Their patches are held in memory.
+    {doc_resolution}
     **options
         Any field of :class:`stranker.model.Config` (``scales``, ``patch_px``, ``w_rank``, ``predict``, ...).
 
@@ -139,11 +142,11 @@ def fit(
     check_key_added([], key_added)  # a name (train() reads None as "write nothing")
     cfg = make_config(method, backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
                       image_features=image_features, pretrained=pretrained, freeze=freeze, **options)
-    model = Model(cfg, genes, n_top_genes=n_top_genes, target_sum=target_sum)
-    model._chosen = frozenset(options)  # a named backbone's defaults apply to the others
+    model = Model(cfg, genes, n_top_genes=n_top_genes, target_sum=target_sum)  # cfg.chosen: what was set
     return model.train(
         data, layer=layer, device=device, seed=seed, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, stream=stream, key_added=key_added,
         image_key=image_key, shapes_key=shapes_key, table_key=table_key, library_id=library_id,
         library_key=library_key, bin_size=bin_size, aggregate=aggregate, unlabeled=unlabeled,
+        spot_diameter_um=spot_diameter_um, microns_per_pixel=microns_per_pixel,
     )

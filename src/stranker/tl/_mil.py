@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from .._section import InputError
+from .._errors import InputError
+from .._outcomes import survival_target
 from ._classify import labels
 from ._crossval import standardise_bags
-from ._survival import survival_target
 
 
 def fit_mil_all(bags: list[np.ndarray], meta: Any, label: Any, *, seed: int, epochs: int = 150):

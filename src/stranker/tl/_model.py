@@ -9,16 +9,16 @@ from typing import Any
 import numpy as np
 
 from .._docs import doc_params
-from .._section import InputError, Section, as_sections
+from .._errors import InputError
 from .._settings import logger, settings
-from .._undo import unchanged_on_failure
-from .._write import write_outputs
-from ..pp._patches import PatchGeometry, PatchReader, check_inside
+from ..section import Section, as_sections
+from ..section.patches import PatchGeometry, PatchReader, check_inside
+from ..spots import SpotInputs, device_of, run_batches, tensor_batches
+from ..write import unchanged_on_failure, write_outputs
 from ._record import RunRecord
 from ._training import (
     TrainingInputs,
     choose_genes,
-    chosen_fields,
     feature_record,
     reference_bank,
     training_sections,
@@ -43,7 +43,9 @@ class Model:
     config
         A :class:`stranker.model.Config` (:func:`stranker.model.make_config`); default: the
         ``'stranker'`` preset. A named ``backbone`` sets ``image_size`` and ``patch_um`` where the
-        configuration keeps the preset's values.
+        user did not set them (the configuration's ``chosen``: the options given to ``make_config``),
+        so ``sr.Model(make_config(**options)).train(data)`` gives the model ``sr.tl.fit(data, **options)``
+        gives.
     genes
         Genes to model: a list; ``'hvg'`` / ``'heg'`` (``n_top_genes`` chosen on the training
         sections); ``None`` uses ``var['stranker_selected']`` when every table has it, else ``'hvg'``.
@@ -101,7 +103,6 @@ class Model:
         self.meta = RunRecord() if meta is None else meta
         self.bank = dict(bank or {})  # keys: gene embeddings, values: log-scale expression
         self.is_trained = aligner is not None
-        self._chosen: frozenset[str] | None = None  # config fields the user set (sr.tl.fit knows them)
 
     @property
     def meta(self) -> RunRecord:
@@ -157,6 +158,8 @@ class Model:
         bin_size: int | None = None,
         aggregate: bool = True,
         unlabeled: Any = None,
+        spot_diameter_um: float | None = None,
+        microns_per_pixel: float | None = None,
     ) -> Model:
         """Train on one or more sections (what :func:`stranker.tl.fit` does; see it for details).
 
@@ -190,6 +193,7 @@ class Model:
             (:func:`stranker.io.aggregate_bins`); ``False`` trains on every bin.
         unlabeled
             Sections whose H&E, not expression, also trains the model (``w_consistency``).
+        {doc_resolution}
 
         Returns
         -------
@@ -220,9 +224,9 @@ class Model:
             find_weights(spec, cfg.weights, cfg.pretrained, settings.allow_download)
         dev = distributed.setup(resolve_device(device or settings.device))
         secs, cfg, geometry = training_sections(
-            data, cfg, chosen_fields(cfg) if self._chosen is None else self._chosen, key_added=key_added,
-            aggregate=aggregate, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
-            library_id=library_id, library_key=library_key, bin_size=bin_size,
+            data, cfg, key_added=key_added, aggregate=aggregate, image_key=image_key, shapes_key=shapes_key,
+            table_key=table_key, library_id=library_id, library_key=library_key, bin_size=bin_size,
+            spot_diameter_um=spot_diameter_um, microns_per_pixel=microns_per_pixel,
         )
         unl = unlabeled_patches(unlabeled, cfg, geometry)  # refused before any training patch is read
         genes = choose_genes(secs, self._genes, layer, self._n_top_genes)
@@ -304,9 +308,7 @@ class Model:
 
     # ---------------------------------------------------------------- inference
     def _device(self, device: str | None):
-        from ..train import resolve_device
-
-        return resolve_device(device or settings.device)
+        return device_of(device)
 
     @property
     def geometry(self) -> PatchGeometry:
@@ -348,6 +350,40 @@ class Model:
             for m, training in modes:
                 m.training = training
 
+    def _inputs(
+        self, sp: Section, *, centers: np.ndarray | None = None, features: np.ndarray | None = None,
+        patches: np.ndarray | None = None,
+    ) -> SpotInputs:
+        """Return what this model reads of ``sp``: features, the patches given, or patches from its image.
+
+        ``features`` (a model on precomputed features) or ``patches`` (its spots' patches, as its
+        reader cuts them) are inputs already in memory, used instead of reading them; ``centers``
+        (level-0 pixels) are read instead of the section's spots.
+        """
+        c = self.config
+        if c.image_features is None:
+            if patches is not None:
+                return SpotInputs.held(patches, name=sp.name)
+            return SpotInputs.streamed(self.patch_reader(sp), centers)
+        if features is None:
+            if c.image_features not in sp.table.obsm:
+                raise InputError(
+                    f"The model was trained on `obsm[{c.image_features!r}]`, missing from section "
+                    f"{sp.name!r}."
+                )
+            features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
+        dim = self.meta.feature_dim
+        if np.ndim(features) != 2 or (dim is not None and features.shape[1] != dim):
+            raise InputError(
+                f"`obsm[{c.image_features!r}]` of section {sp.name!r} has shape {np.shape(features)}; "
+                f"the model was trained on {dim} features per spot: compute them with the same backbone."
+            )
+        if not np.isfinite(features).all():
+            raise InputError(
+                f"`obsm[{c.image_features!r}]` of section {sp.name!r} has NaN or infinite values."
+            )
+        return SpotInputs.held(features, kind="features", name=sp.name)
+
     def _infer(
         self, sp: Section, *, centers: np.ndarray | None = None, device: str | None = None,
         batch_size: int = 128, features: np.ndarray | None = None, patches: np.ndarray | None = None,
@@ -355,45 +391,17 @@ class Model:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
 
-        ``features`` (a model on precomputed features) or ``patches`` (its spots' patches, as its
-        reader cuts them) are inputs already in memory, used instead of reading them.
+        See :meth:`_inputs` for ``centers``, ``features`` and ``patches``.
         """
         import torch
 
         from ..model import retrieve
         from ..model.lowrank import project
-        from ..train.loop import to_input
 
+        inputs = self._inputs(sp, centers=centers, features=features, patches=patches)
         dev = self._device(device)
         al = self.aligner.to(dev).eval()
         c = self.config
-        if c.image_features is not None:
-            if features is None:
-                if c.image_features not in sp.table.obsm:
-                    raise InputError(
-                        f"The model was trained on `obsm[{c.image_features!r}]`, "
-                        f"missing from section {sp.name!r}."
-                    )
-                features = np.asarray(sp.table.obsm[c.image_features])[sp.rows]
-            dim = self.meta.feature_dim
-            if np.ndim(features) != 2 or (dim is not None and features.shape[1] != dim):
-                raise InputError(
-                    f"`obsm[{c.image_features!r}]` of section {sp.name!r} has shape {np.shape(features)}; "
-                    f"the model was trained on {dim} features per spot: compute them with the same backbone."
-                )
-            if not np.isfinite(features).all():
-                raise InputError(
-                    f"`obsm[{c.image_features!r}]` of section {sp.name!r} has NaN or infinite values."
-                )
-            n = len(features)
-        elif patches is not None:
-            n = len(patches)
-        else:
-            reader = self.patch_reader(sp)
-            n = sp.n_spots if centers is None else len(centers)
-        # outputs are filled batch by batch: working memory is one batch, whatever the number of spots
-        emb_out = np.empty((n, c.embed_dim), dtype=np.float32)
-        pred_out = np.empty((n, len(self.genes)), dtype=np.float32)
         mean = torch.as_tensor(self.meta.target_mean, device=dev)
         std = torch.as_tensor(self.meta.target_std, device=dev)
         if c.predict != "head":
@@ -406,27 +414,13 @@ class Model:
         if adapt:
             if c.image_features is not None:
                 raise InputError("`adapt=True` renews a backbone's statistics: a model on features has none.")
-            if patches is None and n <= ADAPT_MOST:  # read once, for the statistics and the predictions
-                patches = reader.read(np.arange(n)) if centers is None else reader.read(centers=centers)
-            branch = self._adapted(branch, n, batch_size, dev, patches, reader, centers)
-        from tqdm.auto import tqdm
+            if len(inputs) <= ADAPT_MOST:  # read once, for the statistics and the predictions
+                inputs = inputs.in_memory(batch_size)
+            branch = self._adapted(branch, inputs, batch_size, dev)
+        tta = c.tta and c.image_features is None
 
-        starts = range(0, n, batch_size)
-        use_amp = dev.type == "cuda"
-        for start in tqdm(
-            starts, desc=f"predict {sp.name}", disable=not settings.show_progress() or n < 4 * batch_size
-        ):
-            sl = np.arange(start, min(start + batch_size, n))
-            if c.image_features is not None:
-                x = torch.from_numpy(np.asarray(features[sl], dtype=np.float32))
-            elif patches is not None:
-                x = torch.from_numpy(patches[sl])
-            elif centers is None:
-                x = torch.from_numpy(reader.read(sl))
-            else:
-                x = torch.from_numpy(reader.read(centers=centers[sl]))
-            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                e, p = branch.forward_tta(to_input(x, dev), c.tta and c.image_features is None)
+        def step(x: Any) -> tuple[Any, Any]:
+            e, p = branch.forward_tta(x, tta)
             e, head = e.float(), p.float() * std + mean
             if c.predict == "head":
                 out = head
@@ -435,9 +429,11 @@ class Model:
                 out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
             if axes is not None:
                 out = project(out, center, axes)
-            emb_out[start : start + len(sl)] = e.cpu().numpy()
-            pred_out[start : start + len(sl)] = out.cpu().numpy()
-        return emb_out, pred_out
+            return e, out
+
+        emb, pred = run_batches(step, inputs, device=dev, dims=(c.embed_dim, len(self.genes)),
+                                batch_size=batch_size, desc="predict")
+        return emb, pred
 
     def _axes(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Mean and principal axes of the training targets that predictions are projected onto, or None.
@@ -462,27 +458,13 @@ class Model:
         axes = self._axes()
         return None if axes is None else int(axes[1].shape[1])
 
-    def _adapted(self, branch, n, batch_size, dev, patches, reader, centers):
-        """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs of this section."""
-        import torch
-
+    def _adapted(self, branch: Any, inputs: SpotInputs, batch_size: int, dev: Any) -> Any:
+        """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs, evenly spread."""
         from ..model.adapt import adapt_norm
-        from ..train.loop import to_input
 
+        n = len(inputs)
         rows = np.unique(np.linspace(0, n - 1, min(n, ADAPT_MOST)).round().astype(np.int64))
-
-        def batches():
-            for start in range(0, len(rows), batch_size):
-                sl = rows[start : start + batch_size]
-                if patches is not None:
-                    x = patches[sl]
-                elif centers is None:
-                    x = reader.read(sl)
-                else:
-                    x = reader.read(centers=centers[sl])
-                yield to_input(torch.from_numpy(np.asarray(x)), dev)
-
-        return adapt_norm(branch, batches())
+        return adapt_norm(branch, tensor_batches(inputs, dev, batch_size, rows))
 
     def _each(
         self, data: Any, which: int, device: str | None, keys: dict[str, Any], adapt: bool = False
@@ -512,7 +494,8 @@ class Model:
             Renew the backbone's batch-norm statistics on each section first (see
             :func:`stranker.tl.predict`).
         **keys
-            ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
+            ``image_key``, ``shapes_key``, ``table_key``, ``library_id``; ``spot_diameter_um`` or
+            ``microns_per_pixel`` for data that does not record its scale (see :func:`stranker.tl.fit`).
         """
         return self._each(data, 1, device, keys, adapt)
 
@@ -531,7 +514,8 @@ class Model:
             Renew the backbone's batch-norm statistics on each section first (see
             :func:`stranker.tl.predict`).
         **keys
-            ``image_key``, ``shapes_key``, ``table_key``, ``library_id``.
+            ``image_key``, ``shapes_key``, ``table_key``, ``library_id``; ``spot_diameter_um`` or
+            ``microns_per_pixel`` for data that does not record its scale (see :func:`stranker.tl.fit`).
         """
         return self._each(data, 0, device, keys, adapt)
 

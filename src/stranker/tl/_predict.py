@@ -8,13 +8,19 @@ import numpy as np
 
 from .._constants import Keys
 from .._docs import doc_params
-from .._key_added import check_key_added
-from .._predictions import genes_in_table
-from .._section import InputError, Section, add_elements, as_sections, check_free, written_by_stranker
+from .._errors import InputError
 from .._settings import logger
-from .._undo import unchanged_on_failure
-from .._write import maybe_copy, write_outputs, write_results
-from ..pp._patches import _TILE, check_inside
+from ..section import Section, as_sections
+from ..section.patches import _TILE, check_inside
+from ..write import (
+    check_free,
+    check_key_added,
+    genes_in_table,
+    maybe_copy,
+    unchanged_on_failure,
+    write_predictions,
+    written_by_stranker,
+)
 
 _DETECT_PX = 1 << 22  # tissue detection reads at most about this many pixels (a 2048 x 2048 level)
 
@@ -93,7 +99,8 @@ def check_scale(sp: Section, model: Any, tile_px: float | None) -> None:
     else:
         what = (f"the model was trained at {train:.4g} µm/px while section {sp.name!r} does not record its "
                 "resolution")
-        fix = ("record it (`table.uns['microns_per_pixel']`, `sdata.attrs['microns_per_pixel']`, or "
+        fix = ("pass `microns_per_pixel=` (or `spot_diameter_um=`, e.g. 100 for legacy ST), or record it "
+               "(`table.uns['microns_per_pixel']`, `sdata.attrs['microns_per_pixel']`, "
                "`sr.io.read_slide(..., mpp=)`)")
     if sp.n_spots == 0 and tile_px is None:
         raise InputError(
@@ -101,6 +108,7 @@ def check_scale(sp: Section, model: Any, tile_px: float | None) -> None:
             f"pixels), or {fix}."
         )
     patch = model.meta.patch_px or model.config.patch_px
+    sp.warned.add("unknown_resolution")  # this warning says it: the patch reader does not say it again
     logger.warning(f"{what[0].upper()}{what[1:]}: patches are read {float(patch):.0f} px wide as if both had "
                    f"the same resolution. To be sure, {fix}.")
 
@@ -196,21 +204,31 @@ def tile_section(
     return tiled, float(tile_px)
 
 
-def _new_table(sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, shapes_key: str,
-               index: Any) -> Any:
-    import anndata as ad
-    import pandas as pd
-    from spatialdata.models import TableModel
+def spots_or_tiles(
+    sp: Section, model: Any, tile_px: float | None, *, retile: bool = False, log: Any = logger.info,
+    label: str | None = None,
+) -> tuple[Section, str, float]:
+    """Return what ``model`` reads of a section: its spots, or tiles laid over an image-only slide.
 
-    ids = pd.Index(np.asarray(index).astype(str))
-    obs = pd.DataFrame({Keys.INSTANCE: np.asarray(index), Keys.REGION: pd.Categorical.from_codes(
-        np.zeros(len(ids), dtype=np.int8), categories=[shapes_key])}, index=ids)
-    # no X: the predictions are stored once, in layers[key_added] (written by write_outputs)
-    a = ad.AnnData(obs=obs, var=pd.DataFrame(index=list(model.genes)))
-    a.obsm[Keys.SPATIAL] = sp.centers.copy()
-    if sp.microns_per_pixel is not None:
-        a.uns[Keys.MPP] = sp.microns_per_pixel
-    return TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
+    The one preparation of a section for inference (``predict``, ``embed_slides``): its scale checked
+    against the model's (:func:`check_scale`), then its spots checked to lie on the image, or tiles laid
+    (:func:`tile_section`) when it has no spots or ``retile`` (they are the tiles of an earlier call).
+
+    ``label`` names the section in messages (default ``Section '<name>'``).
+
+    Returns
+    -------
+    The section to read, ``'spots'`` or ``'tiles'``, and the spot (tile) side in its pixels.
+    """
+    check_scale(sp, model, tile_px)
+    if sp.n_spots == 0 or retile:
+        if sp.keys.kind != "spatialdata":
+            raise InputError(f"{label or f'Section {sp.name!r}'} has no spots.")
+        sp, size = tile_section(sp, model, tile_px, log=log)
+        return sp, "tiles", size
+    if model.config.image_features is None:
+        check_inside(sp)
+    return sp, "spots", float(sp.diameter)
 
 
 @unchanged_on_failure()
@@ -230,6 +248,8 @@ def predict(
     bin_size: int | None = None,
     adapt: bool = False,
     copy: bool = False,
+    spot_diameter_um: float | None = None,
+    microns_per_pixel: float | None = None,
 ) -> Any:
     """Predict expression and image embeddings on any section.
 
@@ -262,6 +282,7 @@ def predict(
         not changed. For a slide from another scanner, stain or patient than the training slides.
     copy
         Write into a copy of ``data`` and return it instead of ``None``.
+    {doc_resolution}
 
     Returns
     -------
@@ -288,25 +309,19 @@ def predict(
     need_image = model.config.image_features is None
     secs = as_sections(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                     library_id=library_id, library_key=library_key, bin_size=bin_size,
+                    spot_diameter_um=spot_diameter_um, microns_per_pixel=microns_per_pixel,
                     need_image=need_image, need_table=False)
     check_key_added(secs, key_added)
     plans = []
     for sp in secs:
-        check_scale(sp, model, tile_px)
-        if sp.n_spots == 0 or _own_tiles(sp, key_added):  # an earlier predict's tiles are laid anew
-            if sp.keys.kind != "spatialdata":
-                raise InputError(f"Section {sp.name!r} has no spots.")
+        retile = _own_tiles(sp, key_added)  # an earlier predict's tiles are laid anew
+        if sp.keys.kind == "spatialdata" and (sp.n_spots == 0 or retile):
             check_free(sp.source, shapes=[f"{key_added}_tiles"], tables=[f"{key_added}_table"])
-            sp, _ = tile_section(sp, model, tile_px)
-            kind = "tiles"
-        else:
-            if need_image:
-                check_inside(sp)
-            kind = "spots"
-            if sp.table is not None:
-                _check_genes(sp, model, key_added)
-            else:
-                check_free(sp.source, tables=[f"{key_added}_table"])
+        elif sp.table is not None:
+            _check_genes(sp, model, key_added)
+        elif sp.keys.kind == "spatialdata":
+            check_free(sp.source, tables=[f"{key_added}_table"])
+        sp, kind, _ = spots_or_tiles(sp, model, tile_px, retile=retile)
         info = resampling(sp, model) if need_image else None
         if info and info["factor"] and abs(info["factor"] - 1) > 0.01:
             logger.info(f"Section {sp.name!r} is at {info['slide_microns_per_pixel']:.4g} µm/px, model at "
@@ -317,33 +332,11 @@ def predict(
         plans.append((kind, sp, info, *model.infer(sp, device=device, adapt=adapt)))
     # everything computed: write
     for kind, sp, info, emb, pred in plans:
-        if kind == "spots" and sp.table is not None:
-            write_outputs(sp, model, emb, pred, key_added, in_sample=False)
-            _record(sp, key_added, info, adapt)
-            continue
-        import geopandas  # noqa: F401  (spatialdata shapes)
-        from spatialdata.models import ShapesModel
-        from spatialdata.transformations import get_transformation
-
-        sdata, shapes = sp.source, {}
-        if kind == "tiles":
-            region = f"{key_added}_tiles"
-            transforms = get_transformation(sdata.images[sp.keys.image_key], get_all=True)
-            index = np.arange(sp.n_spots)  # integer ids: no Python string per tile (1M tiles on a slide)
-            shapes[region] = ShapesModel.parse(
-                sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=index,
-                transformations=transforms,
-            )
-        else:
-            region = sp.keys.shapes_key
-            index = list(sdata.shapes[region].index)
-        table = _new_table(sp, model, emb, pred, key_added, region, index)
-        new = Section(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
-                    rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
-        write_outputs(new, model, emb, pred, key_added, in_sample=False)
-        _record(new, key_added, info, adapt)
-        add_elements(sdata, shapes=shapes, tables={f"{key_added}_table": table}, by="sr.tl.predict")
-        logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+        extra = {"adapt": bool(adapt)}
+        if info is not None:
+            extra["resampling"] = {k: v for k, v in info.items() if v is not None}
+        write_predictions(sp, model, emb, pred, key_added, tiles=kind == "tiles", in_sample=False,
+                          extra=extra)
     return data if copy else None
 
 
@@ -386,11 +379,3 @@ def _check_genes(sp: Section, model: Any, key_added: str) -> None:
             f"The genes written are `uns[{key_added!r}]['genes']`; the absent ones "
             f"`uns[{key_added!r}]['genes_absent']`."
         )
-
-
-def _record(sp: Section, key_added: str, info: dict[str, Any] | None, adapt: bool) -> None:
-    """Add to the run record ``uns[key_added]`` whether the model was adapted, how patches were resampled."""
-    rec = {**sp.table.uns[key_added], "adapt": bool(adapt)}
-    if info is not None:
-        rec["resampling"] = {k: v for k, v in info.items() if v is not None}
-    write_results(sp, uns={key_added: rec})

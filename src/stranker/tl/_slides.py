@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 
 from .._constants import Keys
-from .._section import InputError, as_sections
+from .._errors import InputError
 from .._settings import logger, resolve_seed, settings
-from ..pp._patches import check_inside
-from ._predict import as_model, check_scale, tile_section
+from ..section import as_sections
+from ._predict import as_model, spots_or_tiles
 
 
 def slide_ids(slides: list[Any], obs: Any) -> list[str]:
@@ -157,14 +157,7 @@ def embed_slides(
     for sid, item in zip(tqdm(ids, desc="embed slides", disable=not settings.show_progress()), items,
                          strict=True):
         sp = as_sections(item, image_key=image_key, need_image=True, need_table=False)[0]
-        check_scale(sp, model, tile_px)
-        if sp.n_spots == 0:
-            if sp.keys.kind != "spatialdata":
-                raise InputError(f"Slide {sid!r} has no spots.")
-            sp, size = tile_section(sp, model, tile_px, log=log)
-        else:
-            check_inside(sp)
-            size = sp.diameter
+        sp, _, size = spots_or_tiles(sp, model, tile_px, log=log, label=f"Slide {sid!r}")
         emb = model.infer(sp, device=device)[0]
         bags.append(emb.astype(np.float32))
         centres.append(np.asarray(sp.centers, dtype=np.float32))

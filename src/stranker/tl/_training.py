@@ -2,37 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._constants import Keys
-from .._key_added import check_key_added
-from .._section import InputError, Section, as_sections
+from .._errors import InputError
+from .._expression import log_expression
 from .._settings import logger, settings
-from ..pp._genes import choose, log_expression, resolve_genes
-from ..pp._patches import PatchGeometry, PatchReader, check_inside
+from ..pp._genes import choose, resolve_genes
+from ..section import Section, as_sections
+from ..section.patches import PatchGeometry, PatchReader, check_inside
+from ..section.visium_hd import bins_to_patches
+from ..spots import SpotInputs
+from ..write import check_key_added
 
 if TYPE_CHECKING:
     from ..train import TrainData
 
 
-def chosen_fields(cfg: Any) -> set[str]:
-    """Fields of a configuration that differ from its method's preset (those the user chose)."""
-    from dataclasses import fields
-
-    from ..model import make_config
-
-    preset = make_config(cfg.method)
-    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(preset, f.name)}
-
-
-def backbone_defaults(cfg: Any, chosen: Collection[str], mpps: list[float | None]) -> Any:
+def backbone_defaults(cfg: Any, mpps: list[float | None]) -> Any:
     """Apply a named backbone's input size and physical patch size, where the user did not choose them.
 
-    ``chosen`` names the configuration fields the user set (``image_size``, ``patch_px``, ``patch_um``).
+    The configuration records the fields the user set (``cfg.chosen_fields()``: ``image_size``,
+    ``patch_px``, ``patch_um``); the result keeps that record (the values set here are defaults).
     """
     from dataclasses import replace
 
@@ -41,6 +35,7 @@ def backbone_defaults(cfg: Any, chosen: Collection[str], mpps: list[float | None
     spec = named(cfg.backbone)
     if spec is None:
         return cfg
+    chosen = cfg.chosen_fields()
     changes: dict[str, Any] = {}
     if "image_size" not in chosen:
         changes["image_size"] = spec.input_px
@@ -60,19 +55,20 @@ def backbone_defaults(cfg: Any, chosen: Collection[str], mpps: list[float | None
 
 
 def training_sections(
-    data: Any, cfg: Any, chosen: Collection[str], *, key_added: str | None, aggregate: bool, **keys: Any
+    data: Any, cfg: Any, *, key_added: str | None, aggregate: bool, **keys: Any
 ) -> tuple[list[Section], Any, PatchGeometry | None]:
     """Return the checked training sections of ``data``, the configuration and the patch geometry.
 
-    A named backbone's defaults apply to the fields not in ``chosen``; Visium HD bins are summed
+    A named backbone's defaults apply to the fields the user did not set (``cfg.chosen_fields()``,
+    whichever of ``sr.tl.fit`` and ``sr.Model(make_config(...))`` made ``cfg``); Visium HD bins are summed
     into pseudo-spots as wide as the patch when ``aggregate`` (the tables are added to the data,
     and removed again if training fails: :meth:`stranker.Model.train` is undone on failure).
-    ``keys`` are those of :func:`stranker._section.as_sections`.
+    ``keys`` are those of :func:`stranker.section.as_sections`.
     """
     secs = as_sections(data, **keys, need_image=cfg.image_features is None)
     geometry = None
     if cfg.image_features is None:
-        cfg = backbone_defaults(cfg, chosen, [sp.microns_per_pixel for sp in secs])
+        cfg = backbone_defaults(cfg, [sp.microns_per_pixel for sp in secs])
         # how wide the patches are, on these sections and on any other the model reads later
         geometry = PatchGeometry.of(secs, cfg.patch_px, cfg.patch_um, cfg.image_size)
     if key_added is not None:
@@ -116,7 +112,8 @@ def unlabeled_patches(data: Any, cfg: Any, geometry: PatchGeometry | None) -> np
     out = []
     for sp in secs:
         check_inside(sp)
-        out.append(PatchReader(sp, geometry.size_on(sp), cfg.scales, cfg.image_size).read_all())
+        reader = PatchReader(sp, geometry.size_on(sp), cfg.scales, cfg.image_size)
+        out.append(SpotInputs.streamed(reader).all())
     return np.concatenate(out)
 
 
@@ -280,7 +277,8 @@ class TrainingInputs:
                 if stream:
                     logger.info(f"Streaming the training patches ({n_bytes / 2**30:.1f} GiB > "
                                 f"sr.settings.max_patch_memory) with {settings.num_workers} worker(s).")
-            images = None if stream else torch.from_numpy(np.concatenate([r.read_all() for r in readers]))
+            images = None if stream else torch.from_numpy(
+                np.concatenate([SpotInputs.streamed(r).all() for r in readers]))
         pos = np.concatenate([section_positions(sp.centers) for sp in secs])
         section = np.repeat(np.arange(len(secs)), [sp.n_spots for sp in secs])
         data = TrainData(
@@ -318,46 +316,6 @@ def reference_bank(aligner: Any, inputs: TrainingInputs, device: Any) -> dict[st
             m = data.section == s
             keys.append(aligner.gene(data.expr[m].to(device), data.pos[m].to(device)).float().cpu())
     return {"keys": torch.cat(keys).numpy(), "values": inputs.values.astype(np.float32)}
-
-
-def bins_to_patches(
-    secs: list[Section], geometry: PatchGeometry
-) -> tuple[list[Section], list[tuple[Any, str, str]]]:
-    """Visium HD sections -> their bins summed into pseudo-spots as wide as the patch the model reads.
-
-    Returns the sections (others unchanged) and the (SpatialData, table, shapes) keys that were added.
-    """
-    import re
-
-    from ..io._bins import aggregate
-
-    out, added = [], []
-    for sp in secs:
-        m = re.fullmatch(r"square_(\d+)um", str(sp.keys.table_key or ""))
-        if (m is None or sp.keys.kind != "spatialdata" or sp.microns_per_pixel is None
-                or not {"array_row", "array_col"} <= set(sp.table.obs)):
-            out.append(sp)
-            continue
-        bin_um = int(m.group(1))
-        # the tissue width the patch shows on this section
-        width_um = geometry.size_um or geometry.size_px * sp.microns_per_pixel
-        k = int(round(width_um / bin_um))
-        if k < 2:  # the bins are about as wide as the patch already
-            out.append(sp)
-            continue
-        sdata, key = sp.source, f"square_{k * bin_um:03d}um"
-        if key in sdata.tables:
-            logger.info(f"Training on {key!r}, the {bin_um} µm bins already summed to the patch width.")
-        else:
-            width = k * bin_um
-            fix = (f"`sr.tl.fit` sums the {bin_um} µm bins into pseudo-spots of {width} µm under this "
-                   "name: rename that element, or sum them yourself with `sr.io.aggregate_bins(sdata, "
-                   f"bin_size={bin_um}, size_um={width}, key_added=...)` and fit on that table "
-                   "(`table_key=`), or pass `aggregate=False`.")
-            key, skey = aggregate(sdata, sp, bin_um, width, fix=fix)
-            added.append((sdata, key, skey))
-        out.append(as_sections(sdata, table_key=key, image_key=sp.keys.image_key, need_image=True)[0])
-    return out, added
 
 
 class SectionPatches:

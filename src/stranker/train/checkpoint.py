@@ -81,8 +81,11 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
 
 
 def training_config(cfg: Any) -> dict[str, Any]:
-    """Return the configuration fields that shape training (those a resumed fit must share)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in PREDICTION_ONLY}
+    """Return the configuration fields that shape training (those a resumed fit must share).
+
+    ``chosen`` (which fields the user set) is left out: the values it led to are compared.
+    """
+    return {k: v for k, v in cfg.to_dict().items() if k not in PREDICTION_ONLY and k != "chosen"}
 
 
 def _describe(value: Any) -> str:

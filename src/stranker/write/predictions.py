@@ -1,0 +1,124 @@
+"""Model outputs into the user's objects: embeddings, the predicted layer and the run record.
+
+A section with a table gets them in that table; spots without a table, and tiles laid over an
+image-only slide, get a new table (and, for tiles, the circles it annotates) added to their SpatialData.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._constants import Keys
+from .._settings import logger
+from ..section import Section
+from .elements import add_elements
+from .layers import genes_in_table, prediction_layer
+from .tables import write_results
+
+
+def write_predictions(
+    sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, tiles: bool,
+    in_sample: bool, extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the outputs of one section wherever they go (its table, or new elements of its SpatialData).
+
+    Parameters
+    ----------
+    sp
+        The section predicted on (its spots, or the tiles laid over it when ``tiles``).
+    model
+        The fitted model.
+    emb, pred
+        Embeddings and predictions of its spots, in order.
+    key_added
+        Prefix of the written keys.
+    tiles
+        The spots are tiles stranker laid: circles ``'{key_added}_tiles'`` are added with the table.
+    in_sample, extra
+        As :func:`write_outputs` records them.
+    """
+    if not tiles and sp.table is not None:
+        write_outputs(sp, model, emb, pred, key_added, in_sample=in_sample, extra=extra)
+        return
+    import geopandas  # noqa: F401  (spatialdata shapes)
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    sdata, shapes = sp.source, {}
+    if tiles:
+        region = f"{key_added}_tiles"
+        transforms = get_transformation(sdata.images[sp.keys.image_key], get_all=True)
+        index = np.arange(sp.n_spots)  # integer ids: no Python string per tile (1M tiles on a slide)
+        shapes[region] = ShapesModel.parse(
+            sp.centers, geometry=0, radius=np.full(sp.n_spots, sp.diameter / 2), index=index,
+            transformations=transforms,
+        )
+    else:
+        region = sp.keys.shapes_key
+        index = list(sdata.shapes[region].index)
+    table = _new_table(sp, model, region, index)
+    new = Section(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
+                  rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
+    write_outputs(new, model, emb, pred, key_added, in_sample=in_sample, extra=extra)
+    add_elements(sdata, shapes=shapes, tables={f"{key_added}_table": table}, by="sr.tl.predict")
+    logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
+
+
+def write_outputs(
+    sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write embedding, predicted layer and run record of one section's table.
+
+    ``extra``: further entries of the run record ``uns[key_added]`` (e.g. ``predict``'s ``adapt`` and
+    ``resampling``), written with it at once.
+    """
+    full, layer_format = prediction_layer(sp, list(model.genes), pred)
+    written, absent = genes_in_table(sp, model.genes)
+    if layer_format == "sparse":
+        logger.info(
+            f"Writing `layers[{key_added!r}]` sparse ({len(model.genes)} modelled of {sp.table.n_vars} "
+            f"genes; a dense layer would exceed sr.settings.max_dense_layer): "
+            f"genes not modelled read as 0, not NaN."
+        )
+    params = {k: v for k, v in model.config.to_dict().items() if k not in ("extra", "chosen")}
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+    record = {
+        "params": {k: v for k, v in params.items() if v is not None},
+        "genes": written,  # the genes with a prediction in the layer
+        "genes_absent": absent,  # modelled genes the table has no column for: not written
+        "history": {
+            k: [h.get(k, np.nan) for h in model.history]
+            for k in (model.history[0] if model.history else {})
+        },
+        "target": model.meta.target,
+        "weights_source": model.meta.weights_source,
+        "device": model.meta.device,
+        "train_sections": model.meta.sections,
+        "fit_seconds": model.meta.fit_seconds,
+        "in_sample": in_sample,
+        "layer_format": layer_format,
+    }
+    record.update(extra or {})
+    if model.expression_rank is not None:  # predictions projected onto this many axes of the training targets
+        record["expression_rank"] = model.expression_rank
+    write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})
+
+
+def _new_table(sp: Section, model: Any, shapes_key: str, index: Any) -> Any:
+    """Return a table annotating ``shapes_key`` for the spots of ``sp``: no ``X``, genes as ``var``."""
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    ids = pd.Index(np.asarray(index).astype(str))
+    obs = pd.DataFrame({Keys.INSTANCE: np.asarray(index), Keys.REGION: pd.Categorical.from_codes(
+        np.zeros(len(ids), dtype=np.int8), categories=[shapes_key])}, index=ids)
+    # no X: the predictions are stored once, in layers[key_added] (written by write_outputs)
+    a = ad.AnnData(obs=obs, var=pd.DataFrame(index=list(model.genes)))
+    a.obsm[Keys.SPATIAL] = sp.centers.copy()
+    if sp.microns_per_pixel is not None:
+        a.uns[Keys.MPP] = sp.microns_per_pixel
+    return TableModel.parse(a, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
