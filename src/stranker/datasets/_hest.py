@@ -42,7 +42,7 @@ def hest(
     """HEST-1k samples as SpatialData, downloaded from the Hugging Face Hub when they are not on disk.
 
     HEST-1k (Jaume et al., NeurIPS 2024; cite it; CC BY-NC-SA 4.0) is the gated dataset
-    ``MahmoodLab/hest``: accept its terms on the Hub and log in (``huggingface-cli login``) or pass
+    ``MahmoodLab/hest``: accept its terms on the Hub and log in (``hf auth login``) or pass
     ``token=``. Only the files stranker reads are fetched (``st``, ``metadata``, ``wsis``,
     ``tissue_seg`` contours and, with ``patches=True``, ``patches``), with
     ``huggingface_hub.snapshot_download``. A sample whose ``st``, ``metadata`` and ``wsis`` files are
@@ -80,7 +80,7 @@ def hest(
                 f"HEST sample(s) {todo} are not in {folder} (missing {missing}) and downloads are off "
                 "(HF_HUB_OFFLINE is set, or `sr.settings.allow_download` is False). Either put the files "
                 f"there in HEST's layout, or allow downloads: HEST-1k is the gated repository {HEST_URL} "
-                "(accept its terms there, then `huggingface-cli login` or pass `token=`)."
+                f"(accept its terms there, then `{_login()}` or pass `token=`)."
             )
         _download(todo, folder, token=token, patches=patches)
     out = [read_hest(folder, sid, image=image, patches=patches) for sid in id_list]
@@ -105,7 +105,7 @@ def _download(ids: list[str], folder: Path, *, token: str | None, patches: bool)
         raise InputError(
             f"Could not download HEST sample(s) {ids} from the gated repository {HEST_URL} "
             f"({type(err).__name__}: {err}). Accept the dataset's terms on that page, log in with "
-            f"`huggingface-cli login` (or pass `token=`), and retry; or put the files in {folder} in HEST's "
+            f"`{_login()}` (or pass `token=`), and retry; or put the files in {folder} in HEST's "
             "layout."
         ) from err
     still = {sid: _missing(folder, sid) for sid in ids if _missing(folder, sid)}
@@ -114,3 +114,10 @@ def _download(ids: list[str], folder: Path, *, token: str | None, patches: bool)
             f"The download from {HEST_URL} did not bring {still}: check the ids against HEST's metadata "
             "table (HEST_v1_1_0.csv)."
         )
+
+
+def _login() -> str:
+    """Return the login command of the installed huggingface_hub (``hf auth login`` from 0.34 on)."""
+    from ..model.backbones import hub_commands
+
+    return hub_commands()[0]

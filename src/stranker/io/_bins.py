@@ -20,8 +20,9 @@ def aggregate_bins(
 ) -> None:
     """Sum the counts of Visium HD bins into square pseudo-spots ``size_um`` wide.
 
-    Bins are grouped by their grid position (``obs['array_row']``, ``obs['array_col']``) into blocks of
-    ``k x k`` bins, ``k = round(size_um / bin_size)``. A pseudo-spot sits at the mean centre of the
+    Bins are grouped by their grid position (``obs['array_row']``, ``obs['array_col']``: whole numbers
+    that neighbouring bins differ by 1, as spatialdata-io numbers them; another grid is refused) into
+    blocks of ``k x k`` bins, ``k = round(size_um / bin_size)``. A pseudo-spot sits at the mean centre of the
     tissue bins it sums and is ``k * bin_size`` µm wide. Use it to train on HD data at the scale a
     patch sees (a 8 µm bin holds a few dozen counts and a fraction of one cell; a 100 µm patch sees
     a hundred cells). :func:`stranker.tl.fit` does this itself on HD bins (to the width of its patch);
@@ -34,7 +35,8 @@ def aggregate_bins(
     bin_size
         The bins to sum, in µm (2, 8 or 16).
     size_um
-        Width of the pseudo-spots in µm; rounded to a multiple of ``bin_size``.
+        Width of the pseudo-spots in µm, a positive finite number no wider than the section; rounded to
+        a multiple of ``bin_size``.
     min_fraction
         Keep a pseudo-spot when at least this fraction of its ``k x k`` bins are in the table (drops
         slivers at the tissue edge).

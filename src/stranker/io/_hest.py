@@ -19,6 +19,7 @@ import numpy as np
 from .._constants import Keys
 from .._errors import InputError
 from .._settings import logger
+from ..section._record import check_mpp
 from ..write import add_elements
 
 HEST_REPO = "MahmoodLab/hest"
@@ -26,6 +27,9 @@ EXPR_DIRS = ("st", "adata")  # HEST-1k, HEST-Bench
 # HEST's patches: 224 x 224 px at 0.5 µm/px (112 µm), HESTData.dump_patches' defaults and HEST's README
 PATCH_MPP = 0.5
 PATCH_UM = 112.0
+# the pixel size the patches' corners imply and the sample's may differ by a few percent (versions of
+# HEST's estimate): a warning; beyond this factor they are of another scan (20x vs 40x): refused
+PATCH_FACTOR = 1.25
 # spot diameter (µm) by technology when the metadata does not say. HEST pools Xenium transcripts into
 # 100 µm squares (its scalefactor says 55 µm: ignored) and Visium HD 16 µm bins into 128 µm squares
 _SPOT_UM = {"visium": 55.0, "spatial transcriptomics": 100.0, "st": 100.0, "xenium": 100.0,
@@ -113,6 +117,16 @@ def read_hest(
     ``pixel_size_um_estimated``; ``obs['hest_patch']`` the row of each spot in ``patches/{id}.h5``
     (``uns['hest']['patches_file']``), -1 for none) and, when ``tissue_seg/{id}_contours.geojson``
     exists, polygons ``'tissue'``.
+
+    Raises
+    ------
+    InputError
+        For a sample that cannot be read as it is: an expression file that is truncated or damaged; a
+        metadata pixel size that is present but not a positive number within
+        :data:`stranker.section._record.MPP_RANGE` (0.05–20 µm/px; a null or NaN is absent); patch
+        ``coords`` on the spots' centres rather than HEST's top-left corners; a pixel size the patches'
+        corners imply more than ``PATCH_FACTOR`` (1.25x) from the sample's (a smaller difference is
+        a warning). ``patches=False`` reads a sample without its patch file.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -171,7 +185,13 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
 
     expr = _expr_path(root, sid)
     meta = hest_metadata(root, sid)
-    adata = ad.read_h5ad(expr)
+    try:
+        adata = ad.read_h5ad(expr)
+    except Exception as e:  # h5py / anndata on a truncated or damaged file: say which and what to do
+        raise InputError(
+            f"HEST {sid}: {expr} cannot be read as an AnnData ({type(e).__name__}: {e}); the file is "
+            f"truncated or damaged. Download it again, e.g. with `sr.datasets.hest([{sid!r}])`."
+        ) from e
     if Keys.SPATIAL not in adata.obsm:
         raise InputError(f"{expr} has no obsm['spatial'] (spot centres in full-resolution pixels).")
     xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
@@ -183,12 +203,7 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
     patch = _read_patch_index(root / "patches" / f"{sid}.h5", adata) if patches else None
     mpp, mpp_from = _mpp(meta, patch, sid)
     if patch is not None and mpp is not None and patch["half"] is not None:
-        # HEST's corner is centre - side // 2 in whole pixels: the offset is known to within a pixel
-        if abs(patch["half"] - (PATCH_UM / mpp) // 2) > 1.5:
-            logger.warning(
-                f"HEST {sid}: the patches' corners imply {patch['mpp']:.4g} µm/px, the metadata says "
-                f"{mpp:.4g}; using the metadata's (are the patches from another version of the sample?)."
-            )
+        _check_patch_scale(sid, patch, mpp, mpp_from)
 
     wsi = root / "wsis" / f"{sid}.tif"
     if image == "wsi" or (image == "auto" and wsi.exists()):
@@ -201,6 +216,8 @@ def _read_one(root: Path, sid: str, *, image: str, patches: bool) -> Any:
                 sdata, mpp_from = read_slide(wsi), "the TIFF"
             except InputError:
                 sdata = read_slide(wsi, mpp=mpp)
+            else:  # the TIFF's must agree with the patches' as the metadata's must
+                _check_patch_scale(sid, patch, float(sdata.attrs[Keys.MPP][Keys.IMAGE]), mpp_from)
         else:
             sdata = read_slide(wsi, mpp=mpp)
         mpp = float(sdata.attrs[Keys.MPP][Keys.IMAGE])
@@ -271,20 +288,59 @@ def _clean_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _meta_mpp(meta: dict[str, Any], key: str, sid: str) -> float | None:
+    """Return a pixel size of the metadata: ``None`` when absent (missing, null or NaN), else checked."""
+    v = meta.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return check_mpp(
+        v, f"HEST {sid}: metadata/{sid}.json's {key!r}",
+        "Download the metadata again, or correct the value (µm per full-resolution pixel of the WSI).",
+        text=True,
+    )
+
+
 def _mpp(meta: dict[str, Any], patch: dict[str, Any] | None, sid: str) -> tuple[float | None, str]:
-    """Microns per full-resolution pixel: HEST's estimate, else the embedded value, else the patches'."""
-    v = _finite(meta.get("pixel_size_um_estimated"))
+    """Microns per full-resolution pixel: HEST's estimate, else the embedded value, else the patches'.
+
+    A value present in the metadata (not null, not NaN) must be a positive number within
+    :data:`stranker.section._record.MPP_RANGE`: a bad one is refused, never passed over for the next.
+    """
+    v = _meta_mpp(meta, "pixel_size_um_estimated", sid)
     if v is not None:
         return v, "metadata pixel_size_um_estimated"
-    v = _finite(meta.get("pixel_size_um_embedded"))
+    v = _meta_mpp(meta, "pixel_size_um_embedded", sid)
     if v is not None:
         logger.warning(
             f"HEST {sid}: no pixel_size_um_estimated in its metadata; using pixel_size_um_embedded."
         )
         return v, "metadata pixel_size_um_embedded"
     if patch is not None and patch["mpp"] is not None:
-        return patch["mpp"], "patch corners (112 µm patches)"
+        fix = (f"Pass `patches=False` to read the sample without {patch['path'].name}, or give it "
+               f"'pixel_size_um_estimated' in metadata/{sid}.json.")
+        v = check_mpp(patch["mpp"], f"HEST {sid}: the pixel size its patches' corners imply", fix)
+        return v, "patch corners (112 µm patches)"
     return None, "the TIFF"
+
+
+def _check_patch_scale(sid: str, patch: dict[str, Any], mpp: float, mpp_from: str) -> None:
+    """Warn when the patches' corners imply another pixel size than ``mpp``; refuse beyond ``PATCH_FACTOR``.
+
+    HEST's corner is ``centre - side // 2`` in whole pixels: the offset is known to within a pixel.
+    """
+    if patch["mpp"] is None or abs(patch["half"] - (PATCH_UM / mpp) // 2) <= 1.5:
+        return
+    ratio = max(patch["mpp"] / mpp, mpp / patch["mpp"])
+    what = (f"HEST {sid}: the corners of {patch['path'].name} imply {patch['mpp']:.4g} µm/px, "
+            f"{mpp_from} says {mpp:.4g}")
+    if ratio > PATCH_FACTOR:
+        raise InputError(
+            f"{what}: {ratio:.3g}x apart (more than {PATCH_FACTOR:g}x), so the patches are of another "
+            "scan or version of the sample, and a mosaic of them would be placed (and sized) wrongly. "
+            "Download the sample's files again, or pass `patches=False` to read it without "
+            f"{patch['path'].name}."
+        )
+    logger.warning(f"{what}; using the latter (are the patches from another version of the sample?).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,8 +381,15 @@ def _read_patch_index(path: Path, adata: Any) -> dict[str, Any] | None:
     half = mpp = None
     if found.any():
         half = float(np.median(xy[rows[found]] - coords[found]))
+        if half < 1:  # a corner on (or past) its spot's centre: HEST's patches are at least 5 px wide
+            raise InputError(
+                f"{path}: the patches' coords lie {half:.3g} px from their spots' centres (obsm['spatial']); "
+                "HEST's coords are the top-left corners, centre - side // 2 (HEST#52), so these are centres "
+                "or another frame. Write the corners (`coords - side // 2`), or pass `patches=False` to "
+                "read the sample without its patches."
+            )
         # side // 2 <= half < side // 2 + 1, so the side is 2 * half + 1 to within a pixel
-        mpp = PATCH_UM / (2 * half + 1) if half > 0 else None
+        mpp = PATCH_UM / (2 * half + 1)
     return {"path": path, "n": n, "px": (shape[1], shape[2]), "coords": coords, "rows": rows[found],
             "found": found, "half": half, "mpp": mpp}
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from .._constants import Keys
 from .._errors import InputError
-from .._pixels import float_range, to_uint8
+from .._pixels import to_uint8, white_level
 from .._settings import logger
+from ..section._record import MPP_RANGE, check_mpp
 
 # formats OpenSlide reads and tifffile does not (or not as well): vendor formats
 _VENDOR = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
@@ -99,8 +100,12 @@ def read_slide(
     path
         An SVS, NDPI, MRXS, SCN (read by OpenSlide), OME-TIFF or pyramidal TIFF (read by tifffile).
     mpp
-        Microns per pixel of the full-resolution level; overrides what the file says. Needed when the
-        file does not record its resolution.
+        Microns per pixel of the full-resolution level, a number within
+        :data:`stranker.section._record.MPP_RANGE` (0.05–20; a string such as ``'0.5'`` is refused);
+        overrides what the file says. Needed when the file does not record its resolution, or records
+        one outside that range: no resolution tags (TIFF's default, 1 pixel per inch, would be
+        25 400 µm/px) or a screen resolution (72, 96, 300 dpi) is no microscope's scale, and is never
+        read as one.
     backend
         ``'tifffile'`` or ``'openslide'``; by default OpenSlide for vendor formats and tifffile for TIFF.
     image_key
@@ -116,29 +121,26 @@ def read_slide(
     the image element and in ``sdata.attrs['microns_per_pixel'][image_key]``, where
     :func:`stranker.tl.predict` finds it.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"Slide file {path} does not exist.")
+    if mpp is not None:
+        mpp = check_mpp(mpp, "`mpp=`", _MPP_FIX)
     ext = path.suffix.lower()
     if backend is None:
         backend = "openslide" if ext in _VENDOR else "tifffile"
     if backend == "openslide":
-        levels, file_mpp, fmt = _open_openslide(path)
+        levels, recorded, fmt = _open_openslide(path)
     elif backend == "tifffile":
         if ext in _VENDOR - {".svs", ".ndpi"}:
             raise InputError(f"{path.name}: tifffile cannot read {ext} slides; use `backend='openslide'`.")
-        levels, file_mpp, fmt = _open_tifffile(path, series)
+        levels, recorded, fmt = _open_tifffile(path, series)
     else:
         raise InputError(f"`backend` must be 'tifffile' or 'openslide', got {backend!r}.")
     if mpp is not None:
-        if not np.isfinite(mpp) or mpp <= 0:
-            raise InputError(f"`mpp` must be a positive number of micrometres per pixel, got {mpp!r}.")
-        file_mpp = float(mpp)
-    if file_mpp is None:
-        raise InputError(
-            f"{path.name} ({fmt}) does not record its resolution (no microns per pixel in its metadata); "
-            "pass `mpp=` (e.g. `mpp=0.5` for a 20x scan, `0.25` for 40x)."
-        )
+        file_mpp = mpp
+    else:
+        file_mpp = _recorded_mpp(path.name, fmt, *recorded)
     logger.info(
         f"Opened {path.name} ({fmt}, {backend}): {len(levels)} level(s), level 0 "
         f"{levels[0].shape[2]} x {levels[0].shape[1]} px at {file_mpp:.4g} µm/px."
@@ -181,10 +183,37 @@ def _as_sdata(levels: list[_Level], mpp: float, image_key: str, source: str) -> 
     return sdata
 
 
+_MPP_FIX = "Pass the scan's µm per pixel, e.g. `mpp=0.5` for a 20x scan, `0.25` for 40x."
+
+
+def _recorded_mpp(name: str, fmt: str, value: Any, where: str) -> float:
+    """Return the resolution a file records (``value``, read from ``where``), or refuse naming ``mpp=``.
+
+    A value that is not a positive number within :data:`~stranker.section._record.MPP_RANGE` is no
+    microscope's scale (TIFF's default of 1 dpi, a screen resolution): the resolution is unknown.
+    """
+    fix = (f"pass `mpp=`: `sr.io.read_slide({name!r}, mpp=...)`, e.g. `mpp=0.5` for a 20x scan, "
+           "`0.25` for 40x.")
+    if value is None:
+        raise InputError(
+            f"{name} ({fmt}) does not record its resolution (no microns per pixel in its metadata); {fix}"
+        )
+    try:
+        return check_mpp(value, f"{name} ({fmt}): the resolution its {where} records", text=True)
+    except InputError as e:
+        lo, hi = MPP_RANGE
+        shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
+        raise InputError(
+            f"{name} ({fmt}) records no microscope resolution: its {where} say {shown} µm/px, not a "
+            f"positive number within {lo:g}–{hi:g} µm/px (TIFF's default of 1 pixel per inch is "
+            f"25 400 µm/px; the screen resolutions 72, 96, 300 dpi are 353, 265, 85 µm/px); {fix}"
+        ) from e
+
+
 # --------------------------------------------------------------------------------------------
 # tifffile
 # --------------------------------------------------------------------------------------------
-def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None, str]:
+def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], tuple[Any, str], str]:
     try:
         import tifffile
         import zarr
@@ -206,10 +235,8 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
     store = zarr.open(s.aszarr(), mode="r")
     arrays = [store[k] for k in sorted(store.keys(), key=int)] if hasattr(store, "keys") else [store]
     fmt = "OME-TIFF" if tif.is_ome else ("SVS" if tif.is_svs else ("NDPI" if tif.is_ndpi else "TIFF"))
-    # a float image is 0-1 or 0-255 for all its levels alike: decided once, on its coarsest level
-    float_max = float_range(arrays[-1][...]) if np.issubdtype(s.dtype, np.floating) else None
-    levels = []
-    for i, (lv, arr) in enumerate(zip(s.levels, arrays, strict=True)):
+    raw = []
+    for lv, arr in zip(s.levels, arrays, strict=True):
         axes = lv.axes
         squeeze = tuple(j for j, a in enumerate(axes) if a not in "YXSC" and lv.shape[j] == 1)
         rest = "".join(a for j, a in enumerate(axes) if j not in squeeze)
@@ -222,9 +249,26 @@ def _open_tifffile(path: Path, series: int) -> tuple[list[_Level], float | None,
         order = [rest.index("Y"), rest.index("X"), rest.index("S" if "S" in rest else "C")]
         shape = tuple(lv.shape[j] for j in range(len(axes)) if j not in squeeze)
         h, w, c = shape[order[0]], shape[order[1]], (shape[order[2]] if len(shape) == 3 else 1)
-        levels.append(
-            _Level((c, h, w), _tiff_reader(arr, squeeze, order, len(axes), float_max), f"{path.name}[{i}]")
+        raw.append(((c, h, w), _tiff_reader(arr, squeeze, order, len(axes))))
+    # the pixel range (the value that is white) is the same for all levels: decided once, from the
+    # values of the coarsest level, by the rule of stranker._pixels (None for uint8)
+    (_, h, w), read = raw[-1]
+    rows = max(1, _CHUNK * _CHUNK // max(w, 1))
+    try:
+        white = white_level(
+            (read(y0, min(y0 + rows, h), 0, w)[..., :3] for y0 in range(0, h, rows)), s.dtype, path.name
         )
+    except InputError:
+        raise
+    except Exception as e:  # a codec error deep in tifffile/zarr
+        raise InputError(
+            f"{path.name}: cannot decode its coarsest level ({type(e).__name__}: {e}); the file is damaged "
+            "or truncated."
+        ) from e
+    levels = [
+        _Level(shape, lambda *win, read=read: to_uint8(read(*win), white), f"{path.name}[{i}]")
+        for i, (shape, read) in enumerate(raw)
+    ]
     return levels, _tiff_mpp(tif, s), fmt
 
 
@@ -243,7 +287,9 @@ def _check_complete(path: Path, s: Any) -> None:
                 )
 
 
-def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int, float_max: float | None):
+def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int):
+    """Return ``read(y0, y1, x0, x1)``: a window of a level as ``(y, x, c)`` values of the file's dtype."""
+
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         key: list[Any] = [slice(None)] * ndim
         kept = [j for j in range(ndim) if j not in squeeze]
@@ -254,14 +300,18 @@ def _tiff_reader(arr: Any, squeeze: tuple[int, ...], order: list[int], ndim: int
         win = np.asarray(arr[tuple(key)])
         if win.ndim == 2:
             win = win[..., None]
-        win = np.transpose(win, order)
-        return to_uint8(win, float_max)
+        return np.transpose(win, order)
 
     return read
 
 
-def _tiff_mpp(tif: Any, s: Any) -> float | None:
-    """Microns per pixel from OME metadata, the Aperio description, or the TIFF resolution tags."""
+def _tiff_mpp(tif: Any, s: Any) -> tuple[Any, str]:
+    """Microns per pixel from OME metadata, the Aperio description, or the TIFF resolution tags.
+
+    Returns the value as recorded (unchecked; ``None`` when the file records none) and where it was
+    read, for :func:`_recorded_mpp`. A TIFF without resolution tags is TIFF's default of 1 pixel per
+    inch (25 400 µm/px), which :func:`_recorded_mpp` refuses as no microscope's scale.
+    """
     if tif.is_ome and tif.ome_metadata:
         m = re.search(r"<Pixels[^>]*>", tif.ome_metadata)
         if m:
@@ -270,29 +320,38 @@ def _tiff_mpp(tif: Any, s: Any) -> float | None:
             if size:
                 u = unit.group(1) if unit else "µm"
                 if u in _MICRONS:
-                    return float(size.group(1)) * _MICRONS[u]
+                    try:
+                        return float(size.group(1)) * _MICRONS[u], f"OME PhysicalSizeX ({size.group(1)} {u})"
+                    except ValueError:
+                        return size.group(1), "OME PhysicalSizeX"
     page = s.levels[0].keyframe
     if tif.is_svs:
         import tifffile
 
         meta = tifffile.svs_description_metadata(page.description)
         if meta.get("MPP"):
-            return float(meta["MPP"])
+            return meta["MPP"], "Aperio description (MPP)"
     try:
         unit = int(page.resolutionunit)
         xres = float(page.resolution[0])
     except (AttributeError, TypeError, ValueError, IndexError):
-        return None
-    per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre in micrometres
-    if per_unit is None or not xres > 0:
-        return None
-    return per_unit / xres
+        return None, "resolution tags"
+    # inch, centimetre, millimetre, micrometre (the last two are tifffile's extensions) in micrometres
+    per_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
+    if per_unit is None:  # RESUNIT NONE: the tags give an aspect ratio, not a size
+        return None, "resolution tags"
+    name = {2: "inch", 3: "centimetre", 4: "millimetre", 5: "micrometre"}[unit]
+    if page.tags.get(282) is None:
+        return per_unit / xres, f"resolution tags (none: TIFF's default, {xres:g} pixel per {name})"
+    if not xres > 0:
+        return xres, f"resolution tags ({xres:g} pixels per {name})"
+    return per_unit / xres, f"resolution tags ({xres:g} pixels per {name})"
 
 
 # --------------------------------------------------------------------------------------------
 # OpenSlide
 # --------------------------------------------------------------------------------------------
-def _open_openslide(path: Path) -> tuple[list[_Level], float | None, str]:
+def _open_openslide(path: Path) -> tuple[list[_Level], tuple[Any, str], str]:
     try:
         import openslide
     except (ImportError, OSError) as e:
@@ -311,7 +370,7 @@ def _open_openslide(path: Path) -> tuple[list[_Level], float | None, str]:
     levels = []
     for i, ((w, h), ds) in enumerate(zip(osl.level_dimensions, osl.level_downsamples, strict=True)):
         levels.append(_Level((3, h, w), _openslide_reader(osl, i, float(ds)), f"{path.name}[{i}]"))
-    return levels, float(mpp) if mpp else None, fmt
+    return levels, (mpp or None, f"OpenSlide property {openslide.PROPERTY_NAME_MPP_X!r}"), fmt
 
 
 def _openslide_reader(osl: Any, level: int, downsample: float):

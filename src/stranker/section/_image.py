@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from .._pixels import float_range, to_uint8
+from .._pixels import pixel_range, to_uint8
 
 
 @dataclass
@@ -23,12 +23,15 @@ class ImageHandle:
         For each level, how many level-0 pixels one pixel of the level spans (1.0 for level 0).
     name
         Where the image came from, for messages.
+    white
+        The value that is white; by default decided on first read by :func:`stranker._pixels.pixel_range`
+        (from the coarsest level; ``None`` for ``uint8``).
     """
 
     levels: list[Any]
     scales: list[float]
     name: str = "image"
-    float_max: float | None = None
+    white: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,15 +57,16 @@ class ImageHandle:
     def to_rgb(self, win: Any) -> np.ndarray:
         """Convert a ``(c, y, x)`` window of any level to ``(y, x, 3)`` uint8.
 
-        Integer images are scaled by their dtype's range; a float image is 0–1 or 0–255 as decided
-        once for the whole image (from its coarsest level, unless ``float_max`` was given); the values
-        are scaled by :func:`stranker._pixels.to_uint8`. A grey image is repeated into three channels,
-        an alpha channel dropped.
+        A ``uint8`` image is read as it is; any other is 0–1, 0–255, 0–4095 or 0–65535 as decided once
+        for the whole image from the values of its coarsest level (unless ``white`` was given), by the
+        rule of :mod:`stranker._pixels`, which refuses an image it cannot read (all NaN, constant); the
+        values are scaled by :func:`stranker._pixels.to_uint8`. A grey image is repeated into three
+        channels, an alpha channel dropped.
         """
         win = np.asarray(win.compute() if hasattr(win, "compute") else win)
-        if np.issubdtype(win.dtype, np.floating) and self.float_max is None:
+        if win.dtype not in (np.uint8, np.bool_) and self.white is None:
             coarsest = self.levels[int(np.argmax(self.scales))]
-            self.float_max = float_range(coarsest.compute() if hasattr(coarsest, "compute") else coarsest)
+            self.white = pixel_range(coarsest, self.name, channel_axis=0)
         c = win.shape[0]
         if c == 4:
             win = win[:3]
@@ -73,7 +77,7 @@ class ImageHandle:
                 f"Image {self.name!r} has {c} channels; stranker expects an RGB H&E image (3 channels)."
             )
         try:
-            win = to_uint8(win, self.float_max)
+            win = to_uint8(win, self.white)
         except TypeError as e:
             raise InputError(f"Image {self.name!r}: {e}") from e
         return np.moveaxis(win, 0, -1)

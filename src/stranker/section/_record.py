@@ -141,23 +141,71 @@ class Section:
         return mat
 
 
+MPP_RANGE = (0.05, 20.0)
+"""The resolutions stranker accepts, in µm per pixel: those of microscope scans and their thumbnails.
+
+From 0.05 µm/px (beyond a 100x oil objective's scan, about 0.1) to 20 µm/px (a downscaled Visium
+image: ``tissue_lowres_scalef`` of a 0.5 µm/px scan is 0.025). A scale outside it is not a microscope's:
+TIFF's default of 1 dpi (25 400 µm/px), the screen resolutions 72, 96, 300 dpi (353, 265, 85 µm/px), a
+value in the wrong unit. Metadata outside it is treated as no resolution (refused with the way to give
+it); an argument (``mpp=``, ``microns_per_pixel=``) outside it is refused, naming the range.
+"""
+
+
+def check_mpp(value: Any, what: str, fix: str = "", *, text: bool = False) -> float:
+    """Return a resolution as ``float`` µm per pixel, or raise :class:`InputError` naming ``what``, ``fix``.
+
+    ``value`` must be a number (not a bool; a numeric string only when ``text``: metadata stored as text,
+    such as an OME-XML attribute), finite, positive and within :data:`MPP_RANGE`.
+    """
+    fix = f" {fix}" if fix else ""
+    number = isinstance(value, int | float | np.integer | np.floating)
+    number = number and not isinstance(value, bool | np.bool_)
+    v = float("nan")
+    if number or (text and isinstance(value, str | bytes)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        v = float(value.reshape(-1)[0])  # a scalar stored as a 0-d / 1-element array (h5ad, zarr attrs)
+    if not (np.isfinite(v) and v > 0):
+        hint = ""
+        if isinstance(value, str) and not text:
+            hint = f" (a string: pass the number itself, e.g. {value.strip()})"
+        raise InputError(
+            f"{what} must be a positive finite number of µm per pixel, got {value!r}{hint}.{fix}"
+        )
+    lo, hi = MPP_RANGE
+    if not lo <= v <= hi:
+        raise InputError(
+            f"{what} is {v:.4g} µm per pixel, outside the range of microscope scans stranker accepts "
+            f"({lo:g}–{hi:g} µm/px): a screen default (72, 96, 300 dpi), TIFF's default 1 dpi or a value in "
+            f"another unit, not the scale of a scan.{fix}"
+        )
+    return v
+
 
 def check_scale_args(spot_diameter_um: Any, microns_per_pixel: Any) -> None:
-    """Refuse ``spot_diameter_um=`` / ``microns_per_pixel=`` that are not one positive finite number."""
+    """Refuse ``spot_diameter_um=`` / ``microns_per_pixel=`` that are not one positive finite number.
+
+    ``microns_per_pixel`` must moreover lie within :data:`MPP_RANGE` (:func:`check_mpp`).
+    """
     if spot_diameter_um is not None and microns_per_pixel is not None:
         raise InputError(
             "Give at most one of `spot_diameter_um=` and `microns_per_pixel=`: each sets the scale."
         )
-    for arg, value in (("spot_diameter_um", spot_diameter_um), ("microns_per_pixel", microns_per_pixel)):
-        if value is None:
-            continue
+    if microns_per_pixel is not None:
+        check_mpp(microns_per_pixel, "`microns_per_pixel=`")
+    if spot_diameter_um is not None:
+        value = spot_diameter_um
         number = isinstance(value, int | float | np.integer | np.floating)
         ok = number and not isinstance(value, bool | np.bool_)
         if not ok or not (np.isfinite(value) and value > 0):
-            unit = "µm per pixel"
-            if arg == "spot_diameter_um":
-                unit = "µm (e.g. 55 for Visium, 100 for legacy ST)"
-            raise InputError(f"`{arg}=` must be a positive finite number of {unit}, got {value!r}.")
+            raise InputError(
+                "`spot_diameter_um=` must be a positive finite number of µm (e.g. 55 for Visium, 100 for "
+                f"legacy ST), got {value!r}."
+            )
 
 
 def given_scale(

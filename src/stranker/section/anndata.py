@@ -10,7 +10,7 @@ from .._constants import SPOT_DIAMETER_UM, Keys
 from .._errors import InputError
 from ._image import ScaledImage
 from ._read import choose
-from ._record import ElementKeys, Section, given_scale
+from ._record import ElementKeys, Section, check_mpp, given_scale
 
 
 def spaceranger_visium(metadata: Any) -> bool:
@@ -41,6 +41,8 @@ def anndata_mpp(adata: Any, lib: str | None, info: dict, diameter: float) -> tup
     ``uns['microns_per_pixel']``, ``scalefactors['bin_size_um']`` over the bin side, and the 55 µm spot
     of Visium when the library's metadata names Space Ranger (:func:`spaceranger_visium`). Nothing is
     guessed from the spot size alone: legacy ST, or a Visium matrix without its metadata, stays unknown.
+    A recorded µm/px that is not a positive finite number within
+    :data:`stranker.section._record.MPP_RANGE` is refused.
     """
     scalef = dict(info.get("scalefactors", {}))
     where = f"uns['spatial'][{lib!r}]['scalefactors']"
@@ -49,10 +51,9 @@ def anndata_mpp(adata: Any, lib: str | None, info: dict, diameter: float) -> tup
         (adata.uns.get(Keys.MPP), f"uns[{Keys.MPP!r}]"),
     ):
         if value is not None:
-            mpp = _positive(value)
-            if mpp is None:
-                raise InputError(f"{source} must be a positive number of µm per pixel, got {value!r}.")
-            return mpp, source
+            fix = ("Correct it, or pass `microns_per_pixel=` (µm per full-resolution pixel), which is used "
+                   "instead.")
+            return check_mpp(value, source, fix, text=True), source
     if not (np.isfinite(diameter) and diameter > 0):
         return None, None
     bin_um = _positive(scalef.get("bin_size_um"))

@@ -16,6 +16,9 @@ from .._settings import logger
 from ._record import Section
 
 _TILE = 2048  # level pixels per side of the window read at once
+# sections of known resolution trained on with one of unknown resolution are all read patch_px wide:
+# refused when their resolutions differ by more than this factor (the patches' tissue widths would)
+MIXED_TOLERANCE = 1.05
 
 
 def patch_size_px(
@@ -78,10 +81,15 @@ class PatchGeometry:
         """Geometry of training on ``secs``.
 
         ``patch_um`` micrometres when given, else ``patch_px`` pixels of the first section, which is
-        the same tissue width on every section when all resolutions are known.
+        the same tissue width on every section when all resolutions are known. When some sections
+        record their µm/px and others do not, every section is read ``patch_px`` pixels wide: refused
+        when the known resolutions differ by more than :data:`MIXED_TOLERANCE` (the patches would cover
+        different widths of tissue), else a warning names the sections read as if at the known one.
         """
         mpps = [sp.microns_per_pixel for sp in secs]
         known = all(m is not None for m in mpps)
+        if patch_um is None and not known and any(m is not None for m in mpps):
+            _check_mixed(secs, float(patch_px))
         if patch_um is not None:
             for sp in secs:  # names a section of unknown resolution, or a bad size
                 patch_size_px(sp, None, patch_um)
@@ -130,6 +138,27 @@ class PatchGeometry:
                     "to read it at its own."
                 )
         return self.size_px
+
+
+def _check_mixed(secs: Sequence[Section], patch_px: float) -> None:
+    """Sections some of which record their µm/px: refuse differing resolutions, warn otherwise."""
+    unknown = [sp.name for sp in secs if sp.microns_per_pixel is None]
+    known = {sp.name: float(sp.microns_per_pixel) for sp in secs if sp.microns_per_pixel is not None}
+    lo, hi = min(known.values()), max(known.values())
+    fix = ("Record the resolution of every section (`table.uns['microns_per_pixel']`, "
+           "`sdata.attrs['microns_per_pixel']`, `sr.io.read_slide(..., mpp=)`).")
+    if hi > lo * MIXED_TOLERANCE:
+        shown = ", ".join(f"{k!r} {v:.4g}" for k, v in list(known.items())[:5])
+        raise InputError(
+            f"Training sections {unknown[:5]} record no µm/px while the others are at different resolutions "
+            f"({shown} µm/px): without every resolution the patches are read {patch_px:g} px wide on each "
+            f"section, and cover different widths of tissue. {fix}"
+        )
+    logger.warning(
+        f"Training sections {unknown[:5]} record no µm/px: their patches are read {patch_px:g} px wide, "
+        f"as on the others at {lo:.4g} µm/px ({patch_px * lo:.4g} µm) only if they are at that resolution. "
+        f"{fix}"
+    )
 
 
 def check_inside(spots: Section, on_outside: str = "raise") -> np.ndarray:

@@ -11,7 +11,7 @@ from .._constants import SPOT_DIAMETER_UM, Keys
 from .._errors import InputError
 from ._image import ImageHandle
 from ._read import choose
-from ._record import ElementKeys, Section, given_scale
+from ._record import ElementKeys, Section, check_mpp, given_scale
 from .anndata import spaceranger_visium
 from .visium_hd import HD_TABLE, table_name
 
@@ -97,18 +97,27 @@ def _preferred_image(images: list[str]) -> str | None:
     return None
 
 
+_MPP_FIX = ("Correct it, or pass `microns_per_pixel=` (µm per full-resolution pixel), which is used "
+            "instead.")
+
+
 def _image_mpp(sdata: Any, image_key: str | None) -> float | None:
     """Resolution of an image as :func:`stranker.io.read_slide` records it.
 
-    Read from the element, then from the SpatialData attrs.
+    Read from the element, then from the SpatialData attrs; a recorded value must pass
+    :func:`stranker.section._record.check_mpp`.
     """
     if image_key is None:
         return None
     mpp = getattr(sdata.images[image_key], "attrs", {}).get(Keys.MPP)
+    where = f"The attrs[{Keys.MPP!r}] of image {image_key!r}"
     if mpp is None:
         glob = getattr(sdata, "attrs", {}).get(Keys.MPP)
         mpp = glob.get(image_key) if isinstance(glob, dict) else glob
-    return float(mpp) if mpp is not None else None
+        where = f"sdata.attrs[{Keys.MPP!r}]" + (f"[{image_key!r}]" if isinstance(glob, dict) else "")
+    if mpp is None:
+        return None
+    return check_mpp(mpp, where, _MPP_FIX, text=True)
 
 
 def from_spatialdata(
@@ -346,7 +355,8 @@ def _spatialdata_mpp(
     ``(None, None)`` when none says.
     """
     if table is not None and table.uns.get(Keys.MPP) is not None:
-        return float(table.uns[Keys.MPP]), f"table {table_key!r} uns[{Keys.MPP!r}]"
+        where = f"table {table_key!r} uns[{Keys.MPP!r}]"
+        return check_mpp(table.uns[Keys.MPP], f"The {where}", _MPP_FIX, text=True), where
     mpp = _image_mpp(sdata, image_key)
     if mpp is not None:
         return mpp, f"image {image_key!r} ({Keys.MPP!r})"

@@ -43,6 +43,9 @@ def aggregate(
     from spatialdata.transformations import get_transformation
 
     t = sp.table
+    number = isinstance(size_um, int | float | np.integer | np.floating) and not isinstance(size_um, bool)
+    if not (number and np.isfinite(size_um) and size_um > 0):
+        raise InputError(f"`size_um=` must be a positive finite number of µm (e.g. 96), got {size_um!r}.")
     k = int(round(float(size_um) / bin_size))
     if k < 1:
         raise InputError(f"`size_um={size_um}` is smaller than the bins ({bin_size} µm).")
@@ -54,6 +57,15 @@ def aggregate(
         raise InputError(
             f"Table {sp.keys.table_key!r} lacks obs {missing}: the bin grid positions are needed."
         )
+    grid = np.column_stack([_grid_positions(t, c, sp.rows) for c in ("array_row", "array_col")])
+    span = grid.max(0) - grid.min(0) + 1 if len(grid) else np.zeros(2, dtype=np.int64)
+    if k > span.max():
+        raise InputError(
+            f"`size_um={size_um}` ({k} x {k} bins of {bin_size} µm) is wider than the section: its bins "
+            f"span {int(span[0])} x {int(span[1])} grid positions "
+            f"({int(span[0]) * bin_size} x {int(span[1]) * bin_size} µm). "
+            "Pass the width of a pseudo-spot, e.g. `size_um=96`."
+        )
     if sp.microns_per_pixel is None:
         raise InputError(f"The resolution of section {sp.name!r} is unknown; set `uns['microns_per_pixel']`.")
     key, src = key_added or table_name(width), sp.keys.shapes_key
@@ -64,13 +76,17 @@ def aggregate(
     from ..write import add_elements, check_free
 
     check_free(sdata, tables=[key], shapes=[shapes_key], fix=fix)
-    rc = (
-        np.column_stack([t.obs["array_row"].to_numpy()[sp.rows], t.obs["array_col"].to_numpy()[sp.rows]]) // k
-    )
+    rc = grid // k
     blocks, group = np.unique(rc, axis=0, return_inverse=True)
     group = group.ravel()
     n_bins = np.bincount(group, minlength=len(blocks))
     keep = n_bins >= min_fraction * k * k
+    if not keep.any():
+        raise InputError(
+            f"No block of {k} x {k} bins of section {sp.name!r} holds {min_fraction:.0%} of its bins "
+            f"(the most: {int(n_bins.max()) if len(n_bins) else 0}): nothing to sum. Pass a smaller "
+            "`size_um=` or `min_fraction=`."
+        )
     new_id = np.full(len(blocks), -1)
     new_id[keep] = np.arange(int(keep.sum()))
     g = new_id[group]
@@ -113,6 +129,40 @@ def aggregate(
         f"table {key!r}, shapes {shapes_key!r}."
     )
     return key, shapes_key
+
+
+def _grid_positions(t: Any, column: str, rows: np.ndarray) -> np.ndarray:
+    """Whole-number grid positions ``obs[column]`` of the bins ``rows``, numbered 0, 1, 2, ... (step 1).
+
+    Bins summed in blocks of ``k x k`` positions must be neighbours one position apart, as
+    spatialdata-io numbers them: positions that are not whole numbers, or advance by 2 or more between
+    neighbouring bins, are refused (a block would hold a quarter of the bins it should, or none).
+    """
+    raw = t.obs[column].to_numpy()[rows]
+    try:
+        v = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(
+            f"obs[{column!r}] holds {raw[:3].tolist()}: the bin grid positions must be numbers."
+        ) from e
+    if not np.isfinite(v).all() or not np.array_equal(v, np.round(v)):
+        bad = raw[~(np.isfinite(v) & (v == np.round(v)))][:3].tolist()
+        raise InputError(
+            f"obs[{column!r}] holds {bad}: the bin grid positions must be whole numbers (row / column of "
+            "each bin)."
+        )
+    v = v.astype(np.int64)
+    steps = np.diff(np.unique(v))
+    step = int(np.gcd.reduce(steps)) if len(steps) else 1
+    if step != 1:
+        raise InputError(
+            f"obs[{column!r}] advances by {step} between neighbouring bins (values "
+            f"{np.unique(v)[:4].tolist()} ...); the bins are summed in blocks of neighbouring grid "
+            "positions, numbered 0, 1, 2, ... as spatialdata-io numbers them. Renumber them "
+            f"(`(obs[{column!r}] - obs[{column!r}].min()) // {step}`), or check that the column holds grid "
+            "positions, not pixels."
+        )
+    return v
 
 
 def bins_to_patches(
