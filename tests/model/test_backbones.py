@@ -84,7 +84,7 @@ def test_hf_hub_model_loads_offline_from_the_cache(hub_cache):
     import torch
 
     net, source = bb.create_backbone(f"hf-hub:{REPO}")
-    assert source == f"hf:{REPO}"
+    assert source == f"hf:{REPO}@0123456789abcdef0123456789abcdef01234567"  # the commit read
     for (k, a), b in zip(net.state_dict().items(), hub_cache.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert tuple(net.pretrained_cfg["mean"]) == MEAN  # the repository's normalisation
@@ -96,7 +96,7 @@ def test_uncached_gated_model_offline_says_how_to_get_it(hub_cache, download):
     with pytest.raises(bb.WeightsNotFoundError) as err:
         bb.create_backbone("uni", download=download)
     msg = str(err.value)
-    for part in ("'MahmoodLab/UNI'", "https://huggingface.co/MahmoodLab/UNI", "huggingface-cli login",
+    for part in ("'MahmoodLab/UNI'", "https://huggingface.co/MahmoodLab/UNI", "hf auth login",
                  "`weights=`", "pretrained=False", "HF_HUB_OFFLINE" if download else "allow_download"):
         assert part in msg, part
     net, source = bb.create_backbone("resnet50", pretrained=False)  # random init only when asked
@@ -127,7 +127,7 @@ def test_fit_on_a_cached_hub_model_uses_its_size_and_scale(section, hub_cache, m
     monkeypatch.setitem(bb.REGISTRY, "tiny", entry)
     model = sr.tl.fit(section, backbone="tiny", **TINY)
     assert model.config.image_size == 32 and model.config.patch_um == pytest.approx(64.0)
-    assert model.meta["weights_source"] == f"hf:{REPO}" and "weights='hf:" in repr(model)
+    assert model.meta["weights_source"].startswith(f"hf:{REPO}@") and "weights='hf:" in repr(model)
     assert not any("randomly" in r.message for r in stranker_log.records)
     student = model.aligner.student
     assert not any(p.requires_grad for p in student.backbone.parameters())  # frozen by default
@@ -147,11 +147,11 @@ def test_embed_patches_then_fit_records_where_features_came_from(section, hub_ca
     t = section.tables["table"]
     assert t.obsm["X_tiny-vit"].shape == (t.n_obs, 64)
     rec = t.uns["X_tiny-vit"]
-    assert rec["backbone"] == f"hf-hub:{REPO}" and rec["weights_source"] == f"hf:{REPO}"
+    assert rec["backbone"] == f"hf-hub:{REPO}" and rec["weights_source"].startswith(f"hf:{REPO}@")
     assert rec["patch_px"] == 64 and rec["patch_um"] == 64 and rec["image_size"] == 32
     assert rec["mean"] == pytest.approx(MEAN)
     model = sr.tl.fit(section, image_features="X_tiny-vit", **TINY)
-    assert model.meta["features"]["weights_source"] == f"hf:{REPO}"
+    assert model.meta["features"]["weights_source"] == rec["weights_source"]
 
 
 def test_weights_file_must_fill_the_backbone(tmp_path, stranker_log):

@@ -1,9 +1,11 @@
 """Image backbones: the registry of named models, where their weights come from, and how they load.
 
 Weights are looked for in this order: a local ``weights=`` file; the Hugging Face cache (offline,
-``HF_HUB_CACHE`` / ``HF_HOME``; torch hub's cache for timm weights published by URL only); a
-download when allowed (never under ``HF_HUB_OFFLINE=1``). Pretrained weights that were asked for
-and cannot be had raise :class:`WeightsNotFoundError`; random weights only with ``pretrained=False``.
+``HF_HUB_CACHE`` / ``HF_HOME``; torch hub's cache for the timm weights the entry names, published by
+URL only); a download when allowed (never under ``HF_HUB_OFFLINE=1``). ``'hf-hub:ORG/NAME@REV'``
+reads revision ``REV`` (a branch, tag or commit) and the source records the commit the files came
+from. Pretrained weights that were asked for and cannot be had raise :class:`WeightsNotFoundError`;
+random weights only with ``pretrained=False``; a weights file with NaN or infinite values is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ class Backbone:
     pool: str = "default"  # 'default': the model's output; 'cls+mean': class token + mean patch token
     frozen: bool = True  # frozen by default in sr.tl.fit (foundation models); fine-tuned otherwise
     note: str = ""
+    revision: str | None = None  # the repository's branch, tag or commit ('hf-hub:ORG/NAME@REV'); None: main
 
     @property
     def patch_um(self) -> float | None:
@@ -75,14 +78,17 @@ REGISTRY: dict[str, Backbone] = {b.name: b for b in (
     Backbone("virchow2", "paige-ai/Virchow2", "vit_huge_patch14_224",
              dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
                   global_pool="", dynamic_img_size=True, mlp_layer="SwiGLUPacked", act_layer="silu"),
-             dim=2560, gated=True, pool="cls+mean", note="ViT-H/14; class token + mean patch token"),
+             dim=2560, gated=True, pool="cls+mean",
+             note="ViT-H/14; class token + mean patch token; trained at mixed magnifications (5x-40x), "
+                  "224 px at 0.5 µm/px (20x) by default"),
     Backbone("gigapath", "prov-gigapath/prov-gigapath", "vit_giant_patch14_dinov2",
              dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
                   init_values=1e-5, mlp_ratio=5.33334, num_classes=0),
              dim=1536, gated=True, note="Prov-GigaPath tile encoder, ViT-g/16"),
     Backbone("phikon", "1aurent/vit_base_patch16_224.owkin_pancancer", "vit_base_patch16_224",
              dict(num_classes=0), dim=768, gated=False,
-             note="Phikon (Owkin, iBOT ViT-B/16) in timm format; open (phikon-v2 is a transformers model)"),
+             note="Phikon (Owkin, iBOT ViT-B/16) in timm format; ungated, under Owkin's non-commercial "
+                  "licence (phikon-v2 is a transformers model)"),
     Backbone("resnet50", "timm/resnet50.tv_in1k", "resnet50", {}, mpp=0.5, dim=2048, frozen=False,
              note="ImageNet (torchvision weights; BLEEP); µm/px: HEST-Bench's 224 px at 0.5 µm/px"),
     Backbone("densenet121", "timm/densenet121.tv_in1k", "densenet121", {}, mpp=0.5, dim=1024, frozen=False,
@@ -95,18 +101,35 @@ def _key(name: str) -> str:
 
 
 def hub_repo(name: str) -> str | None:
-    """``'ORG/NAME'`` of a ``'hf-hub:ORG/NAME'`` (or ``'hf_hub:'``) backbone name, else ``None``."""
+    """``'ORG/NAME'`` of a ``'hf-hub:ORG/NAME[@REV]'`` (or ``'hf_hub:'``) backbone name, else ``None``."""
     m = re.fullmatch(r"hf[-_]hub:(.+/.+)", name.strip())
     return m.group(1).split("@")[0] if m else None
 
 
+def hub_revision(name: str) -> str | None:
+    """``'REV'`` of a ``'hf-hub:ORG/NAME@REV'`` backbone name (a branch, tag or commit), else ``None``."""
+    m = re.fullmatch(r"hf[-_]hub:(.+/.+)", name.strip())
+    if m is None or "@" not in m.group(1):
+        return None
+    rev = m.group(1).split("@", 1)[1]
+    if not rev:
+        raise ValueError(f"{name!r} ends with '@' but names no revision: write 'hf-hub:ORG/NAME@REV' (a "
+                         "branch, tag or commit), or leave out '@' for the main branch.")
+    return rev
+
+
 def lookup(name: str) -> Backbone | None:
-    """Return the registry entry of ``name`` (a registry name, or ``hf-hub:`` one of its repositories)."""
+    """Return the registry entry of ``name`` (a registry name, or ``hf-hub:`` one of its repositories).
+
+    ``'hf-hub:ORG/NAME@REV'`` of a registry repository returns its entry at revision ``REV``.
+    """
     if not isinstance(name, str):
         return None
     repo = hub_repo(name)
     if repo is not None:
-        return next((b for b in REGISTRY.values() if b.repo and b.repo.lower() == repo.lower()), None)
+        entry = next((b for b in REGISTRY.values() if b.repo and b.repo.lower() == repo.lower()), None)
+        rev = hub_revision(name)
+        return entry if entry is None or rev is None else replace(entry, revision=rev)
     return REGISTRY.get(_key(name))
 
 
@@ -146,61 +169,116 @@ def _cache_text() -> str:
     return hub_cache() or constants.HF_HUB_CACHE
 
 
-def _remedy(repo: str, gated: bool | None) -> str:
-    licence = f"accept its licence on https://huggingface.co/{repo} and " if gated is not False else ""
+def hub_commands() -> tuple[str, str]:
+    """Return the login and download commands of the installed huggingface_hub (``hf`` from 0.34 on)."""
+    import huggingface_hub
+
+    major_minor = tuple(int(v) for v in re.findall(r"\d+", huggingface_hub.__version__)[:2])
+    if major_minor >= (0, 34):
+        return "hf auth login", "hf download"
+    return "huggingface-cli login", "huggingface-cli download"
+
+
+def _remedy(repo: str, gated: bool | None, revision: str | None = None) -> str:
+    """How to get the files of ``repo``: a licence and a login only where the repository is gated.
+
+    ``gated``: ``True`` (the registry says it asks for a licence), ``False`` (it does not: no login
+    needed) or ``None`` (unknown: an ``hf-hub:`` repository outside the registry).
+    """
+    login, download = hub_commands()
+    fetch = f"`{download} {repo}" + (f" --revision {revision}`" if revision else "`")
+    if gated:
+        first = (f"accept its licence on https://huggingface.co/{repo}, log in with `{login}` (a token with "
+                 f"read access), then download them once with {fetch}")
+    elif gated is None:
+        first = (f"download them once with {fetch} (if the repository is gated, first accept its licence on "
+                 f"https://huggingface.co/{repo} and log in with `{login}`)")
+    else:
+        first = f"download them once with {fetch} (the repository is not gated: no login needed)"
     return (
-        f"To get them: {licence}log in with `huggingface-cli login` (a token with read access), then "
-        f"download them once with `huggingface-cli download {repo}` (or let stranker download: "
-        f"`sr.settings.allow_download = True`, no HF_HUB_OFFLINE); or copy them into the cache "
-        f"({_cache_text()}); or pass `weights=` a local file. `pretrained=False` trains from random weights."
+        f"To get them: {first}, or let stranker download them (`sr.settings.allow_download = True`, "
+        f"no HF_HUB_OFFLINE); or copy them into the cache ({_cache_text()}); or pass `weights=` a local "
+        f"file. `pretrained=False` trains from random weights."
     )
 
 
+def commit_of(path: str | Path) -> str | None:
+    """Return the commit of a file in the hub cache (``.../snapshots/<commit>/<file>``), else ``None``."""
+    path = Path(path)
+    return path.parent.name if path.parent.parent.name == "snapshots" else None
+
+
 def hub_file(repo: str, filenames: tuple[str, ...], download: bool, *, what: str,
-             gated: bool | None = None) -> str:
-    """Local path of the first of ``filenames`` in ``repo``: from the cache, else downloaded if allowed."""
+             gated: bool | None = None, revision: str | None = None) -> str:
+    """Local path of the first of ``filenames`` in ``repo``: from the cache, else downloaded if allowed.
+
+    ``revision``: a branch, tag or commit of the repository (``None``: its main branch). A hub that
+    cannot be reached is said so, with the remedies, not taken for files it does not hold.
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     cache = hub_cache()
+    at = f" at revision {revision!r}" if revision else ""
+    are = "are" if what.endswith("s") else "is"
     for fname in filenames:
         try:
-            return hf_hub_download(repo, fname, cache_dir=cache, local_files_only=True)
+            return hf_hub_download(repo, fname, cache_dir=cache, revision=revision, local_files_only=True)
         except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
             continue
     if not download or hub_offline():
         why = "HF_HUB_OFFLINE is set" if hub_offline() else "downloads are off (sr.settings.allow_download)"
         raise WeightsNotFoundError(
-            f"The {what} of Hugging Face repository {repo!r} {'are' if what.endswith('s') else 'is'} not "
-            f"in the cache and {why}. "
-            + _remedy(repo, gated)
+            f"The {what} of Hugging Face repository {repo!r}{at} {are} not in the cache and {why}. "
+            + _remedy(repo, gated, revision)
         )
     for fname in filenames:
         try:
-            return hf_hub_download(repo, fname, cache_dir=cache)
+            return hf_hub_download(repo, fname, cache_dir=cache, revision=revision)
         except (GatedRepoError, RepositoryNotFoundError) as err:
             raise WeightsNotFoundError(
                 f"Hugging Face refused the {what} of {repo!r} (gated, private or missing: "
-                f"{type(err).__name__}). " + _remedy(repo, True)
+                f"{type(err).__name__}). " + _remedy(repo, True, revision)
             ) from None
-        except EntryNotFoundError:
-            continue
-        except Exception as err:  # no network, timeouts, ...
+        except RevisionNotFoundError:
             raise WeightsNotFoundError(
-                f"Could not download the {what} of {repo!r} ({type(err).__name__}: {err}). "
-                + _remedy(repo, gated)
+                f"Hugging Face repository {repo!r} has no revision {revision!r} (a branch, tag or commit): "
+                f"check the name after '@'."
             ) from None
-    raise WeightsNotFoundError(f"Repository {repo!r} holds none of {list(filenames)}.")
+        except LocalEntryNotFoundError as err:  # raised when the hub cannot be reached (no network, proxy)
+            cause = err.__cause__ or err.__context__
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(err).splitlines()[0]
+            raise WeightsNotFoundError(
+                f"The {what} of {repo!r}{at} {are} not in the cache, and the Hugging Face hub could not be "
+                f"reached to download them ({detail}): check the network (or its proxy, HTTPS_PROXY). "
+                + _remedy(repo, gated, revision)
+            ) from None
+        except EntryNotFoundError:  # the repository holds no such file: try the next name
+            continue
+        except Exception as err:  # timeouts, ...
+            raise WeightsNotFoundError(
+                f"Could not download the {what} of {repo!r}{at} ({type(err).__name__}: {err}). "
+                + _remedy(repo, gated, revision)
+            ) from None
+    raise WeightsNotFoundError(
+        f"Repository {repo!r}{at} holds none of {list(filenames)}: it is not a model whose {what} "
+        f"stranker reads. Pass `weights=` a local file, or another `backbone=`."
+    )
 
 
 # ------------------------------------------------------------------------------ resolving a name
 def resolve(name: str, download: bool = False) -> Backbone:
-    """Return the :class:`Backbone` of a registry name, an ``hf-hub:ORG/NAME`` id or a timm model name."""
+    """Return the :class:`Backbone` of a registry name, an ``hf-hub:ORG/NAME[@REV]`` id or a timm model name.
+
+    A timm name may carry a pretrained tag (``'resnet18.tv_in1k'``); an unknown tag is refused with
+    the model's tags.
+    """
     import timm
 
     if not isinstance(name, str) or not name.strip():
@@ -211,7 +289,8 @@ def resolve(name: str, download: bool = False) -> Backbone:
         return entry
     repo = hub_repo(name)
     if repo is not None:  # a timm model on the hub: its config.json says which architecture
-        with open(hub_file(repo, ("config.json",), download, what="configuration")) as fh:
+        revision = hub_revision(name)
+        with open(hub_file(repo, ("config.json",), download, what="configuration", revision=revision)) as fh:
             cfg = json.load(fh)
         if "architecture" not in cfg:
             raise ValueError(f"{repo!r} is not a timm model (its config.json has no 'architecture'); "
@@ -222,13 +301,22 @@ def resolve(name: str, download: bool = False) -> Backbone:
         size = pre.get("input_size", (3, 224, 224))
         return Backbone(name.strip(), repo, cfg["architecture"], kwargs, input_px=int(size[-1]), mpp=None,
                         mean=tuple(pre.get("mean", IMAGENET_MEAN)), std=tuple(pre.get("std", IMAGENET_STD)),
-                        gated=None, frozen=False, note="config.json of the hub repository")  # type: ignore[arg-type]
+                        gated=None, frozen=False, note="config.json of the hub repository",  # type: ignore[arg-type]
+                        revision=revision)
     arch = name.strip()
     if not timm.is_model(arch.split(".")[0]):
         raise ValueError(f"Unknown timm backbone {name!r}: not a timm model (see `timm.list_models()`, e.g. "
                          f"'resnet18'), not 'hf-hub:ORG/NAME', nor one of {sorted(REGISTRY)} "
                          "(`sr.tl.backbones()`).")
-    pre = timm.models.get_pretrained_cfg(arch)
+    try:
+        pre = timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # timm: "Invalid pretrained tag (...) for ..."
+        base, tag = arch.split(".", 1)
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
+        raise ValueError(
+            f"timm has no pretrained tag {tag!r} for {base!r}: its tags are {tags or 'none'}. Pass one of "
+            f"them ('{base}.{tags[0] if tags else 'TAG'}'), or {base!r} for its default weights."
+        ) from None
     hub_id = getattr(pre, "hf_hub_id", None) if pre is not None else None
     size = getattr(pre, "input_size", (3, 224, 224)) if pre is not None else (3, 224, 224)
     return Backbone(arch, hub_id.split("@")[0] if hub_id else None, arch, {"num_classes": 0},
@@ -242,7 +330,10 @@ def find_weights(
 ) -> tuple[str | None, str]:
     """Return the path of the weights of ``spec`` and their source (``None, 'random'`` when not pretrained).
 
-    Raises :class:`WeightsNotFoundError` when pretrained weights were asked for and cannot be had.
+    The source of weights from the hub names the commit they came from (``'hf:ORG/NAME@COMMIT'``);
+    weights of a ``timm/`` repository missing from the hub cache may come from torch hub's cache,
+    only those of the tag the repository names. Raises :class:`WeightsNotFoundError` when pretrained
+    weights were asked for and cannot be had.
     """
     if weights is not None:
         path = Path(weights).expanduser()
@@ -260,17 +351,25 @@ def find_weights(
             f"in torch hub's cache. Pass `weights=` a local file, or `pretrained=False` for random weights."
         )
     try:
-        path = hub_file(spec.repo, _WEIGHT_FILES, download, what="weights", gated=spec.gated)
+        path = hub_file(spec.repo, _WEIGHT_FILES, download, what="weights", gated=spec.gated,
+                        revision=spec.revision)
     except WeightsNotFoundError:
-        cached = _torch_hub_file(spec.arch) if spec.name == spec.arch else None
+        # timm's weights of the tag the entry names (``timm/resnet50.tv_in1k``), never another tag's
+        timm_tag = spec.repo[len("timm/"):] if spec.repo.startswith("timm/") else None
+        cached = _torch_hub_file(timm_tag) if timm_tag and spec.revision is None else None
         if cached is None:
             raise
         return cached, f"torch-hub-cache:{Path(cached).name}"
-    return path, f"hf:{spec.repo}"
+    commit = commit_of(path)
+    return path, f"hf:{spec.repo}" + (f"@{commit}" if commit else "")
 
 
 def _torch_hub_file(arch: str) -> str | None:
-    """Timm weights published by URL, when already in torch hub's cache."""
+    """Timm weights of ``arch`` published by URL, when already in torch hub's cache.
+
+    ``arch`` names the weights: a model with its pretrained tag (``'resnet50.tv_in1k'``), or without
+    one for timm's default tag.
+    """
     import timm
 
     pre = timm.models.get_pretrained_cfg(arch)
@@ -311,6 +410,32 @@ def build(spec: Backbone) -> nn.Module:
     return ClassMeanTokens(net) if spec.pool == "cls+mean" else net
 
 
+def input_size_problem(spec: Backbone, size: int) -> str | None:
+    """Say why ``spec`` cannot take ``size`` px images (a ViT with a fixed patch grid), else ``None``.
+
+    The one check of ``image_size`` against a backbone, made by :func:`stranker.tl.fit` and
+    :func:`stranker.pp.embed_patches` before any data is read: the architecture is built on the
+    meta device (no memory, no weights) and asked whether its patch embedding takes other sizes.
+    """
+    try:
+        with torch.device("meta"):
+            net = build(spec)
+    except Exception:  # an architecture that cannot be built so: it is built, and checked, when loaded
+        return None
+    inner = getattr(net, "vit", net)
+    embed = getattr(inner, "patch_embed", None)
+    if embed is None or not getattr(embed, "strict_img_size", False):
+        return None
+    if getattr(inner, "dynamic_img_size", False):
+        return None
+    fixed = tuple(int(v) for v in embed.img_size)
+    if fixed == (size, size):
+        return None
+    side = f"{fixed[0]}" if fixed[0] == fixed[1] else f"{fixed[0]} x {fixed[1]}"
+    return (f"{spec.name!r} takes {side} px images only; got `image_size={size}`. Pass "
+            f"`image_size={fixed[0]}` or leave it unset (a named backbone sets its own input size).")
+
+
 def pixel_stats(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the (1, 3, 1, 1) mean and std a backbone expects (its ``pretrained_cfg``; else ImageNet's)."""
     cfg = getattr(net, "pretrained_cfg", {}) or {}
@@ -348,9 +473,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(net: nn.Module, state: dict[str, torch.Tensor], label: str, name: str) -> None:
     """Copy ``state`` into ``net``; refuse below :data:`MIN_MATCHED` of its values, warn on any gap.
 
+    A file holding NaN or infinite values is refused.
+
     A classifier left in the file (``head.*``, ``fc.*``) is ignored: the backbones have none.
     """
     own = net.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{label} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:4])}): it is "
+            f"damaged or the weights of a model that diverged. Download it again, or pass another file."
+        )
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
@@ -381,7 +514,8 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
     Parameters
     ----------
     name
-        A registry name (``'uni'``, see :data:`REGISTRY`), ``'hf-hub:ORG/NAME'`` or a timm model name.
+        A registry name (``'uni'``, see :data:`REGISTRY`), ``'hf-hub:ORG/NAME'`` (``'hf-hub:ORG/NAME@REV'``:
+        revision ``REV``, a branch, tag or commit) or a timm model name (with a pretrained tag or not).
     weights
         A local state dict (``.safetensors``, ``.pth``, ``.bin``); wins over everything else.
     pretrained
@@ -392,7 +526,7 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
     Returns
     -------
     The module (its ``pretrained_cfg`` holds the normalisation) and the source: ``'file:NAME'``,
-    ``'hf:ORG/NAME'``, ``'torch-hub-cache:NAME'`` or ``'random'``.
+    ``'hf:ORG/NAME@COMMIT'``, ``'torch-hub-cache:NAME'`` or ``'random'``.
     """
     spec = resolve(name, download)
     path, source = find_weights(spec, weights, pretrained, download)

@@ -83,6 +83,12 @@ class Config:
     top_k: int = 50
     tta: bool = True
     predict_rank: int | str = "auto"  # project onto the targets' main axes; 'auto': those above noise; 0: off
+    # reliability (docs/method.md): fold models each without one section (or patient) of the training data
+    reliability: bool = True  # per-gene r on new sections, per-spot intervals and a shift score
+    reliability_folds: int = 5  # at most this many held-out groups (more sections are merged into groups)
+    reliability_epochs: float = 0.25  # a fold model trains this share of `epochs` and `sharp_epochs`
+    interval_level: float = 0.9  # per-spot intervals (split conformal on out-of-fold residuals)
+    fdr: float = 0.1  # false-discovery rate of the reliable-gene call (Benjamini-Hochberg)
     extra: dict[str, Any] = field(default_factory=dict)
     # the fields the user set (make_config's options); None: unknown, those off the preset count
     chosen: frozenset[str] | None = field(default=None, compare=False)
@@ -127,6 +133,7 @@ class Config:
 
 # what a saved configuration without the field was trained with (the option did not exist yet)
 ABSENT_MEANS: dict[str, Any] = {
+    "reliability": False,  # a configuration saved before the reliability record: fitted without it
     "resolution_jitter": 1.0, "resolution_keep": None, "crop_jitter": 0.0, "hed_jitter": 0.0, "w_corr": 0.0,
     "w_consistency": 0.0, "sharp_epochs": 0, "predict_rank": 0,
     "chosen": None,  # not recorded: the fields off the method's preset count as chosen
@@ -235,6 +242,18 @@ def validate(cfg: Config) -> Config:
             f"`predict={cfg.predict!r}` reads the regression head, which `w_regression=0` leaves untrained. "
             "Pass `predict='retrieval'` or a positive `w_regression`."
         )
+    if not isinstance(cfg.reliability, bool):
+        raise ValueError(f"`reliability` must be True or False, got {cfg.reliability!r}.")
+    if isinstance(cfg.reliability_folds, bool) or not (isinstance(cfg.reliability_folds, numbers.Integral)
+                                                        and cfg.reliability_folds >= 2):
+        raise ValueError(f"`reliability_folds` must be an integer >= 2, got {cfg.reliability_folds!r}.")
+    if not (isinstance(cfg.reliability_epochs, numbers.Real) and 0 < cfg.reliability_epochs <= 1):
+        raise ValueError(f"`reliability_epochs` must be a share of the epochs in (0, 1], got "
+                         f"{cfg.reliability_epochs!r}.")
+    for k in ("interval_level", "fdr"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) and 0 < v < 1):
+            raise ValueError(f"`{k}` must be in (0, 1), got {v!r}.")
     if cfg.stain_norm not in (None, "reinhard"):
         raise ValueError(f"`stain_norm` must be None or 'reinhard', got {cfg.stain_norm!r}.")
     if not 0 <= cfg.hed_jitter < 1:
@@ -261,6 +280,11 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"`{k}` must be a whole number, got {v!r}.")
         if v < 1:
             raise ValueError(f"`{k}` must be at least 1, got {v}.")
+    if cfg.batch_size < 2:  # a batch of one spot has no spread to learn from: training leaves it out
+        raise ValueError(
+            f"`batch_size` must be at least 2 (spots of one section trained together; a batch of one spot "
+            f"has no per-gene correlation or contrast and is never trained on), got {cfg.batch_size}."
+        )
     r = cfg.predict_rank
     whole = isinstance(r, numbers.Integral) and not isinstance(r, bool)
     if r != "auto" and not (whole and r >= 0):

@@ -69,7 +69,8 @@ def embed_patches(
         One multiplier of the patch side or several; features of the scales are concatenated.
     image_size
         Side in pixels the patches are resized to before the backbone; ignored for a Model. Default:
-        a named model's input size, else 112.
+        a named model's input size, else 112. A backbone of one input size (a ViT with a fixed patch
+        grid) refuses others, as :func:`stranker.tl.fit` does.
     batch_size
         Spots per forward pass.
     device
@@ -92,7 +93,7 @@ def embed_patches(
     """
     import torch
 
-    from ..model.backbones import create_backbone, named, pixel_stats
+    from ..model.backbones import create_backbone, input_size_problem, named, pixel_stats, resolve
 
     dev = device_of(device)
     scale_list = [float(scales)] if np.ndim(scales) == 0 else [float(s) for s in scales]  # type: ignore[arg-type]
@@ -127,6 +128,10 @@ def embed_patches(
         raise InputError(f"`batch_size` must be at least 1, got {batch_size}.")
     if image_size is None:
         image_size = spec.input_px if spec is not None else 112
+    if isinstance(backbone, str):  # fit's check: a ViT of one input size refuses others, before any data
+        problem = input_size_problem(resolve(backbone, settings.allow_download), image_size)
+        if problem:
+            raise InputError(problem)
     key = key_added or f"X_{name.split(':')[-1].split('/')[-1]}"
     if key == Keys.SPATIAL:
         raise InputError("`key_added='spatial'` would overwrite the spot coordinates: choose another name.")

@@ -18,7 +18,8 @@ def backbones() -> pd.DataFrame:
     ``timm`` (architecture), ``timm_kwargs``, ``input_px``, ``microns_per_pixel``, ``patch_um``
     (``input_px * microns_per_pixel``), ``mean``, ``std``, ``feature_dim``, ``gated`` (the repository
     asks you to accept a licence: accept it on ``https://huggingface.co/<repo>`` and
-    ``huggingface-cli login``), ``frozen`` (frozen by default in ``fit``), ``pool`` and ``note``.
+    ``hf auth login``; it says nothing of the licence's terms), ``frozen`` (frozen by default in
+    ``fit``), ``pool`` and ``note``.
     """
     from ..model.backbones import REGISTRY
 

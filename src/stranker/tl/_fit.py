@@ -119,6 +119,9 @@ def fit(
     {doc_resolution}
     **options
         Any field of :class:`stranker.model.Config` (``scales``, ``patch_px``, ``w_rank``, ``predict``, ...).
+        Reliability (on by default): ``reliability=False`` turns it off (and the fold models' time);
+        ``reliability_folds`` (at most 5 held-out groups), ``reliability_epochs`` (a fold model trains
+        this share of the epochs, 0.25), ``interval_level`` (0.9), ``fdr`` (0.1).
 
     Returns
     -------
@@ -130,7 +133,20 @@ def fit(
     - ``uns[key_added]``: parameters, genes, per-epoch history of every loss term, timing, device,
       ``in_sample=True`` (these spots were seen in training), and ``expression_rank``: the number of
       principal axes of the training expression that predictions are projected onto
-      (``predict_rank``, by default those above its noise; ``predict_rank=0`` turns it off).
+      (``predict_rank``, by default those above its noise; ``predict_rank=0`` turns it off);
+    - ``var['{key_added}_cv_pcc']`` (``_lo``, ``_hi``) and ``var['{key_added}_reliable']``: the
+      reliability of each gene, estimated on sections held out of the fit (below).
+
+    **Reliability.** With two or more training sections, the fit also trains one fold model per
+    section (or per patient, where every table names one in ``uns['patient']``; at most
+    ``reliability_folds`` groups), each on the other sections for ``reliability_epochs`` of the epochs,
+    and predicts the section it did not see. From these out-of-fold predictions: each gene's Pearson r
+    on a new section (``cv_pcc``, the mean over held-out sections on Fisher's z scale, with a 90 %
+    interval for one new section), and ``reliable``: r > 0 at false-discovery rate ``fdr``
+    (Benjamini-Hochberg over a t-test across the held-out sections) and ``cv_pcc`` >= 0.1. Also
+    conformal quantiles of the residuals, which give :func:`stranker.tl.predict`'s per-spot intervals,
+    and the calibration of its shift score. The record is ``model.reliability`` (a DataFrame), saved
+    with the model; the fold models stay in ``model.fold_models`` for this session only.
 
     Under ``torchrun`` (``stranker fit --nproc N``) every process calls ``fit`` with the same
     arguments and trains on its share of each batch (see :mod:`stranker.train.distributed`); all

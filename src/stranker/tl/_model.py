@@ -16,6 +16,7 @@ from ..section.patches import PatchGeometry, PatchReader, check_inside
 from ..spots import SpotInputs, device_of, run_batches, tensor_batches
 from ..write import unchanged_on_failure, write_outputs
 from ._record import RunRecord
+from ._reliability import Reliability, cross_fit, in_sample
 from ._training import (
     TrainingInputs,
     choose_genes,
@@ -26,6 +27,7 @@ from ._training import (
 )
 
 ADAPT_MOST = 2048  # patches of a section whose batch-norm statistics `adapt=True` takes, evenly spread
+ADAPT_FEWEST = 2  # below this `adapt=True` is refused: one patch's statistics are its own values
 
 
 class Model:
@@ -103,6 +105,7 @@ class Model:
         self.meta = RunRecord() if meta is None else meta
         self.bank = dict(bank or {})  # keys: gene embeddings, values: log-scale expression
         self.is_trained = aligner is not None
+        self.fold_models: list[Model] = []  # this session's fit: the reliability fold models (not saved)
 
     @property
     def meta(self) -> RunRecord:
@@ -216,6 +219,7 @@ class Model:
         t_start = time.perf_counter()
         seed = settings.seed if seed is None else int(seed)
         cfg = self.config
+        checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
         checkpoint.check_arguments(checkpoint_dir, checkpoint_every, resume)  # before reading any data
         if cfg.image_features is None:  # an unknown backbone or missing weights fail before any work
             from ..model.backbones import find_weights, resolve
@@ -274,37 +278,23 @@ class Model:
         before = dict(vars(self))
         self.aligner, self.config, self.genes, self.meta, self.bank = aligner, cfg, list(genes), record, bank
         self.is_trained = True
-        if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
-            return self
         try:
+            insample = in_sample(self, inputs, dev) if key_added is not None or cfg.reliability else None
+            if cfg.reliability:  # every process of a distributed fit trains the same fold models
+                found = cross_fit(self, inputs, dev, seed, insample)
+                if found is not None:
+                    self.bank = {**bank, **found.to_bank()}
+            if distributed.rank() != 0:  # the other processes of a distributed fit hold the same model
+                return self
+            record.fit_seconds = time.perf_counter() - t_start
             if key_added is not None:
-                self._write_in_sample(inputs, key_added, dev, t_start)
-            else:
-                record.fit_seconds = time.perf_counter() - t_start
+                for sp, (emb, pred) in zip(inputs.sections, insample, strict=True):
+                    write_outputs(sp, self, emb, pred, key_added, in_sample=True)
         except BaseException:  # the model is untrained again, as the data is unchanged
             vars(self).clear()
             vars(self).update(before)
             raise
         return self
-
-    def _write_in_sample(self, inputs: TrainingInputs, key_added: str, device: Any, t_start: float) -> None:
-        """Embeddings and predictions of the training spots, into their tables under ``key_added``.
-
-        Computed for every section before anything is written, from the patches (or features)
-        already in memory; streamed patches are read again.
-        """
-        import time
-
-        results = []
-        for s, sp in enumerate(inputs.sections):
-            held = inputs.held(s)
-            if self.config.image_features is not None:
-                results.append(self.infer(sp, device=str(device), features=held))
-            else:
-                results.append(self.infer(sp, device=str(device), patches=held))
-        self.meta.fit_seconds = time.perf_counter() - t_start
-        for sp, (emb, pred) in zip(inputs.sections, results, strict=True):
-            write_outputs(sp, self, emb, pred, key_added, in_sample=True)
 
     # ---------------------------------------------------------------- inference
     def _device(self, device: str | None):
@@ -414,6 +404,12 @@ class Model:
         if adapt:
             if c.image_features is not None:
                 raise InputError("`adapt=True` renews a backbone's statistics: a model on features has none.")
+            if len(inputs) < ADAPT_FEWEST:  # one patch's statistics would normalise it against itself
+                raise InputError(
+                    f"`adapt=True` renews the backbone's batch-norm statistics from the patches of the "
+                    f"section predicted, but section {sp.name!r} has {len(inputs)} spot(s), fewer than "
+                    f"{ADAPT_FEWEST}: predict it with adapt=False (the statistics of the training slides)."
+                )
             if len(inputs) <= ADAPT_MOST:  # read once, for the statistics and the predictions
                 inputs = inputs.in_memory(batch_size)
             branch = self._adapted(branch, inputs, batch_size, dev)
@@ -433,6 +429,17 @@ class Model:
 
         emb, pred = run_batches(step, inputs, device=dev, dims=(c.embed_dim, len(self.genes)),
                                 batch_size=batch_size, desc="predict")
+        if not (np.isfinite(pred).all() and np.isfinite(emb).all()):  # never written, nor returned
+            from ._persist import non_finite
+
+            bad = non_finite(self.aligner.state_dict(), self.bank)
+            cause = (f"its weights hold NaN or infinite values ({len(bad)} tensor(s), e.g. {bad[0]}): it "
+                     "diverged in training, or its weights were changed after" if bad else
+                     "its weights are finite, but its outputs overflow: the model diverged")
+            raise InputError(
+                f"The model predicts NaN or infinite values on section {sp.name!r}: {cause}. Fit it again "
+                "(a lower `lr`); nothing was written."
+            )
         return emb, pred
 
     def _axes(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -452,6 +459,42 @@ class Model:
         return kept[2]
 
     @property
+    def reliability_record(self) -> Reliability | None:
+        """The reliability record of the fit (fold models' out-of-fold results), or ``None``."""
+        if not self.is_trained:
+            return None
+        kept = getattr(self, "_reliability_kept", None)
+        if kept is None or kept[0] is not self.bank:
+            kept = self._reliability_kept = (self.bank, Reliability.from_bank(self.bank))
+        return kept[1]
+
+    @property
+    def reliability(self) -> Any:
+        """Per-gene reliability, estimated on sections held out of the fit (a DataFrame), or ``None``.
+
+        Index: the modelled genes. Columns: ``cv_pcc`` (the estimated Pearson r of the gene on a new
+        section, what :func:`stranker.tl.evaluate` would report there), ``cv_pcc_lo`` / ``cv_pcc_hi`` (its
+        interval at ``config.interval_level``), ``p`` (one-sided p-value of r > 0 across the held-out
+        sections) and ``reliable`` (r > 0 at false-discovery rate ``config.fdr``, Benjamini-Hochberg, and
+        estimated r >= 0.1). ``None`` for a model fitted with ``reliability=False``, on one section, or
+        saved before stranker estimated it.
+        """
+        rec = self.reliability_record
+        return None if rec is None else rec.table(list(self.genes), float(self.config.fdr))
+
+    def trust(self, emb: np.ndarray, pred: np.ndarray) -> dict[str, Any] | None:
+        """Intervals, per-spot difficulty and the shift record of one section's outputs (:meth:`infer`).
+
+        ``None`` when the model has no reliability record.
+        """
+        rec = self.reliability_record
+        if rec is None:
+            return None
+        d = rec.difficulty(emb)
+        lower, upper = rec.intervals(pred, d)
+        return {"lower": lower, "upper": upper, "difficulty": d, "shift": rec.shift(d)}
+
+    @property
     def expression_rank(self) -> int | None:
         """Number of principal axes of the training targets its predictions lie on (None: not projected)."""
         self._check_trained()
@@ -459,12 +502,17 @@ class Model:
         return None if axes is None else int(axes[1].shape[1])
 
     def _adapted(self, branch: Any, inputs: SpotInputs, batch_size: int, dev: Any) -> Any:
-        """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs, evenly spread."""
+        """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs, evenly spread.
+
+        The inputs are read in batches of near-equal size (each counts the same in the statistics), so
+        none holds a single patch.
+        """
         from ..model.adapt import adapt_norm
 
         n = len(inputs)
         rows = np.unique(np.linspace(0, n - 1, min(n, ADAPT_MOST)).round().astype(np.int64))
-        return adapt_norm(branch, tensor_batches(inputs, dev, batch_size, rows))
+        even = -(-len(rows) // -(-len(rows) // batch_size))  # ceil(n / ceil(n / batch_size))
+        return adapt_norm(branch, tensor_batches(inputs, dev, even, rows))
 
     def _each(
         self, data: Any, which: int, device: str | None, keys: dict[str, Any], adapt: bool = False
@@ -492,7 +540,7 @@ class Model:
             Torch device; default ``sr.settings.device``.
         adapt
             Renew the backbone's batch-norm statistics on each section first (see
-            :func:`stranker.tl.predict`).
+            :func:`stranker.tl.predict`); refused for a section of fewer than two spots.
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``; ``spot_diameter_um`` or
             ``microns_per_pixel`` for data that does not record its scale (see :func:`stranker.tl.fit`).
@@ -512,7 +560,7 @@ class Model:
             Torch device; default ``sr.settings.device``.
         adapt
             Renew the backbone's batch-norm statistics on each section first (see
-            :func:`stranker.tl.predict`).
+            :func:`stranker.tl.predict`); refused for a section of fewer than two spots.
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``; ``spot_diameter_um`` or
             ``microns_per_pixel`` for data that does not record its scale (see :func:`stranker.tl.fit`).
@@ -527,7 +575,8 @@ class Model:
         then renamed to ``path``, so ``path`` holds the old model or the new one, never a mix (also
         when two processes save there at once). ``path`` must be absent, an empty folder, or (with
         ``overwrite=True``) a folder holding a saved model and nothing else. ``model.pt`` stores a
-        checksum of ``model.json``; :meth:`load` refuses a pair that does not match.
+        checksum of ``model.json``; :meth:`load` refuses a pair that does not match. Weights holding
+        NaN or infinite values (a model that diverged) are refused before anything is written.
 
         Parameters
         ----------
@@ -547,7 +596,9 @@ class Model:
         """Load a model saved with :meth:`save`.
 
         Nothing in the files can run code (the weights are read with ``weights_only=True``), and a
-        ``model.json`` changed after saving (its checksum, stored with the weights, differs) is refused.
+        ``model.json`` changed after saving (its checksum, stored with the weights, differs) is refused,
+        as are weights holding NaN or infinite values and a folder lacking what predicting needs (the
+        error names the stranker version that wrote it).
 
         Parameters
         ----------

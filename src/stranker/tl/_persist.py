@@ -1,7 +1,8 @@
 """A saved model's folder, written whole and read without running code.
 
-``model.json`` holds the configuration, genes and run record; ``model.pt`` the weights, the reference
-bank and a checksum of ``model.json``.
+``model.json`` holds the configuration, genes, run record and the stranker version that wrote it;
+``model.pt`` the weights, the reference bank and a checksum of ``model.json``. Weights with NaN or
+infinite values are neither saved nor loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import move_into_place
+from .._errors import InputError
 from .._settings import logger
 
 _FILE = "model.pt"
@@ -32,6 +34,7 @@ def write_model(
     """Write a model folder whole: both files go into a temporary folder beside ``path``, renamed to it.
 
     ``path`` holds the old model or the new one, never a mix; a failed write leaves no new folder.
+    Weights (or a reference bank) holding NaN or infinite values are refused before anything is written.
     """
     import hashlib
     import shutil
@@ -39,11 +42,19 @@ def write_model(
 
     import torch
 
+    from .. import __version__
     from ..train.checkpoint import sync
 
-    path = Path(path).resolve()  # a link to a model folder: the folder it points to is replaced
+    bad = non_finite(state_dict, bank)
+    if bad:
+        raise InputError(
+            f"Refusing to save the model: its weights hold NaN or infinite values ({_listed(bad)}), so it "
+            f"would predict NaN. It diverged in training or was changed after; fit it again (a lower `lr`)."
+        )
+    path = Path(path).expanduser().resolve()  # a link to a model folder: the folder it points to is replaced
     check_target(path, overwrite)
-    text = json.dumps({"config": config, "genes": genes, "meta": meta}).encode()
+    info = {"config": config, "genes": genes, "meta": meta, "stranker_version": __version__}
+    text = json.dumps(info).encode()
     made = [p for p in path.parents if not p.exists()]  # folders this creates, deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.saving-"))
@@ -70,15 +81,17 @@ def write_model(
 def read_model(path: str | Path, device: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a model folder: ``model.json`` as a dict and ``model.pt``'s tensors (``weights_only``).
 
-    Refuses files that hold anything but tensors and plain containers, and a ``model.json`` whose
-    checksum differs from the one stored with the weights.
+    Refuses files that hold anything but tensors and plain containers, a ``model.json`` whose
+    checksum differs from the one stored with the weights, weights with NaN or infinite values, and
+    a folder that lacks what predicting needs (the configuration, genes, target scaling, weights,
+    reference bank), naming the stranker version that wrote it.
     """
     import hashlib
     import pickle
 
     import torch
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not (path / _FILE).exists() or not (path / _META).exists():
         raise FileNotFoundError(f"{path} does not hold a saved stranker model ({_FILE} and {_META}).")
     text = (path / _META).read_bytes()
@@ -104,7 +117,65 @@ def read_model(path: str | Path, device: str | None = None) -> tuple[dict[str, A
             f"edited or replaced after saving, so its genes, patch size or scaling may not be those the "
             f"weights were trained with. Restore the saved file, or fit and save the model again."
         )
-    return json.loads(text), blob
+    info = json.loads(text)
+    check_complete(path, info, blob)
+    bad = non_finite(blob["state_dict"], blob["bank"])
+    if bad:
+        raise InputError(
+            f"Refusing to load {path}: its weights hold NaN or infinite values ({_listed(bad)}), so it "
+            f"would predict NaN. The model diverged in training or the file was changed; fit and save it "
+            f"again."
+        )
+    return info, blob
+
+
+def written_by(info: Any) -> str:
+    """Say which stranker wrote a ``model.json`` (its ``stranker_version``; older ones did not record it)."""
+    version = info.get("stranker_version") if isinstance(info, dict) else None
+    return f"stranker {version}" if version else "a stranker older than 0.1.0 (it records no version)"
+
+
+def check_complete(path: Path, info: Any, blob: Any) -> None:
+    """Refuse a model folder that lacks what a model is loaded and predicts from, naming its writer."""
+    missing = []
+    if not isinstance(info, dict):
+        missing.append("model.json: an object")
+        info = {}
+    missing += [f"model.json: {k!r}" for k in ("config", "genes", "meta") if k not in info]
+    meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+    n_genes = len(info.get("genes") or [])
+    for k in ("target_mean", "target_std"):  # predictions are put back on the target scale with these
+        value = meta.get(k)
+        if "meta" in info and (value is None or len(value) != n_genes):
+            missing.append(f"model.json: meta[{k!r}] (one value per gene)")
+    if not isinstance(blob, dict):
+        blob = {}
+    missing += [f"model.pt: {k!r}" for k in ("state_dict", "bank") if not isinstance(blob.get(k), dict)]
+    if missing:
+        raise InputError(
+            f"{path} was written by {written_by(info)} and lacks what this stranker loads a model from: "
+            f"{', '.join(missing)}. Fit and save the model again with this version (its training data and "
+            f"configuration are in that folder's model.json)."
+        )
+
+
+def non_finite(state_dict: Mapping[str, Any], bank: Mapping[str, Any] | None = None) -> list[str]:
+    """Names of the weights (and reference-bank ``keys`` / ``values``) holding NaN or infinite values."""
+    import numpy as np
+    import torch
+
+    items = list(state_dict.items()) + [(f"bank[{k!r}]", (bank or {})[k]) for k in ("keys", "values")
+                                         if k in (bank or {})]
+    bad = []
+    for name, value in items:
+        t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+def _listed(names: list[str]) -> str:
+    return f"{len(names)} tensor(s): " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
 
 
 def check_target(path: str | Path, overwrite: bool) -> None:
@@ -113,7 +184,7 @@ def check_target(path: str | Path, overwrite: bool) -> None:
     It may when ``path`` is absent or an empty folder, or, with ``overwrite``, a folder that holds a
     saved model and nothing else (a folder with other files is never replaced).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():

@@ -297,7 +297,19 @@ def predict(
     ``branch`` read them: ``'sharp'`` (the finished teacher) or ``'coarse'`` (the teacher as resolution
     jitter left it, for slides coarser than the training slides by more than half a jitter step));
     ``expression_rank``: for a model with ``predict_rank`` (the default), on how many principal axes of
-    the training expression the predictions were projected. On an image-only SpatialData, adds circles
+    the training expression the predictions were projected. For a model with a reliability record
+    (:func:`stranker.tl.fit`, two or more training sections): ``var['{key_added}_cv_pcc']``,
+    ``_cv_pcc_lo``, ``_cv_pcc_hi`` (each gene's estimated r on a new section, with its interval) and
+    ``var['{key_added}_reliable']`` (r > 0 at FDR ``uns[key_added]['fdr']``); per-spot intervals
+    ``layers['{key_added}_lower']`` / ``['{key_added}_upper']`` at level
+    ``uns[key_added]['interval_level']`` (split conformal on the fold models' out-of-fold residuals,
+    half-width ``q_gene * obs['{key_added}_difficulty']``: a spot whose embedding lies far from the
+    training spots gets a wider interval; the same dense or sparse format as the prediction); and
+    ``uns[key_added]['shift']``: the section's ``score`` (median difficulty), its conformal ``p_value``
+    against the training sections, and ``shifted`` (farther than every training section: a WARNING
+    names the section, and the reliability estimates may be optimistic there). A model without the
+    record writes none of these and says why in ``uns[key_added]['reliability']``. On an image-only
+    SpatialData, adds circles
     ``'{key_added}_tiles'`` and a table ``'{key_added}_table'`` annotating them (predictions in
     ``layers[key_added]`` only; its ``X`` is empty, so the predictions are held once: pass
     ``layer=key_added`` to scanpy); on spots without a table, the table only. Elements that an earlier
@@ -311,7 +323,7 @@ def predict(
                     library_id=library_id, library_key=library_key, bin_size=bin_size,
                     spot_diameter_um=spot_diameter_um, microns_per_pixel=microns_per_pixel,
                     need_image=need_image, need_table=False)
-    check_key_added(secs, key_added)
+    check_key_added(secs, key_added, model=model)
     plans = []
     for sp in secs:
         retile = _own_tiles(sp, key_added)  # an earlier predict's tiles are laid anew
@@ -329,14 +341,23 @@ def predict(
                         f"from pyramid level {info['level']}.")
         if info:
             check_detail(sp, model, info)
-        plans.append((kind, sp, info, *model.infer(sp, device=device, adapt=adapt)))
+        emb, pred = model.infer(sp, device=device, adapt=adapt)
+        trust = model.trust(emb, pred)
+        if trust is not None and trust["shift"]["shifted"]:
+            sh = trust["shift"]
+            logger.warning(
+                f"Section {sp.name!r} lies farther from the training sections than any held-out training "
+                f"section did (shift score {sh['score']:.3g} > {max(sh['calibration']):.3g}, p = "
+                f"{sh['p_value']:.2g}): the reliability estimates (`var['{key_added}_cv_pcc']`, "
+                f"`var['{key_added}_reliable']`) and the intervals may be optimistic there.")
+        plans.append((kind, sp, info, emb, pred, trust))
     # everything computed: write
-    for kind, sp, info, emb, pred in plans:
+    for kind, sp, info, emb, pred, trust in plans:
         extra = {"adapt": bool(adapt)}
         if info is not None:
             extra["resampling"] = {k: v for k, v in info.items() if v is not None}
         write_predictions(sp, model, emb, pred, key_added, tiles=kind == "tiles", in_sample=False,
-                          extra=extra)
+                          extra=extra, trust=trust)
     return data if copy else None
 
 

@@ -56,6 +56,12 @@ def _slide_obs(slides: list[Any], ids: list[str], obs: Any) -> Any:
             )
         table = obs.copy()
         table.index = table.index.astype(str)
+        twice = sorted({i for i in table.index[table.index.duplicated()] if i in set(ids)})
+        if twice:  # which row describes the slide would be a guess (and the rows would outnumber it)
+            raise InputError(
+                f"`obs` has more than one row for slide id(s) {twice[:5]} (its index, read as text): keep "
+                "one row per slide."
+            )
         missing = [i for i in ids if i not in table.index]
         if missing:
             raise InputError(
@@ -103,6 +109,7 @@ def embed_slides(
     obs
         DataFrame of slide metadata indexed by slide id (``attrs['slide_id']`` of each slide; when the
         slides carry no id, one row per slide in slide order). Scalar ``attrs`` of the slides are kept too.
+        A slide id with more than one row is refused.
     label
         For ``pooling='attention'``: a column of the metadata holding classes (cross-entropy), or a pair
         ``(time, event)`` of columns (Cox partial likelihood).

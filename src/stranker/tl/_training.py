@@ -26,14 +26,19 @@ def backbone_defaults(cfg: Any, mpps: list[float | None]) -> Any:
     """Apply a named backbone's input size and physical patch size, where the user did not choose them.
 
     The configuration records the fields the user set (``cfg.chosen_fields()``: ``image_size``,
-    ``patch_px``, ``patch_um``); the result keeps that record (the values set here are defaults).
+    ``patch_px``, ``patch_um``); the result keeps that record (the values set here are defaults). An
+    ``image_size`` the backbone cannot take (a ViT of one input size) is refused, by the check
+    :func:`stranker.pp.embed_patches` makes too.
     """
     from dataclasses import replace
 
-    from ..model.backbones import named
+    from ..model.backbones import input_size_problem, named, resolve
 
     spec = named(cfg.backbone)
-    if spec is None:
+    if spec is None:  # a timm name: no defaults, but a ViT of one input size refuses others
+        problem = input_size_problem(resolve(cfg.backbone), cfg.image_size)
+        if problem:
+            raise InputError(problem)
         return cfg
     chosen = cfg.chosen_fields()
     changes: dict[str, Any] = {}
@@ -48,9 +53,9 @@ def backbone_defaults(cfg: Any, mpps: list[float | None]) -> Any:
                 f"has no known µm/px: its patches are {cfg.patch_px:g} px wide. Set "
                 "`table.uns['microns_per_pixel']` or pass `patch_px=` / `patch_um=`."
             )
-    size = changes.get("image_size", cfg.image_size)
-    if size != spec.input_px and spec.arch.startswith("vit") and not spec.kwargs.get("dynamic_img_size"):
-        raise InputError(f"{spec.name!r} takes {spec.input_px} px images only; got `image_size={size}`.")
+    problem = input_size_problem(spec, changes.get("image_size", cfg.image_size))  # embed_patches' check too
+    if problem:
+        raise InputError(problem)
     return replace(cfg, **changes)
 
 
@@ -292,6 +297,32 @@ class TrainingInputs:
     def n_spots(self) -> int:
         """Training spots over all sections."""
         return len(self.values)
+
+    def subset(self, keep: list[int], cfg: Any) -> TrainingInputs:
+        """Return the inputs of sections ``keep`` alone, targets standardised on them (a fold model's).
+
+        Patches held in memory are shared, not copied; streamed patches are read through the same readers.
+        """
+        import torch
+
+        from ..train import TrainData
+
+        section = self.data.section.numpy()
+        mask = np.isin(section, keep)
+        remap = np.full(len(self.sections), -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        y, mean, std = standardise([self.values[section == s] for s in keep], cfg.target_scale)
+        new_section = remap[section[mask]]
+        rows = torch.from_numpy(np.flatnonzero(mask))
+        readers = None if self.readers is None else [self.readers[s] for s in keep]
+        data = TrainData(
+            images=None if self.data.images is None else self.data.images[rows],
+            expr=torch.from_numpy((y - mean) / std).float(), pos=self.data.pos[rows],
+            section=torch.from_numpy(new_section),
+            read=SectionPatches(readers, new_section) if self.data.images is None else None,
+        )
+        return TrainingInputs([self.sections[s] for s in keep], self.genes, y, mean, std, data, readers,
+                              self.feature_dim)
 
     def held(self, s: int) -> np.ndarray | None:
         """Patches (or features) of section ``s`` already in memory, else ``None`` (streamed)."""

@@ -26,6 +26,10 @@ from ..model.config import SHARP_LR, finish_epochs
 from . import checkpoint, distributed
 
 
+class TrainingDiverged(FloatingPointError, ValueError):
+    """The training loss became NaN or infinite (or the weights did): no model is returned."""
+
+
 @dataclass
 class TrainData:
     """The training spots (CPU tensors).
@@ -276,6 +280,11 @@ def train(
     (``data.read``) are read by ``num_workers`` DataLoader workers (0: in this process). torch's
     global random state is seeded for the fit and restored to the caller's on return.
 
+    A training that would take no optimisation step (no batch of two spots or more of one section,
+    e.g. ``batch_size=1``) is refused before any work (``ValueError``); a loss or weights that become
+    NaN or infinite stop it with :class:`TrainingDiverged` (a ``ValueError`` and a
+    ``FloatingPointError``): no model that did not train, or diverged, is returned.
+
     Under ``torchrun`` (process group initialised, see :mod:`stranker.train.distributed`) every
     process runs this with the same arguments: each trains on its share of every batch, the
     losses see the whole batch, rank 0 writes the checkpoints, and a checkpoint resumes on any
@@ -296,6 +305,8 @@ def _train(
     ws, rk = distributed.world_size(), distributed.rank()
     sec = data.section.numpy()
     steps_per_epoch = len(_plan(sec, cfg.batch_size, torch.Generator().manual_seed(0), ws))
+    if steps_per_epoch == 0:  # refused before any work: a model without one step is its random heads
+        raise ValueError(_no_step(sec, cfg.batch_size, ws))
     ckpt, fit_id, state = None, None, None
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir) / checkpoint.CHECKPOINT
@@ -390,6 +401,8 @@ def _train(
                 step += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                if ws == 1 and not math.isfinite(sums["total"]):  # at the first such batch (one process)
+                    raise TrainingDiverged(_diverged(float(terms["total"].detach()), epoch, cfg.lr))
                 n_seen += len(idx)
             if ws > 1:  # per-spot terms were scaled per process: their mean over processes is the batch's
                 sums = dict(zip(sums, distributed.all_mean(list(sums.values()), device), strict=True))
@@ -397,8 +410,8 @@ def _train(
             rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=float(sched.get_last_lr()[0]))
             history.append(rec)
             bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("epoch", "seconds", "lr")})
-            if not np.isfinite(rec.get("total", 0.0)):
-                raise FloatingPointError(f"The loss became {rec['total']} at epoch {epoch + 1}; lower `lr`.")
+            if not np.isfinite(rec.get("total", 0.0)):  # every process sees the same mean
+                raise TrainingDiverged(_diverged(rec["total"], epoch, cfg.lr))
             if ckpt is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == total_epochs):
                 if rk == 0:
                     checkpoint.save(ckpt, {
@@ -413,6 +426,32 @@ def _train(
         if undo_sync is not None:
             undo_sync()
         del loader  # stops its worker processes
+    state = aligner.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingDiverged(
+            f"Training ended with NaN or infinite weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}) "
+            f"although the loss stayed finite: it diverged. Lower `lr` (lr={cfg.lr:g}); no model is returned."
+        )
     aligner.eval()
     return history
+
+
+def _diverged(loss: float, epoch: int, lr: float) -> str:
+    return (f"Training diverged: the loss became {loss} in epoch {epoch + 1} (lr={lr:g}). Lower `lr` "
+            f"(e.g. lr={lr / 10:g}); no model is returned.")
+
+
+def _no_step(sec: np.ndarray, batch_size: int, ws: int) -> str:
+    """Say why training would take no optimisation step: no batch (one section each) holds enough spots."""
+    sizes = sorted(np.unique(sec, return_counts=True)[1].tolist(), reverse=True)
+    least = max(2, ws)
+    shown = ", ".join(map(str, sizes[:5])) + (f" (+{len(sizes) - 5} more)" if len(sizes) > 5 else "")
+    under = f" under {ws} processes," if ws > 1 else ""
+    return (
+        f"Training would take no optimisation step: a batch holds the spots of one section, and{under} one "
+        f"with fewer than {least} spots is left out; with batch_size={batch_size} and sections of {shown} "
+        f"spot(s), no batch is left, and the model would keep its random heads. Pass a `batch_size` of at "
+        f"least {least} and sections of at least {least} spots."
+    )
 

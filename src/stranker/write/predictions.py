@@ -20,7 +20,7 @@ from .tables import write_results
 
 def write_predictions(
     sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, tiles: bool,
-    in_sample: bool, extra: dict[str, Any] | None = None,
+    in_sample: bool, extra: dict[str, Any] | None = None, trust: dict[str, Any] | None = None,
 ) -> None:
     """Write the outputs of one section wherever they go (its table, or new elements of its SpatialData).
 
@@ -36,11 +36,11 @@ def write_predictions(
         Prefix of the written keys.
     tiles
         The spots are tiles stranker laid: circles ``'{key_added}_tiles'`` are added with the table.
-    in_sample, extra
+    in_sample, extra, trust
         As :func:`write_outputs` records them.
     """
     if not tiles and sp.table is not None:
-        write_outputs(sp, model, emb, pred, key_added, in_sample=in_sample, extra=extra)
+        write_outputs(sp, model, emb, pred, key_added, in_sample=in_sample, extra=extra, trust=trust)
         return
     import geopandas  # noqa: F401  (spatialdata shapes)
     from spatialdata.models import ShapesModel
@@ -61,19 +61,22 @@ def write_predictions(
     table = _new_table(sp, model, region, index)
     new = Section(name=sp.name, image=sp.image, centers=sp.centers, diameter=sp.diameter, table=table,
                   rows=np.arange(sp.n_spots), microns_per_pixel=sp.microns_per_pixel)
-    write_outputs(new, model, emb, pred, key_added, in_sample=in_sample, extra=extra)
+    write_outputs(new, model, emb, pred, key_added, in_sample=in_sample, extra=extra, trust=trust)
     add_elements(sdata, shapes=shapes, tables={f"{key_added}_table": table}, by="sr.tl.predict")
     logger.info(f"Adding table {key_added + '_table'!r} annotating {region!r}")
 
 
 def write_outputs(
     sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, in_sample: bool,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, trust: dict[str, Any] | None = None,
 ) -> None:
-    """Write embedding, predicted layer and run record of one section's table.
+    """Write embedding, predicted layer, reliability and run record of one section's table.
 
     ``extra``: further entries of the run record ``uns[key_added]`` (e.g. ``predict``'s ``adapt`` and
-    ``resampling``), written with it at once.
+    ``resampling``), written with it at once. ``trust`` (:meth:`stranker.Model.trust`): the section's
+    intervals (``lower``, ``upper``), per-spot ``difficulty`` and ``shift`` record, written beside the
+    prediction (``layers['{key_added}_lower'/'_upper']``, ``obs['{key_added}_difficulty']``,
+    ``uns[key_added]['shift']``). The model's per-gene reliability goes into ``var`` whenever it has one.
     """
     full, layer_format = prediction_layer(sp, list(model.genes), pred)
     written, absent = genes_in_table(sp, model.genes)
@@ -104,7 +107,35 @@ def write_outputs(
     record.update(extra or {})
     if model.expression_rank is not None:  # predictions projected onto this many axes of the training targets
         record["expression_rank"] = model.expression_rank
-    write_results(sp, obsm={f"X_{key_added}": emb}, layers={key_added: full}, uns={key_added: record})
+    layers, obs, var = {key_added: full}, {}, {}
+    table = model.reliability
+    if table is None:
+        record["reliability"] = (
+            "not estimated: the model was fitted with reliability=False, on a single section, or saved "
+            "before stranker estimated it; refit on several sections to get var columns, intervals and "
+            "the shift score")
+    else:
+        cols = sp.gene_columns(list(model.genes))
+        keep = cols >= 0
+        for name, dtype, fill in (("cv_pcc", np.float64, np.nan), ("cv_pcc_lo", np.float64, np.nan),
+                                  ("cv_pcc_hi", np.float64, np.nan), ("reliable", bool, False)):
+            col = np.full(sp.table.n_vars, fill, dtype=dtype)
+            col[cols[keep]] = table[name].to_numpy()[keep]
+            var[f"{key_added}_{name}"] = col
+        rec = model.reliability_record
+        record["fdr"] = float(model.config.fdr)
+        record["interval_level"] = float(rec.level)
+        record["reliability"] = (
+            f"estimated on {len(rec.groups)} held-out groups {rec.groups} by fold models of "
+            f"{rec.fold_epochs} epochs; reliable: r on new sections > 0 at FDR {model.config.fdr:g} "
+            f"(Benjamini-Hochberg over a t-test across the held-out groups) and estimated r >= 0.1")
+        record["n_reliable"] = int(table["reliable"].to_numpy()[keep].sum())
+    if trust is not None:
+        layers[f"{key_added}_lower"] = prediction_layer(sp, list(model.genes), trust["lower"])[0]
+        layers[f"{key_added}_upper"] = prediction_layer(sp, list(model.genes), trust["upper"])[0]
+        obs[f"{key_added}_difficulty"] = trust["difficulty"].astype(np.float32)
+        record["shift"] = trust["shift"]
+    write_results(sp, obsm={f"X_{key_added}": emb}, layers=layers, obs=obs, var=var, uns={key_added: record})
 
 
 def _new_table(sp: Section, model: Any, shapes_key: str, index: Any) -> Any:

@@ -1,0 +1,158 @@
+"""What a prediction is worth, from predictions on sections a model did not train on (numpy, scipy).
+
+Section-level cross-fitting gives, for every training spot, an out-of-fold (OOF) prediction by a fold
+model that did not see its section. From these:
+
+- per gene, the Pearson r on each held-out group of sections, combined on Fisher's z scale into an
+  estimate of the r on a new section with a 90 % prediction interval, and a one-sided test that it is
+  above 0 (a t-test across the held-out groups: sections, not spots, are the unit, so a gene that
+  works on one section only is not called reliable), corrected by Benjamini–Hochberg;
+- per spot, a difficulty, in the fitted model's embedding space: how far its image embedding lies
+  from the training spots, relative to how far training spots lie from those of the *other* training
+  sections (1: as far as a typical spot of another training section); for a training spot, its
+  distance to the other sections. Per gene, a conformal quantile of the OOF residuals divided by it
+  gives split-conformal intervals ``pred ± q_gene * difficulty`` (coverage ≥ level for spots
+  exchangeable with the training spots);
+- per section, a shift score: the median difficulty of its spots, against the training sections'
+  own (each against the others: a conformal p-value; ``shifted`` when it exceeds all of them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DIFFICULTY_CLIP = (0.25, 4.0)  # a spot's interval is 1/4 to 4 times that of a typical held-out spot
+NEIGHBOURS = 10  # nearest training spots whose mean distance is a spot's distance to the training tissue
+MIN_R = 0.1  # a gene is reliable when its estimated r on new sections is at least this (and significant)
+
+
+def pearson_columns(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Pearson r of each column of ``pred`` with the same column of ``true`` (NaN where one is constant)."""
+    p = pred - pred.mean(0)
+    t = true - true.mean(0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (p * t).sum(0) / den, np.nan)
+
+
+def _t_ppf(q: float, df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
+
+
+def gene_reliability(
+    r_groups: np.ndarray, level: float = 0.9
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Estimated r of each gene on a new section, its prediction interval and a p-value for r > 0.
+
+    Parameters
+    ----------
+    r_groups
+        ``(n_groups, n_genes)`` Pearson r of each gene on each held-out group (NaN: constant there).
+    level
+        Level of the interval for the r on one new section.
+
+    Returns
+    -------
+    ``(estimate, lo, hi, p)``: the back-transformed mean Fisher z over groups; the interval
+    ``mean z ± t_{(1+level)/2, K-1} · sd_z · sqrt(1 + 1/K)`` (a new section varies as the held-out
+    ones did); the one-sided p-value of a t-test of mean z > 0 across the ``K`` groups (1 where fewer
+    than two groups have a value, or all values agree exactly on a non-positive z).
+    """
+    z = np.arctanh(np.clip(r_groups, -0.999999, 0.999999))
+    ok = np.isfinite(z)
+    k = ok.sum(0)
+    zf = np.where(ok, z, 0.0)
+    mean = np.where(k > 0, zf.sum(0) / np.maximum(k, 1), np.nan)
+    dev = np.where(ok, z - mean, 0.0)
+    sd = np.sqrt((dev * dev).sum(0) / np.maximum(k - 1, 1))
+    est = np.tanh(mean)
+    lo = np.full(z.shape[1], np.nan)
+    hi = np.full(z.shape[1], np.nan)
+    p = np.ones(z.shape[1])
+    from scipy.stats import t as tdist
+
+    for kk in np.unique(k[k >= 2]):
+        m = k == kk
+        half = _t_ppf((1 + level) / 2, int(kk) - 1) * sd[m] * math.sqrt(1 + 1 / kk)
+        lo[m], hi[m] = np.tanh(mean[m] - half), np.tanh(mean[m] + half)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tstat = mean[m] / (sd[m] / math.sqrt(kk))
+        tstat = np.where(sd[m] > 0, tstat, np.where(mean[m] > 0, np.inf, -np.inf))
+        p[m] = tdist.sf(tstat, int(kk) - 1)
+    return est, lo, hi, p
+
+
+def benjamini_hochberg(p: np.ndarray, fdr: float) -> np.ndarray:
+    """Boolean discoveries of the Benjamini–Hochberg procedure at false-discovery rate ``fdr``."""
+    p = np.asarray(p, dtype=float)
+    n = len(p)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(p)
+    below = p[order] <= fdr * np.arange(1, n + 1) / n
+    out = np.zeros(n, dtype=bool)
+    if below.any():
+        out[order[: int(np.flatnonzero(below).max()) + 1]] = True
+    return out
+
+
+def reliable_genes(estimate: np.ndarray, p: np.ndarray, fdr: float, min_r: float = MIN_R) -> np.ndarray:
+    """Genes whose r on new sections is > 0 at false-discovery rate ``fdr`` (BH) and estimated ≥ ``min_r``."""
+    return benjamini_hochberg(p, fdr) & (np.nan_to_num(estimate, nan=-1.0) >= min_r)
+
+
+def nn_distance(query: np.ndarray, bank: np.ndarray, k: int = NEIGHBOURS, chunk: int = 4096) -> np.ndarray:
+    """Mean cosine distance of each row of ``query`` to its ``k`` nearest rows of ``bank``."""
+    b = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    k = max(1, min(k, len(b)))
+    out = np.empty(len(query), dtype=np.float64)
+    for s in range(0, len(query), chunk):
+        q = query[s : s + chunk]
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        sim = q @ b.T
+        top = -np.partition(-sim, k - 1, axis=1)[:, :k]
+        out[s : s + chunk] = np.clip(1.0 - top, 0.0, 2.0).mean(1)
+    return out
+
+
+def other_section_distance(emb: np.ndarray, section: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """Per training spot: distance to the training spots of the *other* sections.
+
+    What a spot of a new section of the training tissue is expected to be from the training spots;
+    with one section only, the distance to the other spots of that section.
+    """
+    sections = np.unique(section)
+    out = np.empty(len(emb), dtype=np.float64)
+    if len(sections) < 2:
+        return nn_distance(emb, emb, k + 1) * (k + 1) / k  # the spot itself is one neighbour, at 0
+    for s in sections:
+        m = section == s
+        out[m] = nn_distance(emb[m], emb[~m], k)
+    return out
+
+
+def difficulty(distance: np.ndarray, scale: float) -> np.ndarray:
+    """Distance to the training tissue in units of ``scale``, clipped to :data:`DIFFICULTY_CLIP`."""
+    return np.clip(distance / scale, *DIFFICULTY_CLIP)
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
+    """Per column, the ``ceil((n + 1) level) / n`` empirical quantile of ``scores`` (split conformal).
+
+    ``inf`` where ``n`` is too small for the level (fewer than ``1 / (1 - level) - 1`` spots).
+    """
+    n = scores.shape[0]
+    rank = math.ceil((n + 1) * level)
+    if rank > n:
+        return np.full(scores.shape[1], np.inf)
+    return np.sort(scores, axis=0)[rank - 1]
+
+
+def shift_p_value(score: float, calibration: np.ndarray) -> float:
+    """Conformal p-value of a section's shift score against the held-out training sections' scores."""
+    calibration = np.asarray(calibration, dtype=float)
+    return float((1 + (calibration >= score).sum()) / (len(calibration) + 1))
