@@ -55,3 +55,72 @@ def summarise(pred: np.ndarray, true: np.ndarray, genes: list[str], n_heg: int =
         "heg_genes": [genes[i] for i in heg],
         "pcc": r,
     }
+
+
+def interval_coverage(lower: np.ndarray, upper: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per gene (column): share of spots (rows) with ``lower <= true <= upper``.
+
+    NaN for a gene with a NaN bound in some spot (no interval was written for it).
+    """
+    inside = (lower <= true) & (true <= upper)
+    cov = inside.mean(0) if len(true) else np.full(true.shape[1], np.nan)
+    cov = cov.astype(np.float64)
+    cov[np.isnan(lower).any(0) | np.isnan(upper).any(0)] = np.nan
+    return cov
+
+
+def reliability_scores(
+    true: np.ndarray,
+    r: np.ndarray,
+    *,
+    lower: np.ndarray | None = None,
+    upper: np.ndarray | None = None,
+    cv_pcc: np.ndarray | None = None,
+    reliable: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """How the reliability outputs of a prediction hold up against measured expression.
+
+    Parameters
+    ----------
+    true
+        ``(n_spots, n_genes)`` measured expression on the model's target scale.
+    r
+        Per gene: measured Pearson r of the prediction (NaN where undefined).
+    lower, upper
+        Per-spot interval bounds (``layers['{key}_lower'/'_upper']``), or ``None``.
+    cv_pcc, reliable
+        Per gene: the model's estimated r on a new section and its reliable call, or ``None``.
+
+    Returns
+    -------
+    With the intervals: ``coverage_mean`` and ``coverage_sd`` (mean and standard deviation over genes
+    of the share of spots inside their interval), ``interval_width`` (mean of ``upper - lower`` over
+    spots and genes) and ``coverage`` (the per-gene array). With the estimates: ``spearman_cv_pcc``
+    (Spearman's rank correlation over genes of estimated and measured r; NaN with fewer than 2 genes
+    that have both), ``n_reliable`` and ``frac_positive_reliable`` (share of the reliable genes with a
+    measured r that is > 0; ``None`` when no gene with a measured r is reliable).
+    """
+    out: dict[str, Any] = {}
+    if lower is not None and upper is not None:
+        cov = interval_coverage(lower, upper, true)
+        ok = np.isfinite(cov)
+        width = upper - lower
+        width = width[:, ~np.isnan(width).any(0)]  # genes without an interval are left out
+        out.update(
+            coverage_mean=float(cov[ok].mean()) if ok.any() else float("nan"),
+            coverage_sd=float(cov[ok].std()) if ok.any() else float("nan"),
+            interval_width=float(np.mean(width)) if width.size else float("nan"),
+            coverage=cov,
+        )
+    if cv_pcc is not None:
+        cv_pcc = np.asarray(cv_pcc, dtype=np.float64)
+        both = np.isfinite(cv_pcc) & np.isfinite(r)
+        rho = (spearman_per_gene(cv_pcc[both, None], np.asarray(r, dtype=np.float64)[both, None])[0]
+               if both.sum() >= 2 else np.nan)
+        out["spearman_cv_pcc"] = float(rho)
+        if reliable is not None:
+            rel = np.asarray(reliable, dtype=bool)
+            scored = rel & np.isfinite(r)
+            out["n_reliable"] = int(rel.sum())
+            out["frac_positive_reliable"] = float(np.mean(r[scored] > 0)) if scored.any() else None
+    return out

@@ -222,7 +222,8 @@ def test_gene_map_of_an_image_only_slide_shows_predictions(fitted, read_levels):
     read_levels.clear()
     fig = sr.pl.gene_map(slide, model.genes[:3], show=False, max_px=200, scalebar=False)
     titles = [a.get_title() for a in fig.axes if a.get_title()]
-    assert titles == [f"{g} predicted" for g in model.genes[:3]]
+    # genes the model does not call reliable are marked (its fixture's genes are)
+    assert [t.removesuffix(" (unreliable)") for t in titles] == [f"{g} predicted" for g in model.genes[:3]]
     assert 0 not in read_levels  # the 736-px image is read at its half-resolution level
     buf = _pixels(fig)
     ax = next(a for a in fig.axes if a.get_title())

@@ -139,3 +139,17 @@ def test_intervals_respect_the_dense_layer_limit(fitted, monkeypatch):
     assert all(sparse.issparse(t.layers[k]) for k in ("stranker", "stranker_lower", "stranker_upper"))
     lo = t.layers["stranker_lower"][:, :5].toarray()
     assert (lo <= t.layers["stranker"][:, :5].toarray()).all()
+
+
+def test_a_later_prediction_without_reliability_removes_the_earlier_outputs(fitted):
+    """Intervals of an earlier model under the same key would be read against the new predictions."""
+    model, _ = fitted
+    sd = make_sdata(n=16, seed=7)[0]
+    sr.tl.predict(model, sd)
+    old = sr.Model(model.config, model.genes, aligner=model.aligner, meta=model.meta,
+                   bank={k: v for k, v in model.bank.items() if not k.startswith("rel_")})
+    sr.tl.predict(old, sd)
+    t = sd.tables["table"]
+    assert "stranker_lower" not in t.layers and "stranker_difficulty" not in t.obs
+    assert not any(c.startswith("stranker_cv_pcc") or c == "stranker_reliable" for c in t.var.columns)
+    assert "counts" in t.layers  # what stranker did not write stays

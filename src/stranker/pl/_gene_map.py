@@ -11,6 +11,7 @@ import numpy as np
 from .._constants import Keys
 from .._docs import doc_params
 from .._errors import InputError
+from .._settings import logger
 from ..section import Section
 from ..write import read_predictions
 from ._utils import finish, has_measured, lighten, limit, measured, new_axes, sections, thumbnail
@@ -81,6 +82,8 @@ def gene_map(
     *,
     layer: str = Keys.PREFIX,
     measured_expression: bool | None = None,
+    reliable_only: bool = False,
+    show_interval: bool = False,
     counts_layer: str | None = None,
     target_sum: float = 1e4,
     cmap: str = "viridis",
@@ -108,7 +111,8 @@ def gene_map(
     Each gene gets one row: the measured expression (``log1p(counts / total * target_sum)``, the
     scale the model predicts on) beside the prediction in ``layers[layer]``, with one colour scale
     and one colour bar shared by the two (or one each, ``scale='separate'``), and Pearson r across
-    the section's spots in the title.
+    the section's spots in the title; a gene that the model does not call reliable
+    (``var[f'{layer}_reliable']``, see :func:`stranker.pl.reliability`) is marked ``unreliable`` there.
     A section without measured expression (such as the ``'stranker_table'`` that
     :func:`stranker.tl.predict` adds to an image-only slide) shows the prediction only. Spots are
     drawn as filled circles of their real diameter over a lightened thumbnail of the image, read at
@@ -126,6 +130,14 @@ def gene_map(
     measured_expression
         Show the measured side; ``None`` shows it whenever the table holds measurements (it does
         not when its ``X`` is the prediction itself).
+    reliable_only
+        Leave out the genes that the model does not call reliable (``var[f'{layer}_reliable']``, written
+        by :func:`stranker.tl.predict` for a model fitted on several sections), naming them in a log line.
+    show_interval
+        Add a panel per gene of the width of its interval at each spot (``upper - lower`` of
+        ``layers[f'{layer}_lower']`` and ``layers[f'{layer}_upper']``, written by
+        :func:`stranker.tl.predict`), beside the prediction, with its own colour scale (``'magma'``):
+        where the prediction is least certain.
     counts_layer
         Layer of raw counts for the measured side; ``None`` uses ``X``.
     target_sum
@@ -149,7 +161,7 @@ def gene_map(
     max_px
         Longest side of the image thumbnail, in pixels.
     ncols
-        Panels per row when only predictions are shown.
+        Panels per row when only predictions are shown (without ``show_interval``).
     panel_size
         Width of one panel, in inches.
     show
@@ -157,7 +169,8 @@ def gene_map(
     save
         File to write the figure to (format from the suffix, e.g. ``'gene_map.png'``).
     ax
-        Axes to draw into: one per panel (2 per gene with measurements, 1 without).
+        Axes to draw into: one per panel (2 per gene with measurements, 1 without; one more per gene
+        with ``show_interval``).
     {doc_elements}
     {doc_library_key}
     {doc_bin_size}
@@ -185,30 +198,36 @@ def gene_map(
         library_id=library_id, library_key=library_key, bin_size=bin_size,
     )
     colormap = colormaps[cmap]
+    unreliable = [_unreliable(sp, layer, genes) for sp in secs]
+    if reliable_only:
+        genes = _reliable_only(secs, genes, layer, unreliable)
 
     # every value first, so bad input raises before a figure exists
     rows = []
-    for sp in secs:
+    for sp, bad in zip(secs, unreliable, strict=True):
         pred = read_predictions(sp, layer, genes)
         show_meas = (
             has_measured(sp, layer, counts_layer) if measured_expression is None else measured_expression
         )
         meas = measured(sp, genes, counts_layer, target_sum) if show_meas else None
         r = pearson_per_gene(pred, meas) if meas is not None else None
-        rows.append((sp, pred, meas, r))
-    with_meas = [m is not None for _, _, m, _ in rows]
+        width = _interval_width(sp, layer, genes) if show_interval else None
+        rows.append((sp, pred, meas, r, width, bad or set()))
+    with_meas = [row[2] is not None for row in rows]
     if any(with_meas) and not all(with_meas):
         raise InputError("Some sections have measured expression and some do not: plot them separately.")
     paired = all(with_meas)
-    n_panels = len(secs) * len(genes) * (2 if paired else 1)
-    ncol = 2 if paired else max(1, min(ncols, n_panels))
+    per_gene = (2 if paired else 1) + bool(show_interval)
+    n_panels = len(secs) * len(genes) * per_gene
+    ncol = per_gene if per_gene > 1 else max(1, min(ncols, n_panels))
     fig, axes = new_axes(n_panels, ax, ncols=ncol, panel=(panel_size, panel_size), what="gene_map")
     if ax is None:  # panels take the section's aspect; room for titles and one colour bar per gene
-        bars = (2 if scale == "separate" else 1) if paired else ncol
+        bars = ((2 if scale == "separate" else 1) if paired else 1) + bool(show_interval)
+        bars = bars if per_gene > 1 else ncol
         _fit_size(fig, secs[0], panel_size, ncols=ncol, nrows=-(-n_panels // ncol), bars=bars)
     prefix = len(secs) > 1
     k = 0
-    for sp, pred, meas, r in rows:
+    for sp, pred, meas, r, width, bad in rows:
         thumb = thumbnail(sp, max_px=max_px)
         first = k
         for j, gene in enumerate(genes):
@@ -223,6 +242,7 @@ def gene_map(
                 m_coll = _panel(axes[k], sp, thumb, meas[:, j], title=f"{name} measured", norm=m_norm, **opts)
                 rj = r[j]
                 rtxt = "r = n/a" if not np.isfinite(rj) else f"r = {rj:.2f}"
+                rtxt += ", unreliable" if gene in bad else ""
                 coll = _panel(axes[k + 1], sp, thumb, pred[:, j], title=f"{name} predicted ({rtxt})",
                               norm=p_norm, **opts)
                 if own:
@@ -233,12 +253,60 @@ def gene_map(
                     fig.colorbar(coll, ax=pair, shrink=0.8, pad=0.02, label="log1p expression")
                 k += 2
             else:
-                coll = _panel(axes[k], sp, thumb, pred[:, j], title=f"{name} predicted", norm=norm, **opts)
+                title = f"{name} predicted" + (" (unreliable)" if gene in bad else "")
+                coll = _panel(axes[k], sp, thumb, pred[:, j], title=title, norm=norm, **opts)
                 fig.colorbar(coll, ax=axes[k], shrink=0.8, pad=0.02, label="log1p expression")
+                k += 1
+            if width is not None:
+                w_coll = _panel(axes[k], sp, thumb, width[:, j], title=f"{name} interval width",
+                                norm=_norm(width[:, j], None, None), **{**opts, "cmap": colormaps["magma"]})
+                fig.colorbar(w_coll, ax=axes[k], shrink=0.8, pad=0.02, label="upper - lower")
                 k += 1
         if scalebar and sp.microns_per_pixel:
             _scalebar(axes[first], float(sp.microns_per_pixel))
     return finish(fig, fig, show=show, save=save)
+
+
+def _unreliable(sp: Section, layer: str, genes: list[str]) -> set[str] | None:
+    """Those of ``genes`` that ``var[f'{layer}_reliable']`` does not call reliable (``None``: no column)."""
+    col = f"{layer}_reliable"
+    if col not in sp.table.var:
+        return None
+    flags = sp.table.var[col].to_numpy(dtype=bool)
+    return {g for g, i in zip(genes, sp.gene_columns(genes), strict=True) if i >= 0 and not flags[i]}
+
+
+def _reliable_only(
+    secs: list[Section], genes: list[str], layer: str, unreliable: list[set[str] | None]
+) -> list[str]:
+    """``genes`` less those some section does not call reliable, named in a log line."""
+    lacking = [sp.name for sp, bad in zip(secs, unreliable, strict=True) if bad is None]
+    if lacking:
+        raise InputError(
+            f"`reliable_only=True` needs `var[{layer + '_reliable'!r}]`, which section(s) {lacking} lack: "
+            "predict with a model fitted on several sections (reliability=True), or pass reliable_only=False."
+        )
+    hidden = set().union(*unreliable)
+    kept = [g for g in genes if g not in hidden]
+    if hidden:
+        names = [g for g in genes if g in hidden]
+        logger.info(f"Not drawing {len(names)} gene(s) that the model does not call reliable "
+                    f"(`var[{layer + '_reliable'!r}]`): {names}")
+    if not kept:
+        raise InputError(f"None of the genes {genes[:10]} is called reliable: pass reliable_only=False.")
+    return kept
+
+
+def _interval_width(sp: Section, layer: str, genes: list[str]) -> np.ndarray:
+    """``upper - lower`` of each spot and gene, from the interval layers ``sr.tl.predict`` wrote."""
+    names = [f"{layer}_lower", f"{layer}_upper"]
+    missing = [n for n in names if n not in sp.table.layers]
+    if missing:
+        raise InputError(
+            f"`show_interval=True` needs layers {missing} in section {sp.name!r}: predict with a model "
+            "fitted on several sections (reliability=True), or pass show_interval=False."
+        )
+    return read_predictions(sp, names[1], genes) - read_predictions(sp, names[0], genes)
 
 
 def _scalebar(ax: Any, mpp: float) -> None:

@@ -17,6 +17,8 @@ from .elements import add_elements
 from .layers import genes_in_table, prediction_layer
 from .tables import write_results
 
+RELIABILITY_COLUMNS = ("cv_pcc", "cv_pcc_lo", "cv_pcc_hi", "reliable")  # var[f"{key_added}_{c}"]
+
 
 def write_predictions(
     sp: Section, model: Any, emb: np.ndarray, pred: np.ndarray, key_added: str, *, tiles: bool,
@@ -117,8 +119,8 @@ def write_outputs(
     else:
         cols = sp.gene_columns(list(model.genes))
         keep = cols >= 0
-        for name, dtype, fill in (("cv_pcc", np.float64, np.nan), ("cv_pcc_lo", np.float64, np.nan),
-                                  ("cv_pcc_hi", np.float64, np.nan), ("reliable", bool, False)):
+        kinds = ((np.float64, np.nan),) * 3 + ((bool, False),)
+        for name, (dtype, fill) in zip(RELIABILITY_COLUMNS, kinds, strict=True):
             col = np.full(sp.table.n_vars, fill, dtype=dtype)
             col[cols[keep]] = table[name].to_numpy()[keep]
             var[f"{key_added}_{name}"] = col
@@ -130,12 +132,17 @@ def write_outputs(
             f"{rec.fold_epochs} epochs; reliable: r on new sections > 0 at FDR {model.config.fdr:g} "
             f"(Benjamini-Hochberg over a t-test across the held-out groups) and estimated r >= 0.1")
         record["n_reliable"] = int(table["reliable"].to_numpy()[keep].sum())
+    # outputs of an earlier call under this key (its run record was checked) that this one does not write
+    drop = {"var": [] if table is not None else [f"{key_added}_{c}" for c in RELIABILITY_COLUMNS],
+            "layers": [] if trust is not None else [f"{key_added}_lower", f"{key_added}_upper"],
+            "obs": [] if trust is not None else [f"{key_added}_difficulty"]}
     if trust is not None:
         layers[f"{key_added}_lower"] = prediction_layer(sp, list(model.genes), trust["lower"])[0]
         layers[f"{key_added}_upper"] = prediction_layer(sp, list(model.genes), trust["upper"])[0]
         obs[f"{key_added}_difficulty"] = trust["difficulty"].astype(np.float32)
         record["shift"] = trust["shift"]
-    write_results(sp, obsm={f"X_{key_added}": emb}, layers=layers, obs=obs, var=var, uns={key_added: record})
+    write_results(sp, obsm={f"X_{key_added}": emb}, layers=layers, obs=obs, var=var, uns={key_added: record},
+                  drop=drop)
 
 
 def _new_table(sp: Section, model: Any, shapes_key: str, index: Any) -> Any:

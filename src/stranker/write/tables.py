@@ -64,8 +64,12 @@ def write_results(
     obs: dict[str, np.ndarray] | None = None,
     var: dict[str, np.ndarray] | None = None,
     uns: dict[str, Any] | None = None,
+    drop: dict[str, list[str]] | None = None,
 ) -> None:
     """Assign results of the rows of one section to its table and log one line naming the keys added.
+
+    ``drop``: keys to remove, by field (``{'layers': [...], 'obs': [...], 'var': [...]}``): outputs an
+    earlier stranker call wrote under the same ``key_added`` that this one does not replace.
 
     Arrays over the section's spots are laid into arrays over every row of the table (other rows keep
     what a former result held there, else NaN / empty).
@@ -80,7 +84,7 @@ def write_results(
     full_obs = {k: _full(np.asarray(v), sp, t.obs[k].to_numpy() if k in t.obs else None)
                 for k, v in (obs or {}).items()}
     write_table(t, f"the table of {sp.name!r}", layers=full_layers, obsm=full_obsm, obs=full_obs, var=var,
-                uns=uns)
+                uns=uns, drop=drop)
 
 
 def write_table(
@@ -92,8 +96,21 @@ def write_table(
     obs: dict[str, np.ndarray] | None = None,
     var: dict[str, np.ndarray] | None = None,
     uns: dict[str, Any] | None = None,
+    drop: dict[str, list[str]] | None = None,
 ) -> None:
-    """Assign whole-table values to an AnnData (``where`` names it in the log line)."""
+    """Assign whole-table values to an AnnData (``where`` names it in the log line); remove ``drop``."""
+    gone = []
+    for field, keys in (drop or {}).items():
+        for k in keys:
+            if field in ("obs", "var") and k in getattr(t, field).columns:
+                setattr(t, field, getattr(t, field).drop(columns=[k]))
+            elif field in ("layers", "obsm", "uns") and k in getattr(t, field):
+                del getattr(t, field)[k]
+            else:
+                continue
+            gone.append(f"{field}[{k!r}]")
+    if gone:
+        logger.info(f"Removed {', '.join(gone)} from {where}: left by an earlier call under the same key.")
     for k, v in (layers or {}).items():
         t.layers[k] = v
     for k, v in (obsm or {}).items():
