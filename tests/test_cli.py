@@ -77,7 +77,7 @@ def test_fit_command_without_weights_says_how_to_get_them(tmp_path):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "stranker: error:" in out.stderr and "timm/test_resnet.r160_in1k" in out.stderr
-    assert "huggingface-cli login" in out.stderr and "`weights=`" in out.stderr
+    assert "hf download timm/test_resnet.r160_in1k" in out.stderr and "`weights=`" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "m").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -112,9 +113,13 @@ def _at_least(low: int):
 def _fit(args: argparse.Namespace) -> int:
     import os
 
+    from stranker._atomic import check_writable
     from stranker.tl._persist import check_target
 
     check_target(args.out, args.overwrite)  # before the fit, not after it
+    check_writable(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}")
+    if args.checkpoint_dir is not None:
+        check_writable(args.checkpoint_dir, f"--checkpoint-dir {args.checkpoint_dir}")
     stores = [os.path.realpath(p) for p in args.zarr]
     twice = sorted({p for p in args.zarr if stores.count(os.path.realpath(p)) > 1})
     if twice:
@@ -137,7 +142,7 @@ def _fit(args: argparse.Namespace) -> int:
     data = [sd.read_zarr(p) for p in args.zarr]
     genes = args.genes
     if genes and len(genes) == 1 and genes[0] not in ("hvg", "heg") and genes[0].endswith(".txt"):
-        genes = [g.strip() for g in open(genes[0]) if g.strip()]
+        genes = [g.strip() for g in open(os.path.expanduser(genes[0])) if g.strip()]
     elif genes and len(genes) == 1 and genes[0] in ("hvg", "heg"):
         genes = genes[0]
     options = {k: v for k, v in (("image_size", args.image_size), ("sharp_epochs", args.sharp_epochs),
@@ -160,51 +165,40 @@ def _freeze(value: str | None) -> bool | str | None:
     return {"yes": True, "no": False, None: None}.get(value, value)
 
 
-def write_store(sdata, target, *, replace: bool) -> None:
-    """Write a SpatialData to ``target`` whole or not at all: into a sibling temp folder, then renamed.
-
-    With ``replace``, an existing ``target`` is swapped out only after the new store is complete.
-    """
-    import shutil
-    from pathlib import Path
-
-    from stranker._atomic import move_into_place, sibling
-
-    def check(path: Path) -> None:
-        if not replace:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it.")
-
-    target = Path(target)
-    if target.exists():
-        check(target)
-    tmp = sibling(target, "writing")
-    try:
-        sdata.write(tmp)
-        move_into_place(tmp, target, check)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import spatialdata as sd
 
     import stranker as sr
+    from stranker._atomic import check_writable
+    from stranker.write import store
+    from stranker.write.keys import check_name
 
-    model = sr.Model.load(args.model)
     src = Path(args.zarr)
     if not src.exists():
         raise FileNotFoundError(f"{src} not found: pass a SpatialData .zarr store.")
-    out = Path(args.out) if args.out else src
-    if args.out and out.resolve() == src.resolve():
-        raise ValueError("--out names the input store; leave --out out to write into it in place.")
-    if args.out and out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
+    check_name(args.key_added, "--key-added")  # refused before any work, not when writing
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        store.check_destination(src, out, args.overwrite)
+        check_writable(out.parent, f"--out {out}")
+    else:
+        store.check_store_writable(src)
+    model = sr.Model.load(args.model)
     sdata = sd.read_zarr(src)
+    # a lower bound of what is written (refused only when it surely does not fit): the predictions on
+    # the smallest table, and half the input store for a copy of it
+    needed = min((t.n_obs * len(model.genes) * 4 for t in sdata.tables.values()), default=0)
+    needed += store.store_size(src) // 2 if out is not None else 0
+    store.check_space(out.parent if out is not None else src, needed)
+    before = store.element_state(sdata)
     sr.tl.predict(model, sdata, key_added=args.key_added, device=args.device, bin_size=args.bin_size)
-    write_store(sdata, out, replace=True)
-    print(f"predictions of {len(model.genes)} genes written to {out} (key '{args.key_added}')")
+    if out is not None:
+        store.write_new_store(sdata, out, source=src)
+    else:
+        store.write_in_place(sdata, src, before)
+    print(f"predictions of {len(model.genes)} genes written to {out or src} (key '{args.key_added}')")
     return 0
 
 
@@ -285,12 +279,18 @@ def parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_fit)
     r = sub.add_parser("predict", help="predict expression on a SpatialData zarr store with a saved model",
                        description="Predict expression and image embeddings with a model saved by "
-                                   "`stranker fit` (or sr.Model.save). Results are written into the store "
-                                   "(or into a new store at --out), whole or not at all.")
+                                   "`stranker fit` (or sr.Model.save). In place, stranker adds its own keys "
+                                   "and elements to the store (each written beside it, then renamed in) and "
+                                   "leaves every other file of it as it was; --out writes a new store whole "
+                                   "or not at all.")
     r.add_argument("model", help="model folder written by `stranker fit --out`")
     r.add_argument("zarr", help="SpatialData .zarr store (a section with spots, or a whole slide)")
-    r.add_argument("--out", default=None, help="write the result to this new store instead of in place")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    r.add_argument("--out", default=None,
+                   help="write the result to this new store instead of in place (never the input, nor a "
+                        "folder that holds it)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a store that an earlier `stranker predict --out` wrote at --out (never "
+                        "anything else)")
     r.add_argument("--key-added", default="stranker", help="prefix of the written keys (default stranker)")
     r.add_argument("--bin-size", type=int, default=None, help="Visium HD: bin size in µm (2, 8 or 16)")
     r.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
@@ -298,16 +298,56 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_PATHS = ("zarr", "out", "model", "checkpoint_dir", "weights")  # arguments that name files or folders
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``stranker`` command."""
+    """Entry point of the ``stranker`` command.
+
+    Paths may start with ``~`` (also where the shell leaves it, as in ``--out=~/m``). SIGTERM and SIGHUP
+    stop it as Ctrl-C does, so that what it was writing is removed (files are whole or absent).
+    """
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     args.argv = argv
+    for name in _PATHS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) for v in value])
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        with _signals_interrupt():
+            return args.func(args)
+    except (ValueError, OSError) as err:  # InputError is a ValueError; a full disk, a missing file: OSError
         print(f"stranker: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stranker: interrupted (files it was writing were removed).", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Make SIGTERM and SIGHUP raise KeyboardInterrupt in the block (main thread, default handlers only)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                old[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
