@@ -13,8 +13,10 @@ model that did not see its section. From these:
   distance to the other sections. Per gene, a conformal quantile of the OOF residuals divided by it
   gives split-conformal intervals ``pred ± q_gene * difficulty`` (coverage ≥ level for spots
   exchangeable with the training spots);
-- per section, a shift score: the median difficulty of its spots, against the training sections'
-  own (each against the others: a conformal p-value; ``shifted`` when it exceeds all of them).
+- per section, a shift score: the larger of the median difficulty of its spots and the distance of
+  its colour statistics (optical density per channel) from the training spots', each in units of the
+  held-out training sections' own (each against the others); those sections' scores calibrate it (a
+  conformal p-value; ``shifted`` when it exceeds all of them).
 """
 
 from __future__ import annotations
@@ -133,6 +135,20 @@ def other_section_distance(emb: np.ndarray, section: np.ndarray, k: int = NEIGHB
         m = section == s
         out[m] = nn_distance(emb[m], emb[~m], k)
     return out
+
+
+def colour_distance(colour: np.ndarray, reference: np.ndarray) -> float:
+    """Distance of a section's mean colour statistics from reference spots', in units of their spread.
+
+    ``colour`` and ``reference``: per spot, mean and sd of each channel's optical density; the
+    distance is the norm of the section's mean minus the reference mean over the reference's
+    per-statistic sd. NaN without pixels (a model on features).
+    """
+    colour, reference = np.asarray(colour, dtype=float), np.asarray(reference, dtype=float)
+    if not len(colour) or not np.isfinite(colour).all() or not np.isfinite(reference).all():
+        return float("nan")
+    sd = np.maximum(reference.std(0), 1e-6)
+    return float(np.linalg.norm((colour.mean(0) - reference.mean(0)) / sd))
 
 
 def difficulty(distance: np.ndarray, scale: float) -> np.ndarray:

@@ -62,7 +62,7 @@ def test_predict_writes_each_sections_record_once_and_whole(tiny_model, monkeypa
 
     monkeypatch.setattr(writer, "write_results", spy)
     sr.tl.predict(tiny_model, secs, adapt=True)
-    assert [c[1] for c in calls] == [["layers", "obsm", "uns"]] * 2  # one write per section
+    assert len(calls) == 2 and all({"layers", "obsm", "uns"} <= set(c[1]) for c in calls)  # one per section
     for sd in secs:
         rec = sd.tables["table"].uns["stranker"]
         assert rec["adapt"] is True and "resampling" in rec and rec["in_sample"] is False

@@ -279,7 +279,8 @@ class Model:
         self.aligner, self.config, self.genes, self.meta, self.bank = aligner, cfg, list(genes), record, bank
         self.is_trained = True
         try:
-            insample = in_sample(self, inputs, dev) if key_added is not None or cfg.reliability else None
+            insample = (in_sample(self, inputs, dev, colour=cfg.reliability)
+                        if key_added is not None or cfg.reliability else None)
             if cfg.reliability:  # every process of a distributed fit trains the same fold models
                 found = cross_fit(self, inputs, dev, seed, insample)
                 if found is not None:
@@ -288,7 +289,7 @@ class Model:
                 return self
             record.fit_seconds = time.perf_counter() - t_start
             if key_added is not None:
-                for sp, (emb, pred) in zip(inputs.sections, insample, strict=True):
+                for sp, (emb, pred, *_) in zip(inputs.sections, insample, strict=True):
                     write_outputs(sp, self, emb, pred, key_added, in_sample=True)
         except BaseException:  # the model is untrained again, as the data is unchanged
             vars(self).clear()
@@ -377,11 +378,15 @@ class Model:
     def _infer(
         self, sp: Section, *, centers: np.ndarray | None = None, device: str | None = None,
         batch_size: int = 128, features: np.ndarray | None = None, patches: np.ndarray | None = None,
-        adapt: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        adapt: bool = False, branch: str | None = None, colour: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
 
-        See :meth:`_inputs` for ``centers``, ``features`` and ``patches``.
+        See :meth:`_inputs` for ``centers``, ``features`` and ``patches``. ``branch``: ``'sharp'`` or
+        ``'coarse'`` reads with that image branch of a model with a sharp finish whatever the section's
+        resolution (default: the one :meth:`branch_of` picks). ``colour``: also return per spot the
+        mean and sd of the optical density of each colour channel of the patch the network sees
+        (``(n, 6)``; NaN for a model on features).
         """
         import torch
 
@@ -400,7 +405,12 @@ class Model:
         axes = self._axes()
         if axes is not None:
             center, axes = (torch.as_tensor(a, device=dev) for a in axes)
-        branch = al.teacher if c.image_features is not None else al.branch_for(self.coarser(sp))
+        if c.image_features is not None:
+            branch = al.teacher
+        elif branch is None:
+            branch = al.branch_for(self.coarser(sp))
+        else:
+            branch = al.coarse if branch == "coarse" and al.coarse is not None else al.teacher
         if adapt:
             if c.image_features is not None:
                 raise InputError("`adapt=True` renews a backbone's statistics: a model on features has none.")
@@ -425,10 +435,16 @@ class Model:
                 out = ret if c.predict == "retrieval" else c.blend * head + (1 - c.blend) * ret
             if axes is not None:
                 out = project(out, center, axes)
-            return e, out
+            if not colour:
+                return e, out
+            if x.dtype != torch.float32 or x.ndim != 5:  # features: no pixels
+                return e, out, torch.full((len(x), 6), float("nan"), device=x.device)
+            od = -torch.log((x[:, 0].float() * 255 + 1) / 256)  # (b, 3, h, w) optical density
+            return e, out, torch.cat([od.mean((2, 3)), od.std((2, 3))], 1)
 
-        emb, pred = run_batches(step, inputs, device=dev, dims=(c.embed_dim, len(self.genes)),
-                                batch_size=batch_size, desc="predict")
+        dims = (c.embed_dim, len(self.genes)) + ((6,) if colour else ())
+        outs = run_batches(step, inputs, device=dev, dims=dims, batch_size=batch_size, desc="predict")
+        emb, pred = outs[0], outs[1]
         if not (np.isfinite(pred).all() and np.isfinite(emb).all()):  # never written, nor returned
             from ._persist import non_finite
 
@@ -440,7 +456,14 @@ class Model:
                 f"The model predicts NaN or infinite values on section {sp.name!r}: {cause}. Fit it again "
                 "(a lower `lr`); nothing was written."
             )
-        return emb, pred
+        return (emb, pred, outs[2]) if colour else (emb, pred)
+
+    def branch_of(self, sp: Section) -> str:
+        """Return ``'coarse'`` when this model reads ``sp`` with its jittered teacher, else ``'sharp'``."""
+        al = self.aligner
+        if self.config.image_features is not None or getattr(al, "coarse", None) is None:
+            return "sharp"
+        return "coarse" if al.branch_for(self.coarser(sp)) is al.coarse else "sharp"
 
     def _axes(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Mean and principal axes of the training targets that predictions are projected onto, or None.
@@ -482,17 +505,21 @@ class Model:
         rec = self.reliability_record
         return None if rec is None else rec.table(list(self.genes), float(self.config.fdr))
 
-    def trust(self, emb: np.ndarray, pred: np.ndarray) -> dict[str, Any] | None:
-        """Intervals, per-spot difficulty and the shift record of one section's outputs (:meth:`infer`).
+    def trust(
+        self, sp: Section, emb: np.ndarray, pred: np.ndarray, colour: np.ndarray
+    ) -> dict[str, Any] | None:
+        """Intervals, per-spot difficulty and the shift record of one section's outputs.
 
-        ``None`` when the model has no reliability record.
+        ``emb``, ``pred``, ``colour``: what :meth:`infer` returns with ``colour=True``. ``None`` when the
+        model has no reliability record.
         """
         rec = self.reliability_record
         if rec is None:
             return None
-        d = rec.difficulty(emb)
+        branch = self.branch_of(sp)
+        d = rec.difficulty(emb, branch)
         lower, upper = rec.intervals(pred, d)
-        return {"lower": lower, "upper": upper, "difficulty": d, "shift": rec.shift(d)}
+        return {"lower": lower, "upper": upper, "difficulty": d, "shift": rec.shift(d, colour, branch)}
 
     @property
     def expression_rank(self) -> int | None:

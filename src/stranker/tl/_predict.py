@@ -341,8 +341,8 @@ def predict(
                         f"from pyramid level {info['level']}.")
         if info:
             check_detail(sp, model, info)
-        emb, pred = model.infer(sp, device=device, adapt=adapt)
-        trust = model.trust(emb, pred)
+        emb, pred, colour = model.infer(sp, device=device, adapt=adapt, colour=True)
+        trust = model.trust(sp, emb, pred, colour)
         if trust is not None and trust["shift"]["shifted"]:
             sh = trust["shift"]
             logger.warning(

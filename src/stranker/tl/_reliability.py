@@ -34,15 +34,16 @@ class Reliability:
         Per gene: estimated r on a new section, its interval at ``level``, one-sided p-value of r > 0.
     q
         Per gene: conformal quantile (at ``level``) of the out-of-fold residuals over the spots' difficulty.
-    train_emb, train_section
-        The model's teacher embeddings of its training spots and their section index (the bank that a
-        new spot's distance to the training tissue is measured against).
-    scale
-        Median distance of training spots to the training spots of other sections (the unit of difficulty).
-    shift_calibration
-        Shift score (median difficulty) of each held-out group's spots against the other groups.
-    groups
-        Names of the held-out groups.
+    banks
+        Per image branch (``'sharp'``; ``'coarse'`` for a model with a sharp finish): the model's teacher
+        embeddings of its training spots read with that branch (``emb``), the unit of difficulty
+        (``scale``: median distance of training spots to those of the other sections) and each held-out
+        group's median difficulty against the others (``calibration``).
+    colour, colour_calibration
+        Per training spot, mean and sd of the optical density of each channel of its patch; each
+        held-out group's colour distance to the other groups' spots.
+    groups, group_of
+        Names of the held-out groups; the group of each training spot.
     level, fold_epochs
         Interval level; epochs of each fold model.
     """
@@ -53,19 +54,22 @@ class Reliability:
     hi: np.ndarray
     p: np.ndarray
     q: np.ndarray
-    train_emb: np.ndarray
-    train_section: np.ndarray
-    scale: float
-    shift_calibration: np.ndarray
+    banks: dict[str, dict[str, Any]]
+    colour: np.ndarray
+    colour_calibration: np.ndarray
     groups: list[str]
+    group_of: np.ndarray
     level: float
     fold_epochs: int
 
     def to_bank(self) -> dict[str, np.ndarray]:
         """Return the arrays to save with the model's bank (names prefixed ``rel_``)."""
-        out = {k: np.asarray(getattr(self, k)) for k in ("r_groups", "estimate", "lo", "hi", "p", "q",
-                                                       "train_emb", "train_section", "shift_calibration")}
-        out["scale"] = np.array([self.scale])
+        keys = ("r_groups", "estimate", "lo", "hi", "p", "q", "colour", "colour_calibration", "group_of")
+        out = {k: np.asarray(getattr(self, k)) for k in keys}
+        for name, bank in self.banks.items():
+            out[f"{name}_emb"] = bank["emb"]
+            out[f"{name}_scale"] = np.array([bank["scale"]])
+            out[f"{name}_calibration"] = np.asarray(bank["calibration"])
         out["level"] = np.array([self.level])
         out["fold_epochs"] = np.array([self.fold_epochs])
         out["groups"] = np.frombuffer("\n".join(self.groups).encode(), dtype=np.uint8).copy()
@@ -78,11 +82,12 @@ class Reliability:
             return None
         g = {k[len(_PREFIX):]: np.asarray(v) for k, v in bank.items() if k.startswith(_PREFIX)}
         names = bytes(g["groups"].astype(np.uint8)).decode().split("\n") if g["groups"].size else []
+        banks = {b: {"emb": g[f"{b}_emb"].astype(np.float32), "scale": float(g[f"{b}_scale"][0]),
+                     "calibration": g[f"{b}_calibration"]} for b in ("sharp", "coarse") if f"{b}_emb" in g}
         return cls(r_groups=g["r_groups"], estimate=g["estimate"], lo=g["lo"], hi=g["hi"], p=g["p"],
-                   q=g["q"], train_emb=g["train_emb"].astype(np.float32),
-                   train_section=g["train_section"].astype(np.int64),
-                   scale=float(g["scale"][0]), shift_calibration=g["shift_calibration"], groups=names,
-                   level=float(g["level"][0]), fold_epochs=int(g["fold_epochs"][0]))
+                   q=g["q"], banks=banks, colour=g["colour"], colour_calibration=g["colour_calibration"],
+                   groups=names, group_of=g["group_of"].astype(np.int64), level=float(g["level"][0]),
+                   fold_epochs=int(g["fold_epochs"][0]))
 
     def table(self, genes: list[str], fdr: float) -> Any:
         """Return per-gene reliability: ``cv_pcc``, ``cv_pcc_lo``, ``cv_pcc_hi``, ``p``, ``reliable``."""
@@ -93,21 +98,42 @@ class Reliability:
             "reliable": rel.reliable_genes(self.estimate, self.p, fdr),
         }, index=pd.Index(list(genes), name="gene"))
 
-    def difficulty(self, emb: np.ndarray) -> np.ndarray:
-        """Return per spot the distance of its embedding to the training tissue, in :attr:`scale` units."""
-        return rel.difficulty(rel.nn_distance(emb, self.train_emb), self.scale)
+    def _bank(self, branch: str) -> dict[str, Any]:
+        return self.banks.get(branch, self.banks["sharp"])
+
+    def difficulty(self, emb: np.ndarray, branch: str = "sharp") -> np.ndarray:
+        """Return per spot the distance of its embedding to the training tissue, in units of the scale.
+
+        Measured against the training spots read with the same image ``branch`` as the spots.
+        """
+        b = self._bank(branch)
+        return rel.difficulty(rel.nn_distance(emb, b["emb"]), b["scale"])
 
     def intervals(self, pred: np.ndarray, difficulty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return lower and upper bounds ``pred ∓ q_gene * difficulty_spot``."""
         half = difficulty[:, None].astype(np.float32) * self.q[None, :].astype(np.float32)
         return pred - half, pred + half
 
-    def shift(self, difficulty: np.ndarray) -> dict[str, Any]:
-        """Return the shift record of a section: score, conformal p-value and whether it is ``shifted``."""
-        score = float(np.median(difficulty)) if len(difficulty) else float("nan")
-        p = rel.shift_p_value(score, self.shift_calibration)
-        return {"score": score, "p_value": p, "shifted": bool(score > np.max(self.shift_calibration)),
-                "calibration": [float(v) for v in self.shift_calibration], "groups": list(self.groups)}
+    def shift(self, difficulty: np.ndarray, colour: np.ndarray, branch: str = "sharp") -> dict[str, Any]:
+        """Return the shift record of a section: score, conformal p-value and whether it is ``shifted``.
+
+        Two views of how far a section lies from the training tissue, each in units of the median of
+        the held-out training groups' own (one against the others): the median ``difficulty`` of its
+        spots (the model's embedding space), and the distance of its mean colour statistics from the
+        training spots'. The score is the larger; the training groups' scores, made the same way,
+        calibrate it.
+        """
+        emb_cal = np.asarray(self._bank(branch)["calibration"], dtype=float)
+        col_cal = np.asarray(self.colour_calibration, dtype=float)
+        emb_score = float(np.median(difficulty)) if len(difficulty) else float("nan")
+        col_score = rel.colour_distance(colour, self.colour)
+        e_unit, c_unit = max(np.median(emb_cal), 1e-12), max(np.median(col_cal), 1e-12)
+        cal = np.maximum(emb_cal / e_unit, np.nan_to_num(col_cal / c_unit, nan=0.0))
+        score = float(max(emb_score / e_unit, np.nan_to_num(col_score / c_unit, nan=0.0)))
+        return {"score": score, "p_value": rel.shift_p_value(score, cal), "shifted": bool(score > cal.max()),
+                "calibration": [float(v) for v in cal], "groups": list(self.groups),
+                "embedding": {"score": emb_score, "calibration": [float(v) for v in emb_cal]},
+                "colour": {"score": col_score, "calibration": [float(v) for v in col_cal]}}
 
 
 def _group_names(secs: list[Section], most: int) -> tuple[list[list[int]], list[str]]:
@@ -140,17 +166,18 @@ def fold_config(cfg: Any) -> Any:
                    reliability=False)
 
 
-def in_sample(model: Any, inputs: Any, device: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Return teacher embeddings and predictions of every training section (inputs held in memory)."""
-    return [model.infer(sp, device=str(device), **_held(model, inputs, s))
+def in_sample(model: Any, inputs: Any, device: Any, colour: bool = False) -> list[tuple[np.ndarray, ...]]:
+    """Return teacher embeddings and predictions (and colour statistics) of every training section."""
+    return [model.infer(sp, device=str(device), colour=colour, **_held(model, inputs, s))
             for s, sp in enumerate(inputs.sections)]
 
 
 def cross_fit(model: Any, inputs: Any, device: Any, seed: int,
-              insample: list[tuple[np.ndarray, np.ndarray]]) -> Reliability | None:
+              insample: list[tuple[np.ndarray, ...]]) -> Reliability | None:
     """Train the fold models of a fitted ``model``; return its reliability record (``None``: too few groups).
 
-    ``insample``: the model's own embeddings and predictions of its training sections (:func:`in_sample`).
+    ``insample``: the model's own embeddings, predictions and colour statistics of its training sections
+    (:func:`in_sample` with ``colour=True``).
     """
     import torch
 
@@ -198,17 +225,29 @@ def cross_fit(model: Any, inputs: Any, device: Any, seed: int,
                          for gi in range(len(groups))])
     level = float(cfg.interval_level)
     estimate, lo, hi, p = rel.gene_reliability(r_groups, level)
-    # difficulty in the fitted model's space: each training spot against the other sections
-    train_emb = np.concatenate([e for e, _ in insample]).astype(np.float32)
-    other = rel.other_section_distance(train_emb, section)
-    scale = float(max(np.median(other), 1e-12))
-    d = rel.difficulty(other, scale)
-    q = rel.conformal_quantile(np.abs(truth - oof) / d[:, None], level)
-    calibration = np.array([np.median(d[group_of == gi]) for gi in range(len(groups))])
+    # difficulty in the fitted model's space: each training spot against the other groups, per branch
+    banks = {}
+    for branch in ("sharp", "coarse") if getattr(model.aligner, "coarse", None) is not None else ("sharp",):
+        if branch == "sharp":
+            emb = np.concatenate([e for e, *_ in insample]).astype(np.float32)
+        else:
+            emb = np.concatenate([model.infer(sp, device=str(device), branch="coarse",
+                                              **_held(model, inputs, s))[0]
+                                  for s, sp in enumerate(inputs.sections)]).astype(np.float32)
+        other = rel.other_section_distance(emb, group_of)
+        scale = float(max(np.median(other), 1e-12))
+        d = rel.difficulty(other, scale)
+        banks[branch] = {"emb": emb, "scale": scale,
+                         "calibration": np.array([np.median(d[group_of == gi]) for gi in range(len(groups))])}
+        if branch == "sharp":
+            q = rel.conformal_quantile(np.abs(truth - oof) / d[:, None], level)
     model.fold_models = folds
-    return Reliability(r_groups=r_groups, estimate=estimate, lo=lo, hi=hi, p=p, q=q, train_emb=train_emb,
-                       train_section=section.astype(np.int64), scale=scale, shift_calibration=calibration,
-                       groups=names, level=level, fold_epochs=int(fcfg.epochs + fcfg.sharp_epochs))
+    colour = np.concatenate([c for *_, c in insample]).astype(np.float32)
+    colour_cal = np.array([rel.colour_distance(colour[group_of == gi], colour[group_of != gi])
+                           for gi in range(len(groups))])
+    return Reliability(r_groups=r_groups, estimate=estimate, lo=lo, hi=hi, p=p, q=q, banks=banks,
+                       colour=colour, colour_calibration=colour_cal, groups=names, group_of=group_of,
+                       level=level, fold_epochs=int(fcfg.epochs + fcfg.sharp_epochs))
 
 
 def _held(model: Any, inputs: Any, s: int) -> dict[str, Any]:
