@@ -87,7 +87,8 @@ def _light(sdata):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tests", nargs="+", default=None, help="held-out sections (default: A1, C5, C2, C3, C4)")
+    ap.add_argument("--tests", nargs="+", default=None,
+                    help="held-out sections (default: A1, C5, C2, C3, C4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")

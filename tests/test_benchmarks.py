@@ -219,3 +219,17 @@ def test_variants_resolution_mean_averages_the_branch_over_lowered_views(monkeyp
     ref = [Branch().forward_tta(v, True) for v in (seen[0][0], seen[1][0])]
     torch.testing.assert_close(e, (ref[0][0] + ref[1][0]) / 2)
     torch.testing.assert_close(p, (ref[0][1] + ref[1][1]) / 2)
+
+
+def test_reliability_smoke_writes_a_row_and_resumes(tmp_path):
+    import json
+
+    out = tmp_path / "rel"
+    _run("reliability.py", "--smoke", "--out", str(out), tmp_path=tmp_path)
+    rows = [json.loads(line) for line in (out / "reliability.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["test"] == "S3"
+    r = rows[0]
+    assert 0 <= r["coverage_mean"] <= 1 and r["width_mean"] > 0 and isinstance(r["shifted"], bool)
+    assert r["mean_r_ensemble"] is not None  # the fold models, as an ensemble
+    _run("reliability.py", "--smoke", "--out", str(out), tmp_path=tmp_path)  # done: skipped, not appended
+    assert len((out / "reliability.jsonl").read_text().splitlines()) == 1
