@@ -137,6 +137,14 @@ def remove_stale(path: Path, tag: str = "writing") -> list[Path]:
     return removed
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """Return ``path`` made absolute, or its nearest ancestor that exists."""
+    here = Path(os.path.abspath(path))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    return here
+
+
 def check_writable(folder: str | Path, what: str, fix: str = "Choose a path you can write to.") -> None:
     """Raise :class:`InputError` unless ``folder`` can be created (when absent) and written into.
 
@@ -144,10 +152,7 @@ def check_writable(folder: str | Path, what: str, fix: str = "Choose a path you 
     read-only file system, missing permissions and a path under a regular file are all found before
     any work is done; ``what`` names the path and its argument in the message, ``fix`` what to do.
     """
-    folder = Path(folder)
-    here = Path(os.path.abspath(folder))
-    while not here.exists() and here != here.parent:
-        here = here.parent
+    here = nearest_existing(folder)
     if not here.is_dir():
         raise InputError(f"{what} cannot be written: {here} is a file, not a folder. {fix}")
     try:

@@ -39,12 +39,6 @@ def pearson_columns(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (p * t).sum(0) / den, np.nan)
 
 
-def _t_ppf(q: float, df: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(q, df))
-
-
 def gene_reliability(
     r_groups: np.ndarray, level: float = 0.9
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -79,7 +73,7 @@ def gene_reliability(
 
     for kk in np.unique(k[k >= 2]):
         m = k == kk
-        half = _t_ppf((1 + level) / 2, int(kk) - 1) * sd[m] * math.sqrt(1 + 1 / kk)
+        half = tdist.ppf((1 + level) / 2, int(kk) - 1) * sd[m] * math.sqrt(1 + 1 / kk)
         lo[m], hi[m] = np.tanh(mean[m] - half), np.tanh(mean[m] + half)
         with np.errstate(divide="ignore", invalid="ignore"):
             tstat = mean[m] / (sd[m] / math.sqrt(kk))

@@ -341,8 +341,11 @@ def predict(
                         f"from pyramid level {info['level']}.")
         if info:
             check_detail(sp, model, info)
-        emb, pred, colour = model.infer(sp, device=device, adapt=adapt, colour=True)
-        trust = model.trust(sp, emb, pred, colour)
+        if model.reliability_record is None:  # nothing to judge the predictions by
+            (emb, pred), trust = model.infer(sp, device=device, adapt=adapt), None
+        else:
+            emb, pred, colour = model.infer(sp, device=device, adapt=adapt, colour=True)
+            trust = model.trust(sp, emb, pred, colour)
         if trust is not None and trust["shift"]["shifted"]:
             sh = trust["shift"]
             logger.warning(

@@ -121,9 +121,9 @@ def check_space(where: str | Path, needed: int) -> None:
     """Raise :class:`InputError` when the disk of ``where`` has fewer than ``needed`` bytes free."""
     import shutil
 
-    here = _abs(where)
-    while not here.exists() and here != here.parent:
-        here = here.parent
+    from .._atomic import nearest_existing
+
+    here = nearest_existing(_abs(where))
     free = shutil.disk_usage(here).free
     if free < needed:
         raise InputError(
