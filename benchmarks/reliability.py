@@ -53,6 +53,10 @@ def measure(model, test, true, genes) -> dict:
     est = t.var["stranker_cv_pcc"].to_numpy()[cols]
     reliable = t.var["stranker_reliable"].to_numpy()[cols].astype(bool)
     ok = np.isfinite(r) & np.isfinite(est)
+    rel_rec = model.reliability_record
+    mine = [list(model.genes).index(g) for g in genes]  # r_groups are in the model's gene order
+    with np.errstate(invalid="ignore"):
+        raw = np.tanh(np.nanmean(np.arctanh(np.clip(rel_rec.r_groups, -0.999999, 0.999999)), 0))[mine]
     ens = np.mean([f.predict(test) for f in model.fold_models], axis=0) if model.fold_models else None
     rec = t.uns["stranker"]
     row = {
@@ -60,6 +64,10 @@ def measure(model, test, true, genes) -> dict:
         "coverage_p10": float(np.quantile(cov, 0.1)), "width_mean": float(np.mean(hi - lo)),
         "level": rec["interval_level"], "fdr": rec["fdr"],
         "spearman_est_vs_measured": float(spearmanr(est[ok], r[ok]).statistic),
+        # the same fits, each gene's estimate from its own held-out groups alone (no shrinking)
+        "spearman_unshrunk_vs_measured": float(spearmanr(raw[ok & np.isfinite(raw)],
+                                                         r[ok & np.isfinite(raw)]).statistic),
+        "shrink_weight": rel_rec.shrink, "fold_epochs": rel_rec.fold_epochs,
         "n_reliable": int(reliable.sum()),
         "reliable_precision": float(np.mean(r[reliable] > 0)) if reliable.any() else None,
         "reliable_mean_r": float(np.nanmean(r[reliable])) if reliable.any() else None,
@@ -69,12 +77,14 @@ def measure(model, test, true, genes) -> dict:
         "mean_r_fit_plus_ensemble": float(np.nanmean(pearson_per_gene((pred + ens) / 2, true)))
         if ens is not None else None,
         "shift_score": rec["shift"]["score"], "shift_p": rec["shift"]["p_value"],
-        "shifted": rec["shift"]["shifted"], "shift_calibration": rec["shift"]["calibration"],
+        "shifted": rec["shift"]["shifted"], "shift_reasons": rec["shift"]["reasons"],
+        "shift_calibration": rec["shift"]["calibration"], "coarser": rec["shift"]["coarser"],
         "difficulty_median": float(np.median(t.obs["stranker_difficulty"])),
         "difficulty_iqr": [float(v) for v in np.quantile(t.obs["stranker_difficulty"], [0.25, 0.75])],
         "predict_s": round(pred_s, 2),
     }
-    arrays = {"measured_r": r, "cv_pcc": est, "coverage": cov, "reliable": reliable}
+    arrays = {"measured_r": r, "cv_pcc": est, "cv_pcc_unshrunk": raw, "coverage": cov, "reliable": reliable,
+              "r_groups": rel_rec.r_groups[:, mine]}
     return row, arrays
 
 

@@ -1,6 +1,7 @@
 """The numeric core of reliability (``stranker._reliability``) on data with a known law."""
 
 import numpy as np
+import pytest
 
 from stranker import _reliability as rel
 
@@ -73,3 +74,33 @@ def test_distances_shift_and_difficulty():
     cal = np.array([np.median(rel.difficulty(other[section == s], scale)) for s in range(3)])
     assert rel.shift_p_value(float(np.median(far)), cal) == 0.25  # beyond every training section
     assert rel.shift_p_value(float(np.min(cal)), cal) == 1.0
+
+
+def test_shrinking_towards_genes_alike_estimates_r_better_than_each_gene_alone():
+    rng = np.random.default_rng(3)
+    n, k = 600, 3
+    moran = rng.uniform(0, 0.6, n)  # spatially structured genes are the ones an image predicts
+    true = 0.5 * moran - 0.05 + 0.05 * rng.normal(size=n)
+    r_groups = np.tanh(true[None, :] + 0.15 * rng.normal(size=(k, n)))
+    raw = np.tanh(np.arctanh(r_groups).mean(0))
+    cov = np.column_stack([moran, rng.normal(size=n)])  # one informative covariate, one not
+    est, w = rel.shrink_estimates(r_groups, cov)
+    assert 0.1 < w < 0.9
+    err = lambda e: float(np.mean((np.arctanh(e) - true) ** 2))  # noqa: E731
+    assert err(est) < 0.7 * err(raw)
+    # without information in the covariates, the estimates stay close to the genes' own
+    est0, w0 = rel.shrink_estimates(r_groups, rng.normal(size=(n, 2)))
+    assert w0 > w and np.corrcoef(est0, raw)[0, 1] > 0.95
+    # too few genes to pool, or NaN covariates: the plain mean
+    np.testing.assert_allclose(rel.shrink_estimates(r_groups[:, :3], cov[:3])[0], raw[:3])
+    cov[0] = np.nan
+    assert rel.shrink_estimates(r_groups, cov)[0][0] == pytest.approx(raw[0])
+
+
+def test_spatial_autocorrelation():
+    rng = np.random.default_rng(4)
+    xy = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2).astype(float)
+    smooth = np.sin(xy[:, 0] / 4) + np.cos(xy[:, 1] / 5)
+    values = np.column_stack([smooth, rng.normal(size=400), np.ones(400)])
+    i = rel.spatial_autocorrelation(values, xy)
+    assert i[0] > 0.7 and abs(i[1]) < 0.15 and np.isnan(i[2])

@@ -82,6 +82,54 @@ def gene_reliability(
     return est, lo, hi, p
 
 
+def spatial_autocorrelation(values: np.ndarray, coords: np.ndarray, k: int = 6) -> np.ndarray:
+    """Moran's I of each column of ``values`` over the ``k``-nearest-neighbour graph of ``coords``.
+
+    Near 0 for a gene without spatial structure, towards 1 for one in smooth patches. NaN where a
+    gene is constant or there are too few spots.
+    """
+    n = len(values)
+    if n <= k + 1:
+        return np.full(values.shape[1], np.nan)
+    from scipy.spatial import cKDTree
+
+    _, nb = cKDTree(coords).query(coords, k + 1)
+    z = values - values.mean(0)
+    lag = z[nb[:, 1:]].mean(1)  # row-standardised weights: the mean of the k neighbours
+    den = (z * z).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (z * lag).sum(0) / den, np.nan)
+
+
+def shrink_estimates(r_groups: np.ndarray, covariates: np.ndarray) -> tuple[np.ndarray, float]:
+    """Empirical-Bayes estimate of each gene's r on a new section, and the weight kept on its own data.
+
+    With a few held-out groups each gene's mean Fisher z is noisy. Genes are pooled: a least-squares
+    fit of the mean z on ``covariates`` (``(n_genes, p)``, e.g. spatial autocorrelation and mean
+    expression: what the genes that an image predicts have in common) is the prior; the noise variance
+    of a gene's mean z is the pooled between-group variance over ``K``, the prior's variance what the
+    fit leaves beyond it; the posterior mean ``w * z + (1 - w) * prior`` with ``w = tau2 / (tau2 +
+    noise)`` is returned on the r scale. Genes without a value (or covariate) keep their plain mean.
+    """
+    z = np.arctanh(np.clip(r_groups, -0.999999, 0.999999))
+    ok = np.isfinite(z)
+    k = ok.sum(0)
+    mean = np.where(k > 0, np.where(ok, z, 0.0).sum(0) / np.maximum(k, 1), np.nan)
+    var = np.where(ok, (z - mean) ** 2, 0.0).sum(0) / np.maximum(k - 1, 1)
+    use = (k >= 2) & np.isfinite(mean) & np.isfinite(covariates).all(1)
+    if use.sum() < covariates.shape[1] + 3:
+        return np.tanh(mean), 1.0
+    design = np.column_stack([np.ones(use.sum()), covariates[use]])
+    beta = np.linalg.lstsq(design, mean[use], rcond=None)[0]
+    prior = design @ beta
+    noise = float(np.mean(var[use] / k[use]))
+    tau2 = max(float(np.var(mean[use] - prior)) - noise, 1e-12)
+    w = tau2 / (tau2 + noise)
+    out = mean.copy()
+    out[use] = w * mean[use] + (1 - w) * prior
+    return np.tanh(out), w
+
+
 def benjamini_hochberg(p: np.ndarray, fdr: float) -> np.ndarray:
     """Boolean discoveries of the Benjamini–Hochberg procedure at false-discovery rate ``fdr``."""
     p = np.asarray(p, dtype=float)

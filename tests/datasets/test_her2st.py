@@ -101,6 +101,7 @@ def test_c2_resolution_and_radius(c2, c2_raw):
     t = c2.tables["table"]
     mpp = t.uns["microns_per_pixel"]
     assert 0.5 <= mpp <= 1.0
+    assert t.uns["section"] == "C2" and t.uns["patient"] == "C"  # reliability holds patients out by it
     # independent estimate: 200 µm centre-to-centre on the array grid
     pitch = np.mean([np.polyfit(sel["x"], sel["pixel_x"], 1)[0], np.polyfit(sel["y"], sel["pixel_y"], 1)[0]])
     np.testing.assert_allclose(mpp, 200.0 / pitch, rtol=0.02)
@@ -367,6 +368,7 @@ def test_a1_loads_in_the_png_frame_at_its_own_resolution():
     mpp = t.uns["microns_per_pixel"]
     np.testing.assert_allclose(mpp, 200.0 / np.median(gaps), rtol=0.01)
     assert 3.0 < mpp < 3.4  # against about 0.69 on C2-C5
+    assert t.uns["patient"] == "A"
     sp = as_sections(a1)[0]
     assert sp.microns_per_pixel == pytest.approx(mpp)
     np.testing.assert_allclose(sp.diameter, 100.0 / mpp, rtol=1e-9)

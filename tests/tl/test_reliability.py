@@ -47,8 +47,9 @@ def test_predict_writes_intervals_difficulty_and_shift(fitted):
     assert d.std() > 0  # the difficulty varies from spot to spot
     rec = t.uns["stranker"]
     assert rec["fdr"] == 0.1 and rec["interval_level"] == 0.9 and "held-out groups" in rec["reliability"]
-    assert set(rec["shift"]) == {"score", "p_value", "shifted", "calibration", "groups", "embedding",
-                                 "colour"}
+    assert set(rec["shift"]) == {"score", "p_value", "shifted", "reasons", "calibration", "groups",
+                                 "embedding", "colour", "coarser", "training_coarser", "patient",
+                                 "training_patients"}
     assert t.var["stranker_reliable"].dtype == bool
 
 
@@ -68,6 +69,54 @@ def test_a_section_unlike_the_training_tissue_is_flagged_and_gets_wider_interval
     assert not same.tables["table"].uns["stranker"]["shift"]["shifted"]
     width = lambda s: float(np.median(s.tables["table"].obs["stranker_difficulty"]))  # noqa: E731
     assert width(sd) > width(same)
+
+
+def test_a_coarser_slide_or_another_patient_is_flagged_with_its_reason(fitted, monkeypatch, caplog):
+    model, _ = fitted
+    rec = model.reliability_record
+    assert rec.coarser == pytest.approx(1.0) and rec.patients == [] and not rec.by_patient
+    same = make_sdata(n=24, seed=1)[0]  # a copy of a training section
+    sr.tl.predict(model, same)
+    assert same.tables["table"].uns["stranker"]["shift"]["reasons"] == []
+    # read with 3x less detail than any training section: no held-out section tested that
+    monkeypatch.setattr(type(model), "coarser", lambda self, sp: 3.0)
+    coarse = make_sdata(n=24, seed=1)[0]
+    with caplog.at_level(logging.WARNING, logger="stranker"):
+        sr.tl.predict(model, coarse)
+    shift = coarse.tables["table"].uns["stranker"]["shift"]
+    assert shift["shifted"] and shift["reasons"] == ["resolution"] and shift["coarser"] == 3.0
+    assert any("less detail" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    # a patient the training tables did not name, when the estimates were made across sections of one
+    # patient; training tables without patients say nothing of a new section's
+    rec.patients, rec.by_patient = ["A"], False
+    try:
+        other = make_sdata(n=24, seed=1)[0]
+        other.tables["table"].uns["patient"] = "B"
+        sr.tl.predict(model, other)
+        assert other.tables["table"].uns["stranker"]["shift"]["reasons"] == ["patient"]
+        mine = make_sdata(n=24, seed=1)[0]
+        mine.tables["table"].uns["patient"] = "A"
+        sr.tl.predict(model, mine)
+        assert not mine.tables["table"].uns["stranker"]["shift"]["shifted"]
+        rec.by_patient = True  # held out by patient: a new patient is like the held-out ones
+        sr.tl.predict(model, other)
+        assert not other.tables["table"].uns["stranker"]["shift"]["shifted"]
+    finally:
+        rec.patients, rec.by_patient = [], False
+
+
+def test_folds_are_patients_when_tables_name_them_and_the_record_keeps_them(tmp_path):
+    secs = [make_sdata(n=24, seed=s)[0] for s in range(4)]
+    for sd, p in zip(secs, ["P1", "P1", "P2", "P2"], strict=True):
+        sd.tables["table"].uns["patient"] = p
+    model = sr.tl.fit(secs, genes=GENES, **TINY)
+    rec = model.reliability_record
+    assert rec.groups == ["P1", "P2"] and rec.patients == ["P1", "P2"] and rec.by_patient
+    model.save(tmp_path / "m")
+    back = sr.Model.load(tmp_path / "m").reliability_record
+    assert back.patients == ["P1", "P2"] and back.by_patient and back.coarser == rec.coarser
+    assert back.shrink == rec.shrink and 0 < rec.shrink <= 1
 
 
 def test_save_load_keeps_reliability_and_old_models_say_it_is_absent(fitted, tmp_path):

@@ -126,7 +126,8 @@ def her2st(section: str | list[str], *, data_dir: str | Path | None = None) -> A
     SpatialData with image ``'he'`` (multiscale, full resolution first), circles ``'spots'`` (the
     spots under tissue, radius from the 100 µm spot size) and table ``'table'`` (raw counts in ``X``
     and ``layers['counts']``, ``obsm['spatial']`` in full-resolution pixels, array coordinates in
-    ``obs``, ``uns['microns_per_pixel']``). A list of these for a list of sections.
+    ``obs``, ``uns['microns_per_pixel']``, ``uns['section']`` and ``uns['patient']``: the letter of the
+    section's name, A–H). A list of these for a list of sections.
     """
     if isinstance(section, list | tuple):
         return [her2st(s, data_dir=data_dir) for s in section]
@@ -219,5 +220,6 @@ def _build(section: str, paths: dict[str, Path], scan_width: int | None = None) 
     adata.obsm[Keys.SPATIAL] = xy
     adata.uns[Keys.MPP] = float(mpp)
     adata.uns["section"] = section
+    adata.uns["patient"] = section[0]  # the dataset's sections are named patient letter + number
     table = TableModel.parse(adata, region=Keys.SHAPES, region_key=Keys.REGION, instance_key=Keys.INSTANCE)
     return SpatialData(images={Keys.IMAGE: image}, shapes={Keys.SHAPES: shapes}, tables={Keys.TABLE: table})

@@ -519,7 +519,10 @@ class Model:
         branch = self.branch_of(sp)
         d = rec.difficulty(emb, branch)
         lower, upper = rec.intervals(pred, d)
-        return {"lower": lower, "upper": upper, "difficulty": d, "shift": rec.shift(d, colour, branch)}
+        coarser = self.coarser(sp) if self.config.image_features is None else None
+        patient = sp.table.uns.get("patient") if sp.table is not None else None
+        shift = rec.shift(d, colour, branch, coarser=coarser, patient=patient)
+        return {"lower": lower, "upper": upper, "difficulty": d, "shift": shift}
 
     @property
     def expression_rank(self) -> int | None:

@@ -305,9 +305,12 @@ def predict(
     ``uns[key_added]['interval_level']`` (split conformal on the fold models' out-of-fold residuals,
     half-width ``q_gene * obs['{key_added}_difficulty']``: a spot whose embedding lies far from the
     training spots gets a wider interval; the same dense or sparse format as the prediction); and
-    ``uns[key_added]['shift']``: the section's ``score`` (median difficulty), its conformal ``p_value``
-    against the training sections, and ``shifted`` (farther than every training section: a WARNING
-    names the section, and the reliability estimates may be optimistic there). A model without the
+    ``uns[key_added]['shift']``: the section's ``score`` (median difficulty or colour distance), its
+    conformal ``p_value`` against the training sections, and ``shifted`` with its ``reasons``
+    (``'appearance'``: farther than every held-out training section; ``'resolution'``: coarser than
+    every training section; ``'patient'``: a patient the training tables did not name, where the
+    estimates were made across sections of the training patients): a WARNING names the section, and
+    the reliability estimates may be optimistic there. A model without the
     record writes none of these and says why in ``uns[key_added]['reliability']``. On an image-only
     SpatialData, adds circles
     ``'{key_added}_tiles'`` and a table ``'{key_added}_table'`` annotating them (predictions in
@@ -347,12 +350,10 @@ def predict(
             emb, pred, colour = model.infer(sp, device=device, adapt=adapt, colour=True)
             trust = model.trust(sp, emb, pred, colour)
         if trust is not None and trust["shift"]["shifted"]:
-            sh = trust["shift"]
             logger.warning(
-                f"Section {sp.name!r} lies farther from the training sections than any held-out training "
-                f"section did (shift score {sh['score']:.3g} > {max(sh['calibration']):.3g}, p = "
-                f"{sh['p_value']:.2g}): the reliability estimates (`var['{key_added}_cv_pcc']`, "
-                f"`var['{key_added}_reliable']`) and the intervals may be optimistic there.")
+                f"Section {sp.name!r} {shift_reasons(trust['shift'])}: the reliability estimates "
+                f"(`var['{key_added}_cv_pcc']`, `var['{key_added}_reliable']`) and the intervals were made "
+                f"on sections like the training ones and may be optimistic there.")
         plans.append((kind, sp, info, emb, pred, trust))
     # everything computed: write
     for kind, sp, info, emb, pred, trust in plans:
@@ -362,6 +363,20 @@ def predict(
         write_predictions(sp, model, emb, pred, key_added, tiles=kind == "tiles", in_sample=False,
                           extra=extra, trust=trust)
     return data if copy else None
+
+
+def shift_reasons(sh: dict[str, Any]) -> str:
+    """Say why a section's shift record calls it ``shifted``."""
+    said = {
+        "appearance": f"lies farther from the training sections than any held-out training section did "
+                      f"(shift score {sh['score']:.3g} > {max(sh['calibration'], default=0):.3g}, p = "
+                      f"{sh['p_value']:.2g})",
+        "resolution": f"gives the network {sh.get('coarser') or 0:.2g}x less detail than the training "
+                      f"sections ({sh.get('training_coarser') or 0:.2g}x at most)",
+        "patient": f"is of patient {sh.get('patient')!r}, and the estimates were made across sections of "
+                   f"{', '.join(map(repr, sh.get('training_patients', [])))} only",
+    }
+    return "; ".join(said[r] for r in sh.get("reasons", ["appearance"]))
 
 
 def as_model(model: Any) -> Any:

@@ -10,7 +10,8 @@ bank), and applies them to a new section's embeddings and predictions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from .._settings import logger
 from ..section import Section
 
 _PREFIX = "rel_"  # bank keys of the reliability record (saved with the model's tensors)
+RESOLUTION_TOLERANCE = 1.25  # a section this much coarser than every training section is shifted
 
 
 @dataclass
@@ -46,6 +48,16 @@ class Reliability:
         Names of the held-out groups; the group of each training spot.
     level, fold_epochs
         Interval level; epochs of each fold model.
+    coarser
+        The most :meth:`stranker.Model.coarser` of the training sections: the least detail any section
+        the estimates were made on gave the backbone (1: the training resolution). NaN in a record saved
+        before it was kept.
+    patients, by_patient
+        The patients the training tables name (``uns['patient']``; empty when not all name one), and
+        whether the held-out groups were patients (else sections).
+    shrink
+        Weight the per-gene estimate keeps on its own held-out groups (the rest goes to the prior from
+        genes alike; :func:`stranker._reliability.shrink_estimates`).
     """
 
     r_groups: np.ndarray
@@ -61,6 +73,10 @@ class Reliability:
     group_of: np.ndarray
     level: float
     fold_epochs: int
+    coarser: float = float("nan")
+    patients: list[str] = field(default_factory=list)
+    by_patient: bool = False
+    shrink: float = 1.0
 
     def to_bank(self) -> dict[str, np.ndarray]:
         """Return the arrays to save with the model's bank (names prefixed ``rel_``)."""
@@ -72,7 +88,11 @@ class Reliability:
             out[f"{name}_calibration"] = np.asarray(bank["calibration"])
         out["level"] = np.array([self.level])
         out["fold_epochs"] = np.array([self.fold_epochs])
-        out["groups"] = np.frombuffer("\n".join(self.groups).encode(), dtype=np.uint8).copy()
+        out["coarser"] = np.array([self.coarser])
+        out["by_patient"] = np.array([self.by_patient])
+        out["shrink"] = np.array([self.shrink])
+        out["groups"] = _encode(self.groups)
+        out["patients"] = _encode(self.patients)
         return {_PREFIX + k: v for k, v in out.items()}
 
     @classmethod
@@ -81,13 +101,16 @@ class Reliability:
         if _PREFIX + "q" not in bank:
             return None
         g = {k[len(_PREFIX):]: np.asarray(v) for k, v in bank.items() if k.startswith(_PREFIX)}
-        names = bytes(g["groups"].astype(np.uint8)).decode().split("\n") if g["groups"].size else []
         banks = {b: {"emb": g[f"{b}_emb"].astype(np.float32), "scale": float(g[f"{b}_scale"][0]),
                      "calibration": g[f"{b}_calibration"]} for b in ("sharp", "coarse") if f"{b}_emb" in g}
         return cls(r_groups=g["r_groups"], estimate=g["estimate"], lo=g["lo"], hi=g["hi"], p=g["p"],
                    q=g["q"], banks=banks, colour=g["colour"], colour_calibration=g["colour_calibration"],
-                   groups=names, group_of=g["group_of"].astype(np.int64), level=float(g["level"][0]),
-                   fold_epochs=int(g["fold_epochs"][0]))
+                   groups=_decode(g["groups"]), group_of=g["group_of"].astype(np.int64),
+                   level=float(g["level"][0]), fold_epochs=int(g["fold_epochs"][0]),
+                   coarser=float(g["coarser"][0]) if "coarser" in g else float("nan"),
+                   patients=_decode(g["patients"]) if "patients" in g else [],
+                   by_patient=bool(g["by_patient"][0]) if "by_patient" in g else False,
+                   shrink=float(g["shrink"][0]) if "shrink" in g else 1.0)
 
     def table(self, genes: list[str], fdr: float) -> Any:
         """Return per-gene reliability: ``cv_pcc``, ``cv_pcc_lo``, ``cv_pcc_hi``, ``p``, ``reliable``."""
@@ -114,14 +137,23 @@ class Reliability:
         half = difficulty[:, None].astype(np.float32) * self.q[None, :].astype(np.float32)
         return pred - half, pred + half
 
-    def shift(self, difficulty: np.ndarray, colour: np.ndarray, branch: str = "sharp") -> dict[str, Any]:
-        """Return the shift record of a section: score, conformal p-value and whether it is ``shifted``.
+    def shift(self, difficulty: np.ndarray, colour: np.ndarray, branch: str = "sharp", *,
+              coarser: float | None = None, patient: Any = None) -> dict[str, Any]:
+        """Return the shift record of a section: score, conformal p-value, ``shifted`` and its ``reasons``.
 
-        Two views of how far a section lies from the training tissue, each in units of the median of
-        the held-out training groups' own (one against the others): the median ``difficulty`` of its
-        spots (the model's embedding space), and the distance of its mean colour statistics from the
-        training spots'. The score is the larger; the training groups' scores, made the same way,
-        calibrate it.
+        The estimates hold for sections like those they were made on. A section is ``shifted`` for any of:
+
+        - ``'appearance'``: two views of how far it lies from the training tissue, each in units of the
+          median of the held-out training groups' own (one against the others): the median
+          ``difficulty`` of its spots (the model's embedding space) and the distance of its mean colour
+          statistics from the training spots'. The score is the larger; the training groups' scores,
+          made the same way, calibrate it (``shifted`` beyond all of them).
+        - ``'resolution'``: its patches give the backbone less detail (``coarser``,
+          :meth:`stranker.Model.coarser`) than any training section did, by more than
+          :data:`RESOLUTION_TOLERANCE`: no held-out section tested the estimates at that detail.
+        - ``'patient'``: its table names a ``patient`` the training tables did not, and the held-out
+          groups were sections of the training patients, not patients: nothing measured how the
+          estimates carry over to another patient.
         """
         emb_cal = np.asarray(self._bank(branch)["calibration"], dtype=float)
         col_cal = np.asarray(self.colour_calibration, dtype=float)
@@ -130,10 +162,29 @@ class Reliability:
         e_unit, c_unit = max(np.median(emb_cal), 1e-12), max(np.median(col_cal), 1e-12)
         cal = np.maximum(emb_cal / e_unit, np.nan_to_num(col_cal / c_unit, nan=0.0))
         score = float(max(emb_score / e_unit, np.nan_to_num(col_score / c_unit, nan=0.0)))
-        return {"score": score, "p_value": rel.shift_p_value(score, cal), "shifted": bool(score > cal.max()),
-                "calibration": [float(v) for v in cal], "groups": list(self.groups),
+        reasons = ["appearance"] if score > cal.max() else []
+        finer = np.isfinite(self.coarser) and coarser is not None
+        if finer and coarser > self.coarser * RESOLUTION_TOLERANCE:
+            reasons.append("resolution")
+        other = patient is not None and str(patient) not in self.patients
+        if other and self.patients and not self.by_patient:
+            reasons.append("patient")
+        return {"score": score, "p_value": rel.shift_p_value(score, cal), "shifted": bool(reasons),
+                "reasons": reasons, "calibration": [float(v) for v in cal], "groups": list(self.groups),
                 "embedding": {"score": emb_score, "calibration": [float(v) for v in emb_cal]},
-                "colour": {"score": col_score, "calibration": [float(v) for v in col_cal]}}
+                "colour": {"score": col_score, "calibration": [float(v) for v in col_cal]},
+                "coarser": None if coarser is None else float(coarser),
+                "training_coarser": float(self.coarser) if np.isfinite(self.coarser) else None,
+                "patient": None if patient is None else str(patient),
+                "training_patients": list(self.patients)}
+
+
+def _encode(names: list[str]) -> np.ndarray:
+    return np.frombuffer("\n".join(names).encode(), dtype=np.uint8).copy()
+
+
+def _decode(arr: np.ndarray) -> list[str]:
+    return bytes(np.asarray(arr).astype(np.uint8)).decode().split("\n") if arr.size else []
 
 
 def _group_names(secs: list[Section], most: int) -> tuple[list[list[int]], list[str]]:
@@ -142,10 +193,11 @@ def _group_names(secs: list[Section], most: int) -> tuple[list[list[int]], list[
     One per patient when every table names one (``uns['patient']``) and they are at least two, else one
     per section; more than ``most`` are merged round-robin.
     """
-    patients = [sp.table.uns.get("patient") if sp.table is not None else None for sp in secs]
-    if all(p is not None for p in patients) and len(set(map(str, patients))) >= 2:
-        names = list(dict.fromkeys(map(str, patients)))
-        groups = [[i for i, p in enumerate(patients) if str(p) == n] for n in names]
+    patients = _patients(secs)
+    if len(patients) >= 2:
+        of = [str(sp.table.uns["patient"]) for sp in secs]
+        names = patients
+        groups = [[i for i, p in enumerate(of) if p == n] for n in names]
     else:
         names = [sp.name for sp in secs]
         groups = [[i] for i in range(len(secs))]
@@ -224,7 +276,11 @@ def cross_fit(model: Any, inputs: Any, device: Any, seed: int,
     r_groups = np.stack([rel.pearson_columns(oof[group_of == gi], truth[group_of == gi])
                          for gi in range(len(groups))])
     level = float(cfg.interval_level)
-    estimate, lo, hi, p = rel.gene_reliability(r_groups, level)
+    raw, lo, hi, p = rel.gene_reliability(r_groups, level)
+    estimate, shrink = rel.shrink_estimates(r_groups, _gene_covariates(inputs, truth, section))
+    with np.errstate(invalid="ignore"):  # the interval moves with its centre
+        delta = _z(estimate) - _z(raw)
+        lo, hi = np.tanh(_z(lo) + delta), np.tanh(_z(hi) + delta)
     # difficulty in the fitted model's space: each training spot against the other groups, per branch
     banks = {}
     for branch in ("sharp", "coarse") if getattr(model.aligner, "coarse", None) is not None else ("sharp",):
@@ -245,9 +301,42 @@ def cross_fit(model: Any, inputs: Any, device: Any, seed: int,
     colour = np.concatenate([c for *_, c in insample]).astype(np.float32)
     colour_cal = np.array([rel.colour_distance(colour[group_of == gi], colour[group_of != gi])
                            for gi in range(len(groups))])
+    patients = _patients(inputs.sections)
     return Reliability(r_groups=r_groups, estimate=estimate, lo=lo, hi=hi, p=p, q=q, banks=banks,
                        colour=colour, colour_calibration=colour_cal, groups=names, group_of=group_of,
-                       level=level, fold_epochs=int(fcfg.epochs + fcfg.sharp_epochs))
+                       level=level, fold_epochs=int(fcfg.epochs + fcfg.sharp_epochs),
+                       coarser=_training_coarser(model, inputs.sections), patients=patients,
+                       by_patient=len(patients) >= 2, shrink=float(shrink))
+
+
+def _z(r: np.ndarray) -> np.ndarray:
+    return np.arctanh(np.clip(r, -0.999999, 0.999999))
+
+
+def _patients(secs: list[Section]) -> list[str]:
+    """Return the patients the training tables name (``uns['patient']``), or ``[]`` when one does not."""
+    patients = [sp.table.uns.get("patient") if sp.table is not None else None for sp in secs]
+    return [] if any(p is None for p in patients) else list(dict.fromkeys(map(str, patients)))
+
+
+def _training_coarser(model: Any, secs: list[Section]) -> float:
+    """Return the least detail a training section gave the backbone (:meth:`stranker.Model.coarser`)."""
+    if model.config.image_features is not None:
+        return float("nan")
+    return float(max(model.coarser(sp) for sp in secs))
+
+
+def _gene_covariates(inputs: Any, truth: np.ndarray, section: np.ndarray) -> np.ndarray:
+    """Per gene, what genes an image predicts share: spatial autocorrelation and mean of the targets.
+
+    Moran's I of each gene over each training section's spots (6 nearest neighbours), averaged over
+    the sections, and the gene's mean target value.
+    """
+    moran = np.stack([rel.spatial_autocorrelation(truth[section == s], sp.centers)
+                      for s, sp in enumerate(inputs.sections)])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a gene constant on every section: NaN
+        return np.column_stack([np.nanmean(moran, 0), truth.mean(0)])
 
 
 def _held(model: Any, inputs: Any, s: int) -> dict[str, Any]:
