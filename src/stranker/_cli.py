@@ -1,4 +1,4 @@
-"""Command line: ``stranker demo``, ``stranker fit`` and ``stranker predict``."""
+"""Command line: ``stranker demo``, ``stranker fit``, ``stranker predict`` and ``stranker embed``."""
 
 from __future__ import annotations
 
@@ -165,7 +165,17 @@ def _freeze(value: str | None) -> bool | str | None:
     return {"yes": True, "no": False, None: None}.get(value, value)
 
 
+def _is_cohort(args: argparse.Namespace) -> bool:
+    """Whether ``stranker predict`` writes a folder of outputs: several inputs, a slide, a folder, a list."""
+    from stranker.tl._cohort import is_store
+
+    one = args.inputs[0]
+    return len(args.inputs) > 1 or args.format is not None or not (is_store(one) or one.endswith(".zarr"))
+
+
 def _predict(args: argparse.Namespace) -> int:
+    if _is_cohort(args):
+        return _predict_cohort(args)
     from pathlib import Path
 
     import spatialdata as sd
@@ -175,9 +185,16 @@ def _predict(args: argparse.Namespace) -> int:
     from stranker.write import store
     from stranker.write.keys import check_name
 
-    src = Path(args.zarr)
+    src = Path(args.inputs[0])
     if not src.exists():
         raise FileNotFoundError(f"{src} not found: pass a SpatialData .zarr store.")
+    if args.nproc > 1 or _world() > 1:
+        raise sr.InputError("--nproc (torchrun) shares the slides of a cohort among processes: one store is "
+                            "predicted by one process. Leave --nproc out, or pass several inputs and --out "
+                            "DIR.")
+    if args.mpp is not None:
+        raise sr.InputError("--mpp is for slide files and cohorts; for one store pass it with several inputs "
+                            "and --out DIR, or record the resolution in the store.")
     check_name(args.key_added, "--key-added")  # refused before any work, not when writing
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -200,6 +217,105 @@ def _predict(args: argparse.Namespace) -> int:
         store.write_in_place(sdata, src, before)
     print(f"predictions of {len(model.genes)} genes written to {out or src} (key '{args.key_added}')")
     return 0
+
+
+def _world() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _predict_cohort(args: argparse.Namespace) -> int:
+    """``stranker predict MODEL IN [IN ...] --out DIR``: one output per slide (sr.tl.predict_slides)."""
+    import os
+
+    import stranker as sr
+    from stranker.tl._cohort import SlideFailures, slide_inputs
+
+    if args.out is None:
+        raise sr.InputError(
+            "Several inputs, slide files, folders and lists of slides are predicted into a folder, one "
+            "output per slide: pass --out DIR (DIR/<slide>.zarr, or DIR/<slide>.h5ad with --format h5ad).")
+    if args.nproc > 1 and _world() == 1:
+        import subprocess
+
+        slide_inputs(args.inputs)  # bad inputs are said here, not once per process
+        cmd = launch_command(args.argv, args.nproc)
+        print("launching: " + " ".join(cmd), flush=True)
+        return subprocess.run(cmd).returncode
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        summary = sr.tl.predict_slides(
+            args.model, args.inputs, out=args.out, format=args.format or "zarr", mpp=args.mpp,
+            key_added=args.key_added, device=args.device, overwrite=args.overwrite, bin_size=args.bin_size)
+    except SlideFailures as err:
+        if rank == 0:
+            print(f"stranker: error: {err}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        n = summary["status"].value_counts()
+        print(f"{n.get('written', 0)} slide(s) predicted, {n.get('skipped', 0)} already there, in {args.out}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    """``stranker embed MODEL IN [IN ...] --out cohort.h5ad``: one row per slide (sr.tl.embed_slides)."""
+    from pathlib import Path
+
+    import stranker as sr
+    from stranker._atomic import check_writable, write_file
+    from stranker.tl._cohort import model_sha256
+    from stranker.write.keys import check_name
+
+    out = Path(args.out)
+    if out.suffix != ".h5ad":
+        raise sr.InputError(f"--out {out}: the cohort is written as AnnData; name it <something>.h5ad.")
+    check_name(args.key_added, "--key-added")
+    _check_embed_target(out, args.overwrite)
+    check_writable(out.parent, f"--out {out}")
+    obs = None
+    if args.obs is not None:
+        import pandas as pd
+
+        obs = pd.read_csv(args.obs, index_col=0, sep=None, engine="python")
+    model = sr.Model.load(args.model)
+    cohort = sr.tl.embed_slides(model, args.inputs, obs=obs, keep_tiles=args.tiles, device=args.device,
+                                key_added=args.key_added, mpp=args.mpp)
+    cohort.uns[_EMBED_MARK] = {"by": "stranker embed", "path": str(out.resolve()), "version": sr.__version__,
+                               "model_sha256": model_sha256(model)}
+    _check_embed_target(out, args.overwrite)  # again: it may have changed while embedding
+    write_file(out, lambda tmp: cohort.write_h5ad(tmp))
+    print(f"{cohort.n_obs} slide(s) embedded ({cohort.n_vars} dimensions"
+          f"{', with their tiles' if args.tiles else ''}) written to {out}")
+    return 0
+
+
+_EMBED_MARK = "stranker_embed"
+
+
+def _check_embed_target(out, overwrite: bool) -> None:
+    """Refuse an existing ``--out`` unless ``--overwrite`` and ``stranker embed`` wrote it there."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace a cohort `stranker embed` wrote "
+                              "there.")
+    path = None
+    try:
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(out, "r") as f:
+            node = f.get(f"uns/{_EMBED_MARK}")
+            path = None if node is None else read_elem(node).get("path")
+    except Exception:  # not an h5ad file, or not readable: not one stranker wrote
+        path = None
+    if out.is_dir() or path != str(out.resolve()):
+        raise FileExistsError(f"{out} exists and `stranker embed` did not write it there: it is never "
+                              "replaced, with --overwrite or not. Choose a new path for --out.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -277,28 +393,70 @@ def parser() -> argparse.ArgumentParser:
                         "yourself: torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d "
                         "--rdzv-endpoint HOST:PORT -m stranker._cli fit ...")
     f.set_defaults(func=_fit)
-    r = sub.add_parser("predict", help="predict expression on a SpatialData zarr store with a saved model",
-                       description="Predict expression and image embeddings with a model saved by "
-                                   "`stranker fit` (or sr.Model.save). In place, stranker adds its own keys "
-                                   "and elements to the store (each written beside it, then renamed in) and "
-                                   "leaves every other file of it as it was; --out writes a new store whole "
-                                   "or not at all.")
+    r = sub.add_parser(
+        "predict", help="predict expression with a saved model: a store, or a cohort",
+        description="Predict expression and image embeddings with a model saved by `stranker fit` (or "
+                    "sr.Model.save). One SpatialData .zarr store: in place, stranker adds its own keys and "
+                    "elements to the store (each written beside it, then renamed in) and leaves every other "
+                    "file of it as it was; --out writes a new store whole or not at all. Several inputs, "
+                    "slide files (SVS, NDPI, MRXS, TIFF, OME-TIFF), folders of them or a .txt list of paths: "
+                    "each slide is tiled over its tissue and written to --out DIR/<slide>.zarr (or .h5ad), "
+                    "whole or not at all; a rerun skips the slides this model already predicted, and a slide "
+                    "that fails is reported and skipped (exit status 1, listing them, at the end).")
     r.add_argument("model", help="model folder written by `stranker fit --out`")
-    r.add_argument("zarr", help="SpatialData .zarr store (a section with spots, or a whole slide)")
+    r.add_argument("inputs", nargs="+", metavar="IN",
+                   help="a SpatialData .zarr store; or several inputs: slide files, stores, folders of them, "
+                        "text files listing them (one path per line)")
     r.add_argument("--out", default=None,
-                   help="write the result to this new store instead of in place (never the input, nor a "
-                        "folder that holds it)")
+                   help="one store: write the result to this new store instead of in place (never the input, "
+                        "nor a folder that holds it); a cohort: the folder of the outputs (one per slide)")
+    r.add_argument("--format", default=None, choices=["zarr", "h5ad"],
+                   help="a cohort's outputs: zarr (SpatialData: tiles and their predicted table; default) or "
+                        "h5ad (the predicted table)")
+    r.add_argument("--mpp", type=float, default=None,
+                   help="a cohort: µm per pixel of the slides' full resolution, for slide files that do not "
+                        "record it (it overrides what each records)")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace a store that an earlier `stranker predict --out` wrote at --out (never "
-                        "anything else)")
+                   help="one store: replace a store that an earlier `stranker predict --out` wrote at --out "
+                        "(never anything else); a cohort: predict again the slides this model already "
+                        "predicted (outputs of another model are predicted again anyway; only outputs "
+                        "stranker wrote are replaced)")
     r.add_argument("--key-added", default="stranker", help="prefix of the written keys (default stranker)")
     r.add_argument("--bin-size", type=int, default=None, help="Visium HD: bin size in µm (2, 8 or 16)")
-    r.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
+    r.add_argument("--device", default=None,
+                   help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto; with --nproc: cuda:LOCAL_RANK "
+                        "each)")
+    r.add_argument("--nproc", type=_at_least(1), default=1,
+                   help="a cohort: processes on this machine sharing the slides (re-runs itself under "
+                        "torchrun; largest slides first to the least loaded process; one GPU each when CUDA "
+                        "is used)")
     r.set_defaults(func=_predict)
+    e = sub.add_parser("embed", help="embed a cohort of slides with a saved model: one row per slide",
+                       description="Tile each slide over its tissue, embed the tiles with the model's "
+                                   "image branch and pool them (mean): an AnnData with one row per slide "
+                                   "(index: the slide's file stem), written whole to --out "
+                                   "(sr.tl.embed_slides). For sr.tl.survival, sr.tl.classify.")
+    e.add_argument("model", help="model folder written by `stranker fit --out`")
+    e.add_argument("inputs", nargs="+", metavar="IN",
+                   help="slide files (SVS, NDPI, MRXS, TIFF, OME-TIFF), SpatialData .zarr stores, folders of "
+                        "them, text files listing them")
+    e.add_argument("--out", required=True, help="the cohort's .h5ad file")
+    e.add_argument("--tiles", action="store_true",
+                   help="also keep each slide's tile embeddings and centres (uns['<key>_tiles'])")
+    e.add_argument("--obs", default=None,
+                   help="CSV/TSV of slide metadata, first column the slide name (file stem), joined into obs")
+    e.add_argument("--mpp", type=float, default=None,
+                   help="µm per pixel of the slides' full resolution, for files that do not record it")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a cohort that `stranker embed` wrote at --out (never anything else)")
+    e.add_argument("--key-added", default="stranker", help="prefix of the written keys (default stranker)")
+    e.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
+    e.set_defaults(func=_embed)
     return p
 
 
-_PATHS = ("zarr", "out", "model", "checkpoint_dir", "weights")  # arguments that name files or folders
+# arguments that name files or folders
+_PATHS = ("zarr", "inputs", "out", "model", "checkpoint_dir", "weights", "obs")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,18 @@ from .._constants import Keys
 from .._errors import InputError
 from .._settings import logger, resolve_seed, settings
 from ..section import as_sections
+from ._cohort import SlideInput, _mpp_of, read_input, slide_inputs
 from ._predict import as_model, spots_or_tiles
+
+
+def _open_paths(items: list[Any]) -> list[Any]:
+    """Expand the paths among ``items`` into :class:`SlideInput` (read later, one at a time); keep objects."""
+    import os
+
+    out: list[Any] = []
+    for it in items:
+        out += slide_inputs(it) if isinstance(it, str | os.PathLike) else [it]
+    return out
 
 
 def slide_ids(slides: list[Any], obs: Any) -> list[str]:
@@ -87,6 +99,7 @@ def embed_slides(
     seed: int | None = None,
     key_added: str = Keys.PREFIX,
     image_key: str | None = None,
+    mpp: float | Mapping[str, float] | None = None,
 ):
     """Embed every tile of each slide with the model's teacher image branch and pool to one vector per slide.
 
@@ -99,7 +112,11 @@ def embed_slides(
     model
         A fitted :class:`stranker.Model` (trained on pixels), or the folder it was saved to.
     slides
-        A SpatialData (image only, or with spots) or AnnData in squidpy layout, or a list of them.
+        A SpatialData (image only, or with spots) or AnnData in squidpy layout, or a list of them; or
+        paths: slide files (SVS, NDPI, MRXS, TIFF, OME-TIFF), SpatialData ``.zarr`` stores, folders of
+        them or a text file listing them (as for :func:`stranker.tl.predict_slides`), mixed with objects
+        or not. A path is opened lazily when its slide is embedded (one slide in memory at a time), and
+        its slide id is its file stem.
     pooling
         ``'mean'``: the mean tile embedding. ``'attention'``: a gated-attention MIL
         (:class:`stranker.model.mil.GatedAttentionMIL`) is trained on all slides against ``label``
@@ -125,6 +142,10 @@ def embed_slides(
         Prefix of the written keys.
     image_key
         Image element when a SpatialData has several.
+    mpp
+        For slides given as paths: microns per pixel of their full resolution, overriding what each
+        records (one number, or a dict by slide name); a slide file that records none is refused
+        without it.
 
     Returns
     -------
@@ -148,7 +169,7 @@ def embed_slides(
             f"The model was trained on precomputed features `obsm[{model.config.image_features!r}]`, not on "
             "pixels: it cannot embed slide images. Fit it on the images."
         )
-    items = list(slides) if isinstance(slides, list | tuple) else [slides]
+    items = _open_paths(list(slides) if isinstance(slides, list | tuple) else [slides])
     if not items:
         raise InputError("Got no slides: pass a SpatialData, an AnnData or a list of them.")
     ids = slide_ids(items, obs)
@@ -159,11 +180,19 @@ def embed_slides(
             "(classes) or `label=('time', 'event')` (survival)."
         )
 
+    scales = {it.name: _mpp_of(mpp, it.name) for it in items if isinstance(it, SlideInput)}  # checked first
+
     bags, centres, sizes = [], [], []
     log = logger.debug if len(items) > 1 else logger.info  # one tiling message per slide is noise in a cohort
     for sid, item in zip(tqdm(ids, desc="embed slides", disable=not settings.show_progress()), items,
                          strict=True):
-        sp = as_sections(item, image_key=image_key, need_image=True, need_table=False)[0]
+        if isinstance(item, SlideInput):  # a path: read now, dropped after (one slide in memory at a time)
+            scale = scales[item.name]  # read_slide takes it; a store gets it through as_sections
+            item = read_input(item, scale)
+        else:
+            scale = None
+        sp = as_sections(item, image_key=image_key, need_image=True, need_table=False,
+                         microns_per_pixel=scale)[0]
         sp, _, size = spots_or_tiles(sp, model, tile_px, log=log, label=f"Slide {sid!r}")
         emb = model.infer(sp, device=device)[0]
         bags.append(emb.astype(np.float32))
