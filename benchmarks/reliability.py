@@ -103,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on synthetic data (CI)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder of reliability.jsonl")
+    ap.add_argument("--save", default=None, help="folder to keep each fitted model in (TEST-sSEED)")
     args = ap.parse_args(argv)
     import torch
 
@@ -138,6 +139,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         model = sr.tl.fit(train, genes=genes, seed=args.seed, **opts)
         fit_s = time.perf_counter() - t0
+        if args.save:
+            model.save(Path(args.save) / f"{test}-s{args.seed}")
         true = _truth(data[test], genes)
         row, arr = measure(model, data[test], true, genes)
         row = {"test": test, "seed": args.seed, "split": "loso" if test in patient_c else "patient",

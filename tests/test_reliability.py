@@ -104,3 +104,18 @@ def test_spatial_autocorrelation():
     values = np.column_stack([smooth, rng.normal(size=400), np.ones(400)])
     i = rel.spatial_autocorrelation(values, xy)
     assert i[0] > 0.7 and abs(i[1]) < 0.15 and np.isnan(i[2])
+
+
+def test_a_new_section_like_the_training_ones_has_the_difficulty_of_a_held_out_one():
+    # four sections drawn alike: a fifth is as far from the bank as each held-out one is from the others,
+    # when measured against banks of the same size; against the whole (larger) bank it looks easier
+    rng = np.random.default_rng(5)
+    centre = rng.normal(size=8)
+    bank = centre + rng.normal(size=(400, 8))
+    group_of = np.repeat(np.arange(4), 100)
+    scale = float(np.median(rel.other_section_distance(bank, group_of)))
+    new = centre + rng.normal(size=(300, 8))
+    fair = np.median(rel.difficulty(rel.held_out_distance(new, bank, group_of), scale))
+    whole = np.median(rel.difficulty(rel.nn_distance(new, bank), scale))
+    assert abs(fair - 1) < 0.08 and whole < fair - 0.04
+    np.testing.assert_allclose(rel.held_out_distance(new, bank, np.zeros(400)), rel.nn_distance(new, bank))

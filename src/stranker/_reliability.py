@@ -10,9 +10,10 @@ model that did not see its section. From these:
 - per spot, a difficulty, in the fitted model's embedding space: how far its image embedding lies
   from the training spots, relative to how far training spots lie from those of the *other* training
   sections (1: as far as a typical spot of another training section); for a training spot, its
-  distance to the other sections. Per gene, a conformal quantile of the OOF residuals divided by it
-  gives split-conformal intervals ``pred ± q_gene * difficulty`` (coverage ≥ level for spots
-  exchangeable with the training spots);
+  distance to the other sections; for a new spot, its distance to the training spots without one
+  held-out group, averaged over the groups (banks of the same size as the calibration's). Per gene,
+  a conformal quantile of the OOF residuals divided by it gives split-conformal intervals
+  ``pred ± q_gene * difficulty`` (coverage ≥ level for spots exchangeable with the training spots);
 - per section, a shift score: the larger of the median difficulty of its spots and the distance of
   its colour statistics (optical density per channel) from the training spots', each in units of the
   held-out training sections' own (each against the others); those sections' scores calibrate it (a
@@ -177,6 +178,22 @@ def other_section_distance(emb: np.ndarray, section: np.ndarray, k: int = NEIGHB
         m = section == s
         out[m] = nn_distance(emb[m], emb[~m], k)
     return out
+
+
+def held_out_distance(query: np.ndarray, bank: np.ndarray, group_of: np.ndarray,
+                      k: int = NEIGHBOURS) -> np.ndarray:
+    """Distance of each row of ``query`` to the bank as a held-out group saw it: without one group.
+
+    A training spot's difficulty is its distance to the *other* groups' spots; a new spot measured
+    against all of them would find nearer neighbours in the larger bank, and look easier than a
+    held-out spot that was as far. So a new spot's distance is the mean, over the groups, of its
+    distance to the bank without that group: banks of the size the calibration used. With one group,
+    the plain distance.
+    """
+    groups = np.unique(group_of)
+    if len(groups) < 2:
+        return nn_distance(query, bank, k)
+    return np.mean([nn_distance(query, bank[group_of != g], k) for g in groups], axis=0)
 
 
 def colour_distance(colour: np.ndarray, reference: np.ndarray) -> float:

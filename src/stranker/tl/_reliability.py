@@ -127,10 +127,12 @@ class Reliability:
     def difficulty(self, emb: np.ndarray, branch: str = "sharp") -> np.ndarray:
         """Return per spot the distance of its embedding to the training tissue, in units of the scale.
 
-        Measured against the training spots read with the same image ``branch`` as the spots.
+        Measured against the training spots read with the same image ``branch`` as the spots, without
+        one held-out group at a time (:func:`stranker._reliability.held_out_distance`), as the training
+        spots that calibrate it were.
         """
         b = self._bank(branch)
-        return rel.difficulty(rel.nn_distance(emb, b["emb"]), b["scale"])
+        return rel.difficulty(rel.held_out_distance(emb, b["emb"], self.group_of), b["scale"])
 
     def intervals(self, pred: np.ndarray, difficulty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return lower and upper bounds ``pred ∓ q_gene * difficulty_spot``."""
