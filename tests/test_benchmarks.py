@@ -125,6 +125,29 @@ def test_speed_smoke(tmp_path):
         assert math.isclose(spots, 3 * (96 // 3))  # the smoke run trains on 3 sections of 32 spots
 
 
+def test_slides_smoke(tmp_path):
+    slides = _load("slides")
+    rep = slides.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    saved = _strict((tmp_path / "slides.json").read_text())
+    assert saved["settings"]["workers"] == [0, 2] and len(saved["results"]) == 2  # two slide sizes
+    written = sorted((tmp_path / "slides").glob("*.tif"))
+    assert len(written) == 2  # the slides, written once into the cache folder
+    for res in rep["results"].values():
+        assert res["same_outputs"]  # every num_workers predicts the same
+        assert res["predict_w0"]["tiles"] == res["predict_w2"]["tiles"] > 20
+        for part in ("bare", "read_w0", "read_w2", "predict_w0", "predict_w2"):
+            assert res[part]["tiles_per_s"] > 0 and res[part]["peak_mb"] > 0, part
+        assert math.isfinite(res["predict_w2"]["efficiency"])
+    assert "| predict_w2 |" in slides.table(rep)
+    # a later run reads the cached slides instead of writing them again
+    import argparse
+
+    stamps = [p.stat().st_mtime_ns for p in written]
+    a = argparse.Namespace(tile_um=55.0, mpp=0.5, quality=90, cache=str(tmp_path / "slides"))
+    assert sorted(slides.slide_for(n, a)[0] for n in saved["settings"]["tiles"]) == written
+    assert [p.stat().st_mtime_ns for p in written] == stamps
+
+
 def _run(script, *args, tmp_path):
     import os
     import subprocess

@@ -343,3 +343,28 @@ def test_a_truncated_or_damaged_tiff_is_one_clear_error_naming_the_file(tmp_path
     sp = as_sections(sr.io.read_slide(tmp_path / "bad.tif"), need_table=False)[0]
     with pytest.raises(InputError, match=r"bad\.tif\[0\]: cannot decode"):
         sp.image.read(0, 0, 512, 0, 640)
+
+
+def test_reader_threads_predict_the_same_on_a_slide(model_and_section, tiff_path):
+    # tiles of a slide read by 0, 1 or 3 threads, in batches of 8: the same outputs, in the same order
+    from stranker.tl._predict import spots_or_tiles
+
+    model, _, _ = model_and_section
+    sp = as_sections(sr.io.read_slide(tiff_path), need_table=False)[0]
+    tiles, kind, _ = spots_or_tiles(sp, model, None, log=lambda *_: None)
+    assert kind == "tiles" and tiles.n_spots > 16
+    outs = [model.infer(tiles, batch_size=8, num_workers=w, device="cpu") for w in (0, 1, 3)]
+    for emb, pred in outs[1:]:
+        np.testing.assert_array_equal(emb, outs[0][0])
+        np.testing.assert_array_equal(pred, outs[0][1])
+    # through sr.tl.predict: the default (reader threads) writes what num_workers=0 writes
+    a, b = sr.io.read_slide(tiff_path), sr.io.read_slide(tiff_path)
+    sr.tl.predict(model, a, num_workers=0)
+    sr.tl.predict(model, b)
+    np.testing.assert_array_equal(a.tables["stranker_table"].layers["stranker"],
+                                  b.tables["stranker_table"].layers["stranker"])
+    # a bad number is refused before anything is read or written
+    c = sr.io.read_slide(tiff_path)
+    with pytest.raises(InputError, match="num_workers"):
+        sr.tl.predict(model, c, num_workers=-1)
+    assert not c.tables and not c.shapes

@@ -19,7 +19,7 @@ from ..section._record import MPP_RANGE, check_mpp
 _VENDOR = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 _TIFF = {".tif", ".tiff", ".btf", ".tf2", ".tf8"}
 _CHUNK = 1024  # pixels per side of a dask chunk (one lazy read)
-_CACHE = 8  # chunks kept per level (3 MB each)
+_CACHE_BYTES = 16 * 3 * _CHUNK**2  # decoded windows kept per level: 16 chunks of RGB (48 MB)
 _MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
 
 
@@ -27,9 +27,11 @@ class _Level:
     """One pyramid level as a read-only ``(c, y, x)`` uint8 array that reads only the window asked for.
 
     ``dask.array.from_array`` cuts it into chunks; each chunk computed is one call of
-    :meth:`__getitem__`, which reads that window from the file and nothing else. The last few
-    windows are kept (``_CACHE`` chunks, a few tens of MB at most), so that neighbouring patches
-    read in consecutive batches do not decode the same part of the file again.
+    :meth:`__getitem__`, which reads that window from the file and nothing else. The windows read
+    last are kept, up to ``_CACHE_BYTES`` (a few tens of MB), so that neighbouring patches read in
+    consecutive batches do not decode the same part of the file again; a strided read (tissue
+    detection) is not kept. Reader threads may ask for the same window at once: it is decoded once,
+    the others wait for it.
     """
 
     ndim = 3
@@ -43,26 +45,56 @@ class _Level:
         self._read = read  # (y0, y1, x0, x1) -> (y, x, c) array
         self.name = name
         self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._pending: dict[tuple[int, int, int, int], Any] = {}  # windows being decoded: their futures
         self._lock = threading.Lock()
 
-    def _window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded windows held in the cache."""
+        with self._lock:
+            return sum(w.nbytes for w in self._cache.values())
+
+    def _window(self, y0: int, y1: int, x0: int, x1: int, keep: bool = True) -> np.ndarray:
+        from concurrent.futures import Future
+
         key = (y0, y1, x0, x1)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:  # another thread decodes this window: wait for it
+            return pending.result()
         try:
-            win = np.asarray(self._read(y0, y1, x0, x1))
+            win = self._decode(y0, y1, x0, x1)
+        except BaseException as e:  # the threads waiting for this window get the same error
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(e)
+            raise
+        with self._lock:
+            del self._pending[key]
+            if keep and win.nbytes <= _CACHE_BYTES:
+                self._cache[key] = win
+                held = sum(w.nbytes for w in self._cache.values())
+                while held > _CACHE_BYTES:
+                    held -= self._cache.popitem(last=False)[1].nbytes
+        pending.set_result(win)
+        return win
+
+    def _decode(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        try:
+            return np.asarray(self._read(y0, y1, x0, x1))
         except Exception as e:  # a codec error deep in tifffile/zarr/OpenSlide: say which file and where
             raise InputError(
                 f"{self.name}: cannot decode the region y {y0}:{y1}, x {x0}:{x1} ({type(e).__name__}: {e}); "
                 "the file is damaged or truncated."
             ) from e
-        with self._lock:
-            self._cache[key] = win
-            while len(self._cache) > _CACHE:
-                self._cache.popitem(last=False)
-        return win
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
@@ -79,8 +111,9 @@ class _Level:
             return np.zeros((self.shape[0], max(y1 - y0, 0), max(x1 - x0, 0)), dtype=np.uint8)[cs]
         # a strided read (dask passes the step through, e.g. tissue detection on a subsampled level)
         # keeps every step-th pixel of the window; the full window is decoded but not kept
-        win = self._window(y0, y1, x0, x1)
-        if dy > 1 or dx > 1:
+        strided = dy > 1 or dx > 1
+        win = self._window(y0, y1, x0, x1, keep=not strided)
+        if strided:
             win = np.ascontiguousarray(win[::dy, ::dx])
         return np.moveaxis(win, -1, 0)[cs]
 

@@ -16,6 +16,7 @@ from .._settings import logger
 from ._record import Section
 
 _TILE = 2048  # level pixels per side of the window read at once
+_RESIZE_BYTES = 16 * 2**20  # float working memory of one resize step: patches are resized this many at once
 # sections of known resolution trained on with one of unknown resolution are all read patch_px wide:
 # refused when their resolutions differ by more than this factor (the patches' tissue widths would)
 MIXED_TOLERANCE = 1.05
@@ -246,22 +247,26 @@ class PatchReader:
         crop = max(int(round(side0 / s)), 1)
         x0 = np.floor(c[:, 0] / s - crop / 2 + 0.5).astype(np.int64)
         y0 = np.floor(c[:, 1] / s - crop / 2 + 0.5).astype(np.int64)
-        res = np.empty((len(c), crop, crop, 3), dtype=np.uint8)
+        res = np.empty((len(c), self.out_px, self.out_px, 3), dtype=np.uint8)
         # group spots by window so that each window is read once (no loop over spots)
         cell = max(_TILE, 2 * crop)
         key = (y0 // cell) * 1_000_003 + (x0 // cell)
         _, group = np.unique(key, return_inverse=True)
         ar = np.arange(crop)
+        # crops are cut and resized a few at a time: the working memory is one window and one step's
+        # crops, not the whole batch at the crop's size (and in float while resized)
+        step = max(1, _RESIZE_BYTES // (crop * crop * 3 * 4))
         for g in range(int(group.max()) + 1 if len(c) else 0):
             m = np.flatnonzero(group == g)
             wy0, wx0 = int(y0[m].min()), int(x0[m].min())
             wy1, wx1 = int(y0[m].max()) + crop, int(x0[m].max()) + crop
             win = img.read(level, wy0, wy1, wx0, wx1, pad_value=self.pad_value)
-            iy = (y0[m] - wy0)[:, None] + ar[None, :]
-            ix = (x0[m] - wx0)[:, None] + ar[None, :]
-            res[m] = win[iy[:, :, None], ix[:, None, :]]
-        if crop != self.out_px:
-            res = resize_batch(res, self.out_px)
+            for k in range(0, len(m), step):
+                mk = m[k : k + step]
+                iy = (y0[mk] - wy0)[:, None] + ar[None, :]
+                ix = (x0[mk] - wx0)[:, None] + ar[None, :]
+                cut = win[iy[:, :, None], ix[:, None, :]]
+                res[mk] = cut if crop == self.out_px else resize_batch(cut, self.out_px)
         return res
 
 

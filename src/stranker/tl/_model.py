@@ -13,7 +13,7 @@ from .._errors import InputError
 from .._settings import logger, settings
 from ..section import Section, as_sections
 from ..section.patches import PatchGeometry, PatchReader, check_inside
-from ..spots import SpotInputs, device_of, run_batches, tensor_batches
+from ..spots import SpotInputs, check_workers, device_of, run_batches, tensor_batches
 from ..write import unchanged_on_failure, write_outputs
 from ._record import RunRecord
 from ._reliability import Reliability, cross_fit, in_sample
@@ -378,7 +378,7 @@ class Model:
     def _infer(
         self, sp: Section, *, centers: np.ndarray | None = None, device: str | None = None,
         batch_size: int = 128, features: np.ndarray | None = None, patches: np.ndarray | None = None,
-        adapt: bool = False, branch: str | None = None, colour: bool = False,
+        adapt: bool = False, branch: str | None = None, colour: bool = False, num_workers: int | None = None,
     ) -> tuple[np.ndarray, ...]:
         """Teacher embeddings and predicted expression (log scale) of one section, streamed in batches.
 
@@ -386,7 +386,9 @@ class Model:
         ``'coarse'`` reads with that image branch of a model with a sharp finish whatever the section's
         resolution (default: the one :meth:`branch_of` picks). ``colour``: also return per spot the
         mean and sd of the optical density of each colour channel of the patch the network sees
-        (``(n, 6)``; NaN for a model on features).
+        (``(n, 6)``; NaN for a model on features). ``num_workers``: threads that read patches streamed
+        from the image ahead of the network (``None``: :data:`stranker.spots.READ_WORKERS`; the
+        outputs are the same for any number).
         """
         import torch
 
@@ -421,8 +423,8 @@ class Model:
                     f"{ADAPT_FEWEST}: predict it with adapt=False (the statistics of the training slides)."
                 )
             if len(inputs) <= ADAPT_MOST:  # read once, for the statistics and the predictions
-                inputs = inputs.in_memory(batch_size)
-            branch = self._adapted(branch, inputs, batch_size, dev)
+                inputs = inputs.in_memory(batch_size, num_workers=check_workers(num_workers))
+            branch = self._adapted(branch, inputs, batch_size, dev, num_workers)
         tta = c.tta and c.image_features is None
 
         def step(x: Any) -> tuple[Any, Any]:
@@ -443,7 +445,8 @@ class Model:
             return e, out, torch.cat([od.mean((2, 3)), od.std((2, 3))], 1)
 
         dims = (c.embed_dim, len(self.genes)) + ((6,) if colour else ())
-        outs = run_batches(step, inputs, device=dev, dims=dims, batch_size=batch_size, desc="predict")
+        outs = run_batches(step, inputs, device=dev, dims=dims, batch_size=batch_size, desc="predict",
+                           num_workers=num_workers)
         emb, pred = outs[0], outs[1]
         if not (np.isfinite(pred).all() and np.isfinite(emb).all()):  # never written, nor returned
             from ._persist import non_finite
@@ -531,7 +534,9 @@ class Model:
         axes = self._axes()
         return None if axes is None else int(axes[1].shape[1])
 
-    def _adapted(self, branch: Any, inputs: SpotInputs, batch_size: int, dev: Any) -> Any:
+    def _adapted(
+        self, branch: Any, inputs: SpotInputs, batch_size: int, dev: Any, num_workers: int | None = None
+    ) -> Any:
         """Return the teacher with batch-norm statistics of up to ``ADAPT_MOST`` inputs, evenly spread.
 
         The inputs are read in batches of near-equal size (each counts the same in the statistics), so
@@ -542,10 +547,12 @@ class Model:
         n = len(inputs)
         rows = np.unique(np.linspace(0, n - 1, min(n, ADAPT_MOST)).round().astype(np.int64))
         even = -(-len(rows) // -(-len(rows) // batch_size))  # ceil(n / ceil(n / batch_size))
-        return adapt_norm(branch, tensor_batches(inputs, dev, even, rows))
+        batches = tensor_batches(inputs, dev, even, rows, num_workers=check_workers(num_workers))
+        return adapt_norm(branch, batches)
 
     def _each(
-        self, data: Any, which: int, device: str | None, keys: dict[str, Any], adapt: bool = False
+        self, data: Any, which: int, device: str | None, keys: dict[str, Any], adapt: bool = False,
+        num_workers: int | None = None,
     ) -> Any:
         """Output ``which`` of :meth:`infer` (0 embedding, 1 expression) for every section of ``data``."""
         self._check_trained()
@@ -554,11 +561,12 @@ class Model:
         for sp in secs:
             if self.config.image_features is None:
                 check_inside(sp)
-            out.append(self.infer(sp, device=device, adapt=adapt)[which])
+            out.append(self.infer(sp, device=device, adapt=adapt, num_workers=num_workers)[which])
         return out if isinstance(data, list | tuple) else out[0]
 
     def predict(
-        self, data: Any, *, device: str | None = None, adapt: bool = False, **keys: Any
+        self, data: Any, *, device: str | None = None, adapt: bool = False, num_workers: int | None = None,
+        **keys: Any,
     ) -> np.ndarray | list[np.ndarray]:
         """Predicted expression ``(n_spots, n_genes)`` on the target scale, for the spots of each section.
 
@@ -571,14 +579,18 @@ class Model:
         adapt
             Renew the backbone's batch-norm statistics on each section first (see
             :func:`stranker.tl.predict`); refused for a section of fewer than two spots.
+        num_workers
+            Threads that read the patches from the image ahead of the network (see
+            :func:`stranker.tl.predict`); ``None``: :data:`stranker.spots.READ_WORKERS`.
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``; ``spot_diameter_um`` or
             ``microns_per_pixel`` for data that does not record its scale (see :func:`stranker.tl.fit`).
         """
-        return self._each(data, 1, device, keys, adapt)
+        return self._each(data, 1, device, keys, adapt, num_workers)
 
     def embed(
-        self, data: Any, *, device: str | None = None, adapt: bool = False, **keys: Any
+        self, data: Any, *, device: str | None = None, adapt: bool = False, num_workers: int | None = None,
+        **keys: Any,
     ) -> np.ndarray | list[np.ndarray]:
         """Teacher image embeddings ``(n_spots, embed_dim)`` of the spots of each section.
 
@@ -591,11 +603,14 @@ class Model:
         adapt
             Renew the backbone's batch-norm statistics on each section first (see
             :func:`stranker.tl.predict`); refused for a section of fewer than two spots.
+        num_workers
+            Threads that read the patches from the image ahead of the network (see
+            :func:`stranker.tl.predict`); ``None``: :data:`stranker.spots.READ_WORKERS`.
         **keys
             ``image_key``, ``shapes_key``, ``table_key``, ``library_id``; ``spot_diameter_um`` or
             ``microns_per_pixel`` for data that does not record its scale (see :func:`stranker.tl.fit`).
         """
-        return self._each(data, 0, device, keys, adapt)
+        return self._each(data, 0, device, keys, adapt, num_workers)
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:

@@ -12,6 +12,7 @@ from .._errors import InputError
 from .._settings import logger
 from ..section import Section, as_sections
 from ..section.patches import _TILE, check_inside
+from ..spots import check_workers
 from ..write import (
     check_free,
     check_key_added,
@@ -53,10 +54,14 @@ def tissue_grid(sp: Section, spacing: float, min_tissue: float = 0.5) -> np.ndar
     _, h, w = arr.shape
     rgb = img.to_rgb(arr)
     mx, mn = rgb.max(-1), rgb.min(-1)
-    sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)  # HSV saturation, in float32
-    del rgb, mx, mn
+    del rgb
+    # HSV saturation in float32, computed in place (no float temporaries: ~10 bytes per pixel read)
+    sat = np.subtract(mx, mn, dtype=np.float32)
+    np.divide(sat, np.maximum(mx, 1), out=sat)
+    del mx, mn
     thr = threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
     mask = (sat > min(max(thr, 0.05), 0.15)).astype(np.float32)
+    del sat
     side = max(int(round(spacing / s)), 1)
     frac = uniform_filter(mask, size=side, mode="constant")
     h0, w0 = img.shape
@@ -250,6 +255,7 @@ def predict(
     copy: bool = False,
     spot_diameter_um: float | None = None,
     microns_per_pixel: float | None = None,
+    num_workers: int | None = None,
 ) -> Any:
     """Predict expression and image embeddings on any section.
 
@@ -283,6 +289,12 @@ def predict(
     copy
         Write into a copy of ``data`` and return it instead of ``None``.
     {doc_resolution}
+    num_workers
+        Threads that read, decode and resize the next batches of patches from the image while the
+        network runs the current one (``0``: each batch is read after the one before has run);
+        ``None``: :data:`stranker.spots.READ_WORKERS` (2). The predictions are the same for any
+        number, in the same order; at most ``2 * num_workers`` batches are read ahead, so memory does
+        not grow with it beyond a few batches. Unused for a model on precomputed features.
 
     Returns
     -------
@@ -320,6 +332,7 @@ def predict(
     not read as spots); an element of the user's is not (pass another ``key_added``).
     """
     model = as_model(model)
+    check_workers(num_workers)  # before anything is read
     data = maybe_copy(data, copy)
     need_image = model.config.image_features is None
     secs = as_sections(data, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
@@ -345,9 +358,10 @@ def predict(
         if info:
             check_detail(sp, model, info)
         if model.reliability_record is None:  # nothing to judge the predictions by
-            (emb, pred), trust = model.infer(sp, device=device, adapt=adapt), None
+            (emb, pred), trust = model.infer(sp, device=device, adapt=adapt, num_workers=num_workers), None
         else:
-            emb, pred, colour = model.infer(sp, device=device, adapt=adapt, colour=True)
+            emb, pred, colour = model.infer(sp, device=device, adapt=adapt, colour=True,
+                                            num_workers=num_workers)
             trust = model.trust(sp, emb, pred, colour)
         if trust is not None and trust["shift"]["shifted"]:
             logger.warning(
