@@ -326,3 +326,29 @@ def test_embed_slides_reads_paths_lazily_as_predict_slides_reads_them(ref, model
         np.testing.assert_allclose(cohort[name].X[0], tiles.obsm["X_stranker"].mean(0), rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError, match="µm per pixel"):
         sr.tl.embed_slides(model, [inputs[0]], mpp=0.0)
+
+
+def test_an_aperio_svs_read_by_openslide(model, tmp_path):
+    # an SVS as Aperio's scanners write it (tiled JPEG pages, µm/px in the description): read by
+    # OpenSlide (the `wsi` extra), predicted as the same slide read directly
+    pytest.importorskip("openslide")
+    import spatialdata as sd
+    import tifffile
+
+    img = slide_image(0)
+    h, w = img.shape[:2]
+    path = tmp_path / "in" / "d.svs"
+    path.parent.mkdir()
+    desc = f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] (64x64) JPEG/RGB Q=90|AppMag = 20|MPP = {MPP}"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, tile=(64, 64), compression="jpeg", photometric="rgb", description=desc, metadata=None)
+        tw.write(np.ascontiguousarray(img[::2, ::2]), tile=(64, 64), compression="jpeg", photometric="rgb",
+                 description=f"Aperio Image Library v12.0.0\n{w // 2}x{h // 2}", metadata=None)
+    summary = sr.tl.predict_slides(model, [path], out=tmp_path / "out")
+    assert summary.loc["d", "status"] == "written"
+    got = sd.read_zarr(tmp_path / "out" / "d.zarr").tables["stranker_table"]
+    slide = sr.io.read_slide(path, backend="openslide")
+    sr.tl.predict(model, slide)
+    np.testing.assert_allclose(got.layers["stranker"], slide.tables["stranker_table"].layers["stranker"],
+                               rtol=1e-6)
+    assert got.n_obs > 0
