@@ -339,7 +339,8 @@ def test_an_aperio_svs_read_by_openslide(model, tmp_path):
     h, w = img.shape[:2]
     path = tmp_path / "in" / "d.svs"
     path.parent.mkdir()
-    desc = f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] (64x64) JPEG/RGB Q=90|AppMag = 20|MPP = {MPP}"
+    desc = (f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] (64x64) JPEG/RGB Q=90"
+            f"|AppMag = 20|MPP = {MPP}")
     with tifffile.TiffWriter(path) as tw:
         tw.write(img, tile=(64, 64), compression="jpeg", photometric="rgb", description=desc, metadata=None)
         tw.write(np.ascontiguousarray(img[::2, ::2]), tile=(64, 64), compression="jpeg", photometric="rgb",
