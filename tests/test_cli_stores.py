@@ -373,7 +373,10 @@ _INTERRUPTED = textwrap.dedent("""
 def test_interrupted_write_leaves_no_temporary_folder(store, tmp_path, sig):
     out = tmp_path / "p.zarr"
     cmd = [sys.executable, "-c", _INTERRUPTED, "predict", "m", str(store), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored, and Python then keeps it ignored (as it should):
+    # the user's Ctrl-C reaches a command run in the foreground, with SIGINT at its default
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "writing"
     assert len(_temps(tmp_path)) == 1
     proc.send_signal(getattr(signal, sig))
