@@ -108,8 +108,10 @@ def _folder(path: Path) -> list[SlideInput]:
 
 def _is_output(store: Path) -> bool:
     """Whether a store is an output of :func:`predict_slides` (predictions, no image: not a slide)."""
+    from ..write.store import root_attributes
+
     try:
-        return RECORD in _zarr_attrs(store)
+        return RECORD in root_attributes(store)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -269,16 +271,9 @@ def read_input(item: SlideInput, mpp: float | None) -> Any:
 
 # ------------------------------------------------------------------------------------------- outputs
 def _abs(path: Path) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+    from ..write.store import absolute
 
-
-def _zarr_attrs(path: Path) -> dict:
-    import json
-
-    meta = path / "zarr.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("attributes") or {}
-    return json.loads((path / ".zattrs").read_text())
+    return str(absolute(path))
 
 
 def _h5ad_record(path: Path) -> dict | None:
@@ -298,7 +293,7 @@ def existing_output(target: Path) -> tuple[str, Any]:
     else (a file or folder of the user's, a copy from elsewhere, an unreadable file) is foreign: never
     replaced.
     """
-    from ..write.store import stranker_store
+    from ..write.store import root_attributes, stranker_store
 
     if not target.exists() and not target.is_symlink():
         return "absent", None
@@ -311,7 +306,7 @@ def existing_output(target: Path) -> tuple[str, Any]:
                                "its root attributes)")
         missing = [e for e in mark.get("elements") or [] if not (target / e).is_dir()]
         try:
-            rec = _zarr_attrs(target).get(RECORD)
+            rec = root_attributes(target).get(RECORD)
         except (OSError, ValueError):
             rec = None
         if missing:
@@ -534,6 +529,7 @@ def predict_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from .. import __version__
     from .._atomic import check_writable, remove_stale
     from ..write.keys import check_name
     from ..write.store import check_replaceable, element_state
@@ -577,7 +573,7 @@ def predict_slides(
         target = out / f"{item.name}.{format}"
         row = {"slide": item.name, "source": str(item.path), "output": str(target), "status": "failed",
                "reason": "", "n_obs": None, "rank": rank}
-        record = {"by": "sr.tl.predict_slides", "version": _version(), "slide": item.name,
+        record = {"by": "sr.tl.predict_slides", "version": __version__, "slide": item.name,
                   "source": _abs(item.path), "model_sha256": sha, "key_added": key_added, "format": format,
                   "mpp": mpps[item.name], "tile_px": tile_px, "bin_size": bin_size, "adapt": bool(adapt),
                   "path": _abs(target)}
@@ -653,8 +649,3 @@ def _why_redone(found: Any, want: dict) -> str:
     logger.warning(f"{want['path']} was predicted by {what}: predicting it again, replacing it.")
     return f"replaced an output of {what}"
 
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

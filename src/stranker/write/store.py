@@ -32,8 +32,17 @@ _FIELDS = ("layers", "obsm", "uns")  # what a model's outputs add to a table: wr
 _FRAMES = ("obs", "var")  # and column by column
 
 
-def _abs(path: str | Path) -> Path:
+def absolute(path: str | Path) -> Path:
+    """Return ``path`` with ``~`` expanded, made absolute (not resolved: links stay as they are)."""
     return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def root_attributes(path: str | Path) -> dict:
+    """Return the root attributes of the zarr store at ``path`` (v3 or v2); raise if unreadable."""
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        return json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    return json.loads((path / ".zattrs").read_text())
 
 
 def stranker_store(path: str | Path) -> dict | None:
@@ -45,14 +54,11 @@ def stranker_store(path: str | Path) -> dict | None:
     if path.is_symlink() or not path.is_dir():
         return None
     try:
-        if (path / "zarr.json").is_file():
-            attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
-        else:
-            attrs = json.loads((path / ".zattrs").read_text())
+        attrs = root_attributes(path)
     except (OSError, ValueError, AttributeError):
         return None
     rec = attrs.get(MARK) if isinstance(attrs, dict) else None
-    return rec if isinstance(rec, dict) and rec.get("path") == str(_abs(path)) else None
+    return rec if isinstance(rec, dict) and rec.get("path") == str(absolute(path)) else None
 
 
 def check_replaceable(path: Path) -> None:
@@ -123,7 +129,7 @@ def check_space(where: str | Path, needed: int) -> None:
 
     from .._atomic import nearest_existing
 
-    here = nearest_existing(_abs(where))
+    here = nearest_existing(absolute(where))
     free = shutil.disk_usage(here).free
     if free < needed:
         raise InputError(
@@ -147,8 +153,8 @@ def write_new_store(sdata: Any, target: str | Path, *, source: str | Path | None
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sdata.attrs = {**sdata.attrs, MARK: {
-        "by": "stranker predict", "version": _version(), "path": str(_abs(target)),
-        "source": None if source is None else str(_abs(source)),
+        "by": "stranker predict", "version": _version(), "path": str(absolute(target)),
+        "source": None if source is None else str(absolute(source)),
         "elements": sorted(f"{kind}/{name}" for kind, name, _ in sdata.gen_elements()),
     }}
     with clear_os_errors(target, "nothing was written"), temporary_beside(target) as tmp:
