@@ -67,6 +67,9 @@ def measure(model, test, true, genes) -> dict:
         # the same fits, each gene's estimate from its own held-out groups alone (no shrinking)
         "spearman_unshrunk_vs_measured": float(spearmanr(raw[ok & np.isfinite(raw)],
                                                          r[ok & np.isfinite(raw)]).statistic),
+        # the fit's own r on its training spots (the prior the estimates are shrunk towards), alone
+        "spearman_fit_r_vs_measured": float(spearmanr(rel_rec.fit_r[mine][ok], r[ok]).statistic)
+        if len(rel_rec.fit_r) else None,
         "shrink_weight": rel_rec.shrink, "fold_epochs": rel_rec.fold_epochs,
         "n_reliable": int(reliable.sum()),
         "reliable_precision": float(np.mean(r[reliable] > 0)) if reliable.any() else None,
@@ -146,13 +149,24 @@ def main(argv=None):
         row = {"test": test, "seed": args.seed, "split": "loso" if test in patient_c else "patient",
                "train": [s for s in patient_c if s != test], "fit_s": round(fit_s, 1),
                "train_s": round(model.meta.train_seconds, 1), **row, "opts": opts,
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "code": _code()}
         with jpath.open("a") as f:
             f.write(json.dumps(row) + "\n")
         arrays.update({f"{test}/{args.seed}/{k}": v for k, v in arr.items()})
         np.savez(npath, **arrays)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                           if k not in ("opts", "train")}), flush=True)
+
+
+def _code() -> str:
+    """The commit that made a row (``+changes`` when the working tree differed from it)."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--", "../src") else "")
 
 
 def _truth(sdata, genes):

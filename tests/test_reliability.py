@@ -79,11 +79,11 @@ def test_distances_shift_and_difficulty():
 def test_shrinking_towards_genes_alike_estimates_r_better_than_each_gene_alone():
     rng = np.random.default_rng(3)
     n, k = 600, 3
-    moran = rng.uniform(0, 0.6, n)  # spatially structured genes are the ones an image predicts
-    true = 0.5 * moran - 0.05 + 0.05 * rng.normal(size=n)
+    true = rng.uniform(-0.1, 0.25, n)  # each gene's r on new sections (Fisher z)
+    fit_r = 1.5 * true + 0.3 + 0.1 * rng.normal(size=n)  # in-sample: optimistic, but ranks the genes
     r_groups = np.tanh(true[None, :] + 0.15 * rng.normal(size=(k, n)))
     raw = np.tanh(np.arctanh(r_groups).mean(0))
-    cov = np.column_stack([moran, rng.normal(size=n)])  # one informative covariate, one not
+    cov = np.column_stack([fit_r, rng.normal(size=n)])  # one informative covariate, one not
     est, w = rel.shrink_estimates(r_groups, cov)
     assert 0.1 < w < 0.9
     err = lambda e: float(np.mean((np.arctanh(e) - true) ** 2))  # noqa: E731
@@ -95,15 +95,6 @@ def test_shrinking_towards_genes_alike_estimates_r_better_than_each_gene_alone()
     np.testing.assert_allclose(rel.shrink_estimates(r_groups[:, :3], cov[:3])[0], raw[:3])
     cov[0] = np.nan
     assert rel.shrink_estimates(r_groups, cov)[0][0] == pytest.approx(raw[0])
-
-
-def test_spatial_autocorrelation():
-    rng = np.random.default_rng(4)
-    xy = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2).astype(float)
-    smooth = np.sin(xy[:, 0] / 4) + np.cos(xy[:, 1] / 5)
-    values = np.column_stack([smooth, rng.normal(size=400), np.ones(400)])
-    i = rel.spatial_autocorrelation(values, xy)
-    assert i[0] > 0.7 and abs(i[1]) < 0.15 and np.isnan(i[2])
 
 
 def test_a_new_section_like_the_training_ones_has_the_difficulty_of_a_held_out_one():

@@ -4,7 +4,9 @@ Section-level cross-fitting gives, for every training spot, an out-of-fold (OOF)
 model that did not see its section. From these:
 
 - per gene, the Pearson r on each held-out group of sections, combined on Fisher's z scale into an
-  estimate of the r on a new section with a 90 % prediction interval, and a one-sided test that it is
+  estimate of the r on a new section (shrunk, empirical Bayes, towards what the fitted model's own r
+  on its training spots says, calibrated over all genes) with a 90 % prediction interval, and a
+  one-sided test that it is
   above 0 (a t-test across the held-out groups: sections, not spots, are the unit, so a gene that
   works on one section only is not called reliable), corrected by Benjamini–Hochberg;
 - per spot, a difficulty, in the fitted model's embedding space: how far its image embedding lies
@@ -83,31 +85,13 @@ def gene_reliability(
     return est, lo, hi, p
 
 
-def spatial_autocorrelation(values: np.ndarray, coords: np.ndarray, k: int = 6) -> np.ndarray:
-    """Moran's I of each column of ``values`` over the ``k``-nearest-neighbour graph of ``coords``.
-
-    Near 0 for a gene without spatial structure, towards 1 for one in smooth patches. NaN where a
-    gene is constant or there are too few spots.
-    """
-    n = len(values)
-    if n <= k + 1:
-        return np.full(values.shape[1], np.nan)
-    from scipy.spatial import cKDTree
-
-    _, nb = cKDTree(coords).query(coords, k + 1)
-    z = values - values.mean(0)
-    lag = z[nb[:, 1:]].mean(1)  # row-standardised weights: the mean of the k neighbours
-    den = (z * z).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (z * lag).sum(0) / den, np.nan)
-
-
 def shrink_estimates(r_groups: np.ndarray, covariates: np.ndarray) -> tuple[np.ndarray, float]:
     """Empirical-Bayes estimate of each gene's r on a new section, and the weight kept on its own data.
 
     With a few held-out groups each gene's mean Fisher z is noisy. Genes are pooled: a least-squares
-    fit of the mean z on ``covariates`` (``(n_genes, p)``, e.g. spatial autocorrelation and mean
-    expression: what the genes that an image predicts have in common) is the prior; the noise variance
+    fit of the mean z on ``covariates`` (``(n_genes, p)``; in a fit, the fitted model's own r on its
+    training spots: optimistic, but free of held-out noise and about this model, not the fold models)
+    is the prior; the noise variance
     of a gene's mean z is the pooled between-group variance over ``K``, the prior's variance what the
     fit leaves beyond it; the posterior mean ``w * z + (1 - w) * prior`` with ``w = tau2 / (tau2 +
     noise)`` is returned on the r scale. Genes without a value (or covariate) keep their plain mean.

@@ -86,7 +86,7 @@ class Config:
     # reliability (docs/method.md): fold models each without one section (or patient) of the training data
     reliability: bool = True  # per-gene r on new sections, per-spot intervals and a shift score
     reliability_folds: int = 5  # at most this many held-out groups (more sections are merged into groups)
-    reliability_epochs: float = 0.15  # a fold model trains this share of `epochs` and `sharp_epochs`
+    reliability_epochs: float = 0.1  # a fold model trains this share of `epochs` (and >= 1 `sharp_epochs`)
     interval_level: float = 0.9  # per-spot intervals (split conformal on out-of-fold residuals)
     fdr: float = 0.1  # false-discovery rate of the reliable-gene call (Benjamini-Hochberg)
     extra: dict[str, Any] = field(default_factory=dict)

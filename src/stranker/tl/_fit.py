@@ -121,7 +121,7 @@ def fit(
         Any field of :class:`stranker.model.Config` (``scales``, ``patch_px``, ``w_rank``, ``predict``, ...).
         Reliability (on by default): ``reliability=False`` turns it off (and the fold models' time);
         ``reliability_folds`` (at most 5 held-out groups), ``reliability_epochs`` (a fold model trains
-        this share of the epochs, 0.15), ``interval_level`` (0.9), ``fdr`` (0.1).
+        this share of the epochs, 0.1, and at least one sharp epoch), ``interval_level`` (0.9), ``fdr`` (0.1).
 
     Returns
     -------

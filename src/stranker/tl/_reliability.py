@@ -55,9 +55,10 @@ class Reliability:
     patients, by_patient
         The patients the training tables name (``uns['patient']``; empty when not all name one), and
         whether the held-out groups were patients (else sections).
-    shrink
-        Weight the per-gene estimate keeps on its own held-out groups (the rest goes to the prior from
-        genes alike; :func:`stranker._reliability.shrink_estimates`).
+    shrink, fit_r
+        Weight the per-gene estimate keeps on its own held-out groups; the rest goes to the prior: the
+        fit's own r on its training spots (``fit_r``, per gene; empty in a record saved before it was
+        kept), calibrated on the held-out r of all genes (:func:`stranker._reliability.shrink_estimates`).
     """
 
     r_groups: np.ndarray
@@ -77,10 +78,12 @@ class Reliability:
     patients: list[str] = field(default_factory=list)
     by_patient: bool = False
     shrink: float = 1.0
+    fit_r: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def to_bank(self) -> dict[str, np.ndarray]:
         """Return the arrays to save with the model's bank (names prefixed ``rel_``)."""
-        keys = ("r_groups", "estimate", "lo", "hi", "p", "q", "colour", "colour_calibration", "group_of")
+        keys = ("r_groups", "estimate", "lo", "hi", "p", "q", "colour", "colour_calibration", "group_of",
+                "fit_r")
         out = {k: np.asarray(getattr(self, k)) for k in keys}
         for name, bank in self.banks.items():
             out[f"{name}_emb"] = bank["emb"]
@@ -110,7 +113,8 @@ class Reliability:
                    coarser=float(g["coarser"][0]) if "coarser" in g else float("nan"),
                    patients=_decode(g["patients"]) if "patients" in g else [],
                    by_patient=bool(g["by_patient"][0]) if "by_patient" in g else False,
-                   shrink=float(g["shrink"][0]) if "shrink" in g else 1.0)
+                   shrink=float(g["shrink"][0]) if "shrink" in g else 1.0,
+                   fit_r=g.get("fit_r", np.zeros(0)))
 
     def table(self, genes: list[str], fdr: float) -> Any:
         """Return per-gene reliability: ``cv_pcc``, ``cv_pcc_lo``, ``cv_pcc_hi``, ``p``, ``reliable``."""
@@ -214,9 +218,15 @@ def _group_names(secs: list[Section], most: int) -> tuple[list[list[int]], list[
 
 
 def fold_config(cfg: Any) -> Any:
-    """Return a fold model's configuration: ``reliability_epochs`` of the epochs (at least one)."""
+    """Return a fold model's configuration: ``reliability_epochs`` of the epochs, without test-time views.
+
+    At least one epoch, and one sharp epoch when the fit has a sharp finish (so that a fold model reads
+    its held-out section with the branch the fit would). Its out-of-fold predictions are single-view:
+    a little noisier than the fit's 8-view ones, so their residuals (and the intervals) err wide.
+    """
     f = float(cfg.reliability_epochs)
-    return replace(cfg, epochs=max(1, round(cfg.epochs * f)), sharp_epochs=round(cfg.sharp_epochs * f),
+    sharp = max(1, round(cfg.sharp_epochs * f)) if cfg.sharp_epochs > 0 else 0
+    return replace(cfg, epochs=max(1, round(cfg.epochs * f)), sharp_epochs=sharp, tta=False,
                    reliability=False)
 
 
@@ -279,7 +289,8 @@ def cross_fit(model: Any, inputs: Any, device: Any, seed: int,
                          for gi in range(len(groups))])
     level = float(cfg.interval_level)
     raw, lo, hi, p = rel.gene_reliability(r_groups, level)
-    estimate, shrink = rel.shrink_estimates(r_groups, _gene_covariates(inputs, truth, section))
+    fit_z = _fit_z(insample, truth, section)
+    estimate, shrink = rel.shrink_estimates(r_groups, fit_z[:, None])
     with np.errstate(invalid="ignore"):  # the interval moves with its centre
         delta = _z(estimate) - _z(raw)
         lo, hi = np.tanh(_z(lo) + delta), np.tanh(_z(hi) + delta)
@@ -308,7 +319,7 @@ def cross_fit(model: Any, inputs: Any, device: Any, seed: int,
                        colour=colour, colour_calibration=colour_cal, groups=names, group_of=group_of,
                        level=level, fold_epochs=int(fcfg.epochs + fcfg.sharp_epochs),
                        coarser=_training_coarser(model, inputs.sections), patients=patients,
-                       by_patient=len(patients) >= 2, shrink=float(shrink))
+                       by_patient=len(patients) >= 2, shrink=float(shrink), fit_r=np.tanh(fit_z))
 
 
 def _z(r: np.ndarray) -> np.ndarray:
@@ -328,17 +339,17 @@ def _training_coarser(model: Any, secs: list[Section]) -> float:
     return float(max(model.coarser(sp) for sp in secs))
 
 
-def _gene_covariates(inputs: Any, truth: np.ndarray, section: np.ndarray) -> np.ndarray:
-    """Per gene, what genes an image predicts share: spatial autocorrelation and mean of the targets.
+def _fit_z(insample: list[tuple[np.ndarray, ...]], truth: np.ndarray, section: np.ndarray) -> np.ndarray:
+    """Per gene, the fit's own r on its training spots: the mean Fisher z over the training sections.
 
-    Moran's I of each gene over each training section's spots (6 nearest neighbours), averaged over
-    the sections, and the gene's mean target value.
+    Optimistic (the fit saw these spots), but it is *this* model's r, gene by gene, with no held-out noise;
+    :func:`stranker._reliability.shrink_estimates` calibrates it on the fold models' held-out r.
     """
-    moran = np.stack([rel.spatial_autocorrelation(truth[section == s], sp.centers)
-                      for s, sp in enumerate(inputs.sections)])
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    z = np.stack([_z(rel.pearson_columns(pred, truth[section == s]))
+                  for s, (_, pred, *_) in enumerate(insample)])
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a gene constant on every section: NaN
-        return np.column_stack([np.nanmean(moran, 0), truth.mean(0)])
+        return np.nanmean(z, 0)
 
 
 def _held(model: Any, inputs: Any, s: int) -> dict[str, Any]:
