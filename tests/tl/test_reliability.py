@@ -117,6 +117,19 @@ def test_folds_are_patients_when_tables_name_them_and_the_record_keeps_them(tmp_
     back = sr.Model.load(tmp_path / "m").reliability_record
     assert back.patients == ["P1", "P2"] and back.by_patient and back.coarser == rec.coarser
     assert back.shrink == rec.shrink and 0 < rec.shrink <= 1
+    assert rec.fit_r.shape == (len(GENES),)  # the prior's evidence: the fit's r on its training spots
+    np.testing.assert_array_equal(back.fit_r, rec.fit_r)
+
+
+def test_a_default_fold_model_trains_a_tenth_of_the_epochs_and_one_sharp_epoch_single_view():
+    from stranker.model import make_config
+    from stranker.tl._reliability import fold_config
+
+    cfg = make_config("stranker")
+    fold = fold_config(cfg)
+    assert (fold.epochs, fold.sharp_epochs) == (2, 1) and cfg.sharp_epochs == 4  # 10 % of 4 rounds to 0
+    assert not fold.tta and not fold.reliability and cfg.tta
+    assert fold_config(make_config("stranker", sharp_epochs=0)).sharp_epochs == 0  # no finish: none
 
 
 def test_save_load_keeps_reliability_and_old_models_say_it_is_absent(fitted, tmp_path):
