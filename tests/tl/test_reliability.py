@@ -142,6 +142,12 @@ def test_save_load_keeps_reliability_and_old_models_say_it_is_absent(fitted, tmp
     sr.tl.predict(back, b)
     for k in ("stranker_lower", "stranker_upper"):
         np.testing.assert_allclose(a.tables["table"].layers[k], b.tables["table"].layers[k], rtol=1e-5)
+    # a record saved before it kept the fit's in-sample r (or coarser, patients, shrink) still reads
+    early = {k: v for k, v in back.bank.items()
+             if k not in ("rel_fit_r", "rel_coarser", "rel_patients", "rel_by_patient", "rel_shrink")}
+    rec = Reliability.from_bank(early)
+    assert rec.fit_r.size == 0 and np.isnan(rec.coarser) and rec.shrink == 1.0
+    np.testing.assert_array_equal(rec.estimate, back.reliability_record.estimate)
     # a model saved before stranker estimated reliability: no columns, a note saying why
     old = sr.Model(back.config, back.genes, aligner=back.aligner, meta=back.meta,
                    bank={k: v for k, v in back.bank.items() if not k.startswith("rel_")})
