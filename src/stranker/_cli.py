@@ -220,18 +220,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _world() -> int:
-    import os
+    from stranker.train.distributed import launch_ranks
 
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+    return launch_ranks()[0]
 
 
 def _predict_cohort(args: argparse.Namespace) -> int:
     """``stranker predict MODEL IN [IN ...] --out DIR``: one output per slide (sr.tl.predict_slides)."""
-    import os
-
     import stranker as sr
     from stranker.tl._cohort import SlideFailures, slide_inputs
 
@@ -246,7 +241,9 @@ def _predict_cohort(args: argparse.Namespace) -> int:
         cmd = launch_command(args.argv, args.nproc)
         print("launching: " + " ".join(cmd), flush=True)
         return subprocess.run(cmd).returncode
-    rank = int(os.environ.get("RANK", "0"))
+    from stranker.train.distributed import launch_ranks
+
+    rank = launch_ranks()[1]
     try:
         summary = sr.tl.predict_slides(
             args.model, args.inputs, out=args.out, format=args.format or "zarr", mpp=args.mpp,
@@ -303,14 +300,10 @@ def _check_embed_target(out, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace a cohort `stranker embed` wrote "
                               "there.")
-    path = None
-    try:
-        import h5py
-        from anndata.io import read_elem
+    from stranker.tl._cohort import h5ad_record
 
-        with h5py.File(out, "r") as f:
-            node = f.get(f"uns/{_EMBED_MARK}")
-            path = None if node is None else read_elem(node).get("path")
+    try:
+        path = (h5ad_record(out, _EMBED_MARK) or {}).get("path")
     except Exception:  # not an h5ad file, or not readable: not one stranker wrote
         path = None
     if out.is_dir() or path != str(out.resolve()):

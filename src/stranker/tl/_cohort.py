@@ -244,7 +244,7 @@ def model_sha256(model: Any) -> str:
     return h.hexdigest()
 
 
-def _mpp_of(mpp: float | Mapping[str, float] | None, name: str) -> float | None:
+def mpp_of(mpp: float | Mapping[str, float] | None, name: str) -> float | None:
     if isinstance(mpp, Mapping):
         mpp = mpp.get(name)
     if mpp is None:
@@ -276,12 +276,13 @@ def _abs(path: Path) -> str:
     return str(absolute(path))
 
 
-def _h5ad_record(path: Path) -> dict | None:
+def h5ad_record(path: Path, key: str = RECORD) -> Any:
+    """Return ``uns[key]`` of an .h5ad file without reading the rest (``None`` when absent)."""
     import h5py
     from anndata.io import read_elem
 
     with h5py.File(path, "r") as f:
-        node = f.get(f"uns/{RECORD}")
+        node = f.get(f"uns/{key}")
         return None if node is None else read_elem(node)
 
 
@@ -315,7 +316,7 @@ def existing_output(target: Path) -> tuple[str, Any]:
     if target.is_dir() or target.is_symlink():
         return "foreign", "it is a folder or a link, not a file stranker wrote"
     try:
-        rec = _h5ad_record(target)
+        rec = h5ad_record(target)
     except Exception as err:  # not HDF5, truncated: not what stranker leaves (its files are renamed in whole)
         return "foreign", (f"it cannot be read as an .h5ad file ({type(err).__name__}), so it is not one "
                            "stranker wrote")
@@ -398,13 +399,6 @@ def _write_h5ad(table: Any, target: Path, record: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _env(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 def _rank_device(device: str | None, world: int) -> str | None:
     """Return this process's device: under torchrun, CUDA without an index is ``cuda:LOCAL_RANK``."""
     if world <= 1:
@@ -415,7 +409,9 @@ def _rank_device(device: str | None, world: int) -> str | None:
     if dev.type == "cuda" and dev.index is None:  # more processes than GPUs: they take turns on them
         import torch
 
-        dev = torch.device("cuda", _env("LOCAL_RANK", 0) % max(torch.cuda.device_count(), 1))
+        from ..train.distributed import launch_ranks
+
+        dev = torch.device("cuda", launch_ranks()[2] % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
     return str(dev)
 
@@ -539,7 +535,7 @@ def predict_slides(
         raise InputError(f"`format` must be 'zarr' or 'h5ad', got {format!r}.")
     check_name(key_added, "`key_added`")
     items = slide_inputs(paths)
-    mpps = {s.name: _mpp_of(mpp, s.name) for s in items}  # refused before any work
+    mpps = {s.name: mpp_of(mpp, s.name) for s in items}  # refused before any work
     if isinstance(mpp, Mapping):
         unknown = sorted(set(mpp) - set(mpps))
         if unknown:
@@ -557,7 +553,9 @@ def predict_slides(
     check_writable(out, f"`out` {out}")
     model = as_model(model)
     sha = model_sha256(model)
-    world, rank = max(_env("WORLD_SIZE", 1), 1), _env("RANK", 0)
+    from ..train.distributed import launch_ranks
+
+    world, rank, local_rank = launch_ranks()
     owner = assign_slides([_size(s.path) for s in items], world) if world > 1 else [0] * len(items)
     mine = [s for s, r in zip(items, owner, strict=True) if r == rank]
     device = _rank_device(device, world)
@@ -569,7 +567,7 @@ def predict_slides(
     rows = []
     desc = "predict slides" if world == 1 else f"predict slides [{rank}/{world}]"
     for item in tqdm(mine, desc=desc, unit="slide", disable=not settings.show_progress(),
-                     position=_env("LOCAL_RANK", 0) if world > 1 else None):
+                     position=local_rank if world > 1 else None):
         target = out / f"{item.name}.{format}"
         row = {"slide": item.name, "source": str(item.path), "output": str(target), "status": "failed",
                "reason": "", "n_obs": None, "rank": rank}

@@ -11,7 +11,7 @@ from .._constants import Keys
 from .._errors import InputError
 from .._settings import logger, resolve_seed, settings
 from ..section import as_sections
-from ._cohort import SlideInput, _mpp_of, read_input, slide_inputs
+from ._cohort import SlideInput, mpp_of, read_input, slide_inputs
 from ._predict import as_model, spots_or_tiles
 
 
@@ -180,7 +180,7 @@ def embed_slides(
             "(classes) or `label=('time', 'event')` (survival)."
         )
 
-    scales = {it.name: _mpp_of(mpp, it.name) for it in items if isinstance(it, SlideInput)}  # checked first
+    scales = {it.name: mpp_of(mpp, it.name) for it in items if isinstance(it, SlideInput)}  # checked first
 
     bags, centres, sizes = [], [], []
     log = logger.debug if len(items) > 1 else logger.info  # one tiling message per slide is noise in a cohort

@@ -34,9 +34,21 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def launch_ranks() -> tuple[int, int, int]:
+    """Return ``torchrun``'s ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` (1, 0, 0 where unset or not whole)."""
+
+    def env(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return max(env("WORLD_SIZE", 1), 1), env("RANK", 0), env("LOCAL_RANK", 0)
+
+
 def launched() -> bool:
     """Whether this process was started by ``torchrun`` with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launch_ranks()[0] > 1
 
 
 def setup(device: torch.device | None = None) -> torch.device | None:
